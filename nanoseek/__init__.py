@@ -1,0 +1,9 @@
+"""nanoseek: the DeepSeek-V3/R1 system, small and complete."""
+
+from .checkpoint import CheckpointError, load_model
+from .config import ConfigError, ModelConfig, preset
+from .model import CausalLM
+
+__version__ = "0.1.0"
+
+__all__ = ["CausalLM", "CheckpointError", "ConfigError", "ModelConfig", "load_model", "preset"]

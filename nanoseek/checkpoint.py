@@ -1,0 +1,295 @@
+"""Hugging Face checkpoints: load and save DeepSeek-V3 safetensors by tensor name (spec deepseek-v3.md §8).
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed in
+`model.safetensors.index.json`. Tensor names are the checkpoint's (per-expert `experts.{e}.*`, MTP module k
+at `model.layers.{num_hidden_layers + k}`); block-FP8 weights are dequantised on load (spec §6.1). Saving
+writes the same names, sharded above a size threshold, into a temporary directory renamed into place, so
+an interrupted save never leaves a half-written checkpoint. Only safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig
+from .model import CausalLM, MoE
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_LIST_LIMIT = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is unusable; the message says which file or tensor and why."""
+
+
+@dataclass
+class TensorSlot:
+    """One checkpoint tensor: its expected shape and how to read it from / write it into the model."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], Tensor]
+    write: Callable[[Tensor], None]
+    optional: bool = False  # may be absent on load (the MTP copies of the embedding and head)
+
+
+def _param_slot(tensor: Tensor) -> TensorSlot:
+    return TensorSlot(tuple(tensor.shape), lambda: tensor.detach(), lambda t: tensor.data.copy_(t))
+
+
+def _expert_slots(prefix: str, moe: MoE) -> dict[str, TensorSlot]:
+    """Per-expert checkpoint matrices ([out, in], nn.Linear layout) over the stacked right-multiplied ones."""
+    gate_up, down = moe.experts.w_gate_up, moe.experts.w_down
+    inner = down.shape[1]
+    slots = {}
+    for e in range(gate_up.shape[0]):
+        views = {"gate_proj": gate_up[e, :, :inner], "up_proj": gate_up[e, :, inner:], "down_proj": down[e]}
+        for name, view in views.items():
+            slots[f"{prefix}experts.{e}.{name}.weight"] = TensorSlot(
+                tuple(view.T.shape), lambda v=view: v.detach().T, lambda t, v=view: v.data.copy_(t.T))
+    return slots
+
+
+def _module_slots(prefix: str, module: torch.nn.Module) -> dict[str, TensorSlot]:
+    slots: dict[str, TensorSlot] = {}
+    experts = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, MoE):
+            sub_prefix = f"{prefix}{name}." if name else prefix
+            slots.update(_expert_slots(sub_prefix, sub))
+            experts.add(f"{name}.experts." if name else "experts.")
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if any(name.startswith(e) for e in experts):
+            continue
+        if "." + name.rsplit(".", 1)[-1] in (".inv_freq",):  # non-persistent buffers are not in checkpoints
+            continue
+        slots[prefix + name] = _param_slot(tensor)
+    return slots
+
+
+def checkpoint_slots(model: CausalLM) -> dict[str, TensorSlot]:
+    """Every tensor of the checkpoint format, keyed by its checkpoint name."""
+    slots = _module_slots("model.", model.model)
+    slots.update(_module_slots("lm_head.", model.lm_head))
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    for k, module in enumerate(model.mtp):
+        prefix = f"model.layers.{model.config.num_hidden_layers + k}."
+        slots.update(_module_slots(prefix, module))
+        # The checkpoint stores copies of the shared embedding and head in each MTP layer (spec §5.2).
+        slots[prefix + "embed_tokens.weight"] = TensorSlot(tuple(embed.shape), lambda: embed.detach(),
+                                                           lambda t: None, optional=True)
+        slots[prefix + "shared_head.head.weight"] = TensorSlot(tuple(head.shape), lambda: head.detach(),
+                                                               lambda t: None, optional=True)
+    return slots
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the file holding it."""
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a `weight_map` object): "
+                                  f"{exc}") from exc
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.exists():
+                raise CheckpointError(f"{index} lists shard {file.name}, which is missing from {path}")
+        return files
+    single = path / WEIGHTS_FILE
+    candidates = [single] if single.exists() else sorted(path.glob("*.safetensors"))
+    if not candidates:
+        raise CheckpointError(f"{path}: no {WEIGHTS_FILE}, {INDEX_FILE} or *.safetensors file; not a checkpoint")
+    files = {}
+    for file in candidates:
+        for name in _open(file).keys():
+            files[name] = file
+    return files
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: cannot read safetensors ({exc}); the file is truncated or corrupt") from exc
+
+
+def _mtp_layers_present(names: list[str], config: ModelConfig) -> int:
+    depths = set()
+    for name in names:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= config.num_hidden_layers:
+            depths.add(int(m.group(1)) - config.num_hidden_layers)
+    return len(depths)
+
+
+def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], name: str) -> Tensor:
+    """W = W_fp8 * scale_inv[i // block_rows, j // block_cols], with ceil-div blocks whose last one may be
+    partial (spec §6.1; transformers 5.23 gets partial blocks wrong, spec D10)."""
+    rows, cols = weight.shape
+    grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    if tuple(scale_inv.shape) != grid:
+        raise CheckpointError(f"tensor {name}_scale_inv has shape {list(scale_inv.shape)}, expected {list(grid)} "
+                              f"for a {list(weight.shape)} weight in {block[0]}x{block[1]} blocks")
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> CausalLM:
+    """Load an HF-format DeepSeek-V3 checkpoint directory; fp32 on CPU and bf16 on CUDA unless `dtype` says."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; expected a checkpoint directory with {CONFIG_FILE} "
+                              "and safetensors weights")
+    if not (path / CONFIG_FILE).exists():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a checkpoint directory")
+    try:
+        config = ModelConfig.from_json_file(path / CONFIG_FILE)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from exc
+    files = _weight_files(path)
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    block = tuple((config.quantization_config or {}).get("weight_block_size", (128, 128)))
+
+    depth = min(_mtp_layers_present(list(files), config), config.num_nextn_predict_layers)
+    with torch.device(device):
+        model = CausalLM(replace(config, quantization_config=None), num_mtp_modules=depth)
+    model.to(dtype)
+    slots = checkpoint_slots(model)
+
+    handles = {file: _open(file) for file in sorted(set(files.values()))}
+    unexpected, mismatched, loaded = [], [], set()
+    for name, file in files.items():
+        if name.endswith("_scale_inv"):
+            if name.removesuffix("_scale_inv") not in files:
+                unexpected.append(name)
+            continue
+        slot = slots.get(name)
+        if slot is None:
+            unexpected.append(name)
+            continue
+        tensor = _get(handles[file], name, file)
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + "_scale_inv"
+            if scale_name not in files:
+                raise CheckpointError(f"tensor {name} is FP8 but {scale_name} is missing")
+            tensor = dequantize_fp8(tensor, _get(handles[files[scale_name]], scale_name, files[scale_name]),
+                                    block, name)
+        if tuple(tensor.shape) != slot.shape:
+            mismatched.append(f"{name}: checkpoint {list(tensor.shape)}, model {list(slot.shape)}")
+            continue
+        slot.write(tensor.to(device))
+        loaded.add(name)
+    missing = [name for name, slot in slots.items() if name not in loaded and not slot.optional]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+        if names:
+            shown = ", ".join(names[:_LIST_LIMIT]) + (f", ... ({len(names)} in all)" if len(names) > _LIST_LIMIT
+                                                      else "")
+            problems.append(f"{len(names)} {label} tensor(s): {shown}")
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match the config: " + "; ".join(problems))
+    generation = path / GENERATION_CONFIG_FILE
+    if generation.exists():
+        try:
+            model.generation_config = json.loads(generation.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{generation}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    model.eval()
+    return model
+
+
+def _get(handle, name: str, file: Path) -> Tensor:
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: cannot read tensor {name} ({exc}); the file is truncated or "
+                              "corrupt") from exc
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def save_model(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None,
+               max_shard_bytes: int | None = None) -> None:
+    """Write config.json, generation_config.json and safetensors (sharded above `max_shard_bytes`).
+
+    Files of an existing directory that a checkpoint does not define (a tokenizer, say) are kept.
+    """
+    path = Path(path)
+    dtype = dtype or model.dtype
+    limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+    slots = checkpoint_slots(model)
+
+    def out_dtype(name: str) -> torch.dtype:
+        return torch.float32 if name.endswith("e_score_correction_bias") else dtype
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, slot in slots.items():
+        nbytes = math.prod(slot.shape) * torch.empty(0, dtype=out_dtype(name)).element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    total = sum(math.prod(s.shape) * torch.empty(0, dtype=out_dtype(n)).element_size() for n, s in slots.items())
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        if path.is_dir():
+            for item in path.iterdir():
+                if item.is_file() and not _is_checkpoint_file(item.name):
+                    shutil.copy2(item, tmp / item.name)
+        weight_map = {}
+        for i, names in enumerate(shards, start=1):
+            file = WEIGHTS_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: slots[n].read().to(device="cpu", dtype=out_dtype(n)).contiguous() for n in names}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        config = replace(model.config, num_nextn_predict_layers=len(model.mtp))
+        config.to_json_file(tmp / CONFIG_FILE, dtype=str(dtype).removeprefix("torch."))
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                      **model.generation_config}
+        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name in (INDEX_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an existing `target` is moved aside first and removed only after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,147 @@
+"""Multi-head Latent Attention (spec deepseek-v3.md §3) and its latent KV cache.
+
+Each token is compressed to a latent of `kv_lora_rank + qk_rope_head_dim` values: the normalised `c_kv`
+and the roped, head-shared key `k_pe`. That latent is all the cache holds. Two execution paths run over the
+same weights and the same latents:
+
+* expanded ("MHA mode", training and prefill): `kv_b_proj` expands each latent to per-head keys and values,
+  then ordinary attention;
+* absorbed ("MQA mode", decode): `W^UK` is folded into the query and `W^UV` into the output (spec §3.4), so
+  every head attends directly over the shared latents, as one multi-query attention of width d_c + d_r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+class LatentCache:
+    """Preallocated latent KV cache: `data[layer]` is [num_slots, max_len, kv_lora_rank + qk_rope_head_dim].
+
+    A slot holds one sequence; position p of a slot holds the latent of that sequence's token at position p.
+    """
+
+    def __init__(self, config: ModelConfig, num_layers: int, num_slots: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.max_len = max_len
+        self.data = torch.zeros(num_layers, num_slots, max_len, config.kv_cache_dim, device=device, dtype=dtype)
+
+    @property
+    def num_slots(self) -> int:
+        return self.data.shape[1]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all layers."""
+        return self.data.shape[0] * self.data.shape[3] * self.data.element_size()
+
+
+@dataclass
+class CacheContext:
+    """Where a forward pass reads and writes the cache: built once per forward, shared by all layers."""
+
+    cache: LatentCache
+    slots: Tensor | None  # [B] slot of each batch row; None = rows 0..B-1 use slots 0..B-1
+    positions: Tensor  # [B, T] absolute positions of the new tokens
+    key_len: int  # keys 0..key_len-1 of each slot are read
+    mask: Tensor  # [B, T, key_len] bool, True where a query may attend (key position <= query position)
+
+    @classmethod
+    def build(cls, cache: LatentCache, positions: Tensor, slots: Tensor | None) -> CacheContext:
+        key_len = int(positions.max()) + 1
+        if key_len > cache.max_len:
+            raise ValueError(f"position {key_len - 1} is beyond the cache length {cache.max_len}")
+        keys = torch.arange(key_len, device=positions.device)
+        return cls(cache, slots, positions, key_len, keys <= positions[..., None])
+
+    def store(self, layer: int, latent: Tensor) -> Tensor:
+        """Write latent [B, T, D] at (slot, position) and return the keys [B, key_len, D] of each row."""
+        layer_cache = self.cache.data[layer]
+        batch = latent.shape[0]
+        rows = torch.arange(batch, device=latent.device) if self.slots is None else self.slots
+        layer_cache[rows[:, None], self.positions] = latent.to(layer_cache.dtype)
+        if self.slots is None:
+            return layer_cache[:batch, : self.key_len]
+        return layer_cache[self.slots, : self.key_len]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
+        self.rope_interleave = config.rope_interleave
+        self.scale = softmax_scale(config)
+        d, heads, qk = config.hidden_size, config.num_attention_heads, config.qk_head_dim
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, heads * (config.qk_nope_head_dim + config.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(heads * config.v_head_dim, d, bias=bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheContext | None = None,
+                absorbed: bool = False) -> Tensor:
+        """x [B, T, d]; cos/sin [B or 1, T, d_r/2]. Without a cache, attention is causal over x itself."""
+        q_nope, q_pe = self.queries(x, cos, sin)
+        latent = self.latent(x, cos, sin)
+        keys, mask = (latent, None) if cache is None else (cache.store(self.layer_idx, latent), cache.mask)
+        attend = self._absorbed if absorbed else self._expanded
+        return self.o_proj(attend(q_nope, q_pe, keys.to(x.dtype), mask).flatten(2))
+
+    def queries(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head query parts: q_nope [B, T, H, d_n] and roped q_pe [B, T, H, d_r]."""
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(*x.shape[:2], self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos[..., None, :], sin[..., None, :], self.rope_interleave)
+
+    def latent(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """What the cache stores per token: [normalised c_kv, roped k_pe], [B, T, d_c + d_r]."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        return torch.cat((self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.rope_interleave)), dim=-1)
+
+    def _expanded(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None) -> Tensor:
+        """MHA mode (spec §3.2): expand latents to per-head k, v; returns [B, T, H, d_v]."""
+        batch, key_len = keys.shape[:2]
+        c_kv, k_pe = keys.split([self.latent_dim, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c_kv).view(batch, key_len, self.num_heads, -1).split(
+            [self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale)
+        return out.transpose(1, 2)
+
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None) -> Tensor:
+        """MQA mode (spec §3.4): all heads attend over the shared latents; returns [B, T, H, d_v]."""
+        batch, steps, heads = q_nope.shape[:3]
+        w_kv_b = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
+        w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim:]
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorb W^UK into the query
+        q = torch.cat((q_latent, q_pe), dim=-1).reshape(batch, steps * heads, -1)
+        scores = torch.bmm(q, keys.transpose(1, 2)).view(batch, steps, heads, -1).float() * self.scale
+        if mask is None:
+            mask = torch.ones(steps, keys.shape[1], dtype=torch.bool, device=keys.device).tril()[None]
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(keys.dtype).view(batch, steps * heads, -1)
+        out_latent = torch.bmm(probs, keys[..., : self.latent_dim]).view(batch, steps, heads, -1)
+        return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output

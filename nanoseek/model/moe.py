@@ -1,0 +1,124 @@
+"""DeepSeekMoE (spec deepseek-v3.md §4): sigmoid router with group-limited, bias-corrected top-k selection,
+fine-grained routed experts computed per expert over its own tokens, and always-on shared experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer's router did in a forward pass; the trainer's balancing needs these."""
+
+    scores: Tensor  # [N, E] sigmoid affinities s_{i,t} (fp32, unbiased, differentiable)
+    indices: Tensor  # [N, K] selected experts (selection used the bias)
+    counts: Tensor  # [E] tokens routed to each expert
+
+
+class Router(nn.Module):
+    """`mlp.gate`: weight [E, d] and the e_score_correction_bias buffer (fp32, never trained by gradient)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k, self.num_groups, self.topk_groups = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [N, d] -> (weights [N, K] fp32, indices [N, K], scores [N, E] fp32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # router in fp32 (spec D5)
+        biased = scores.detach() + self.e_score_correction_bias  # the bias steers selection only (§4.1)
+        grouped = biased.view(x.shape[0], self.num_groups, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # a group's score: its top-2 experts
+        keep = group_scores.topk(self.topk_groups, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        # -inf, not 0: a 0 would beat selected experts whose biased score is negative (spec D2)
+        biased = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+        indices = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)  # gating values come from the unbiased scores (V3 eq. 16)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, indices, scores
+
+    def _apply(self, fn, recurse=True):
+        # Keep the correction bias in fp32 whatever dtype the model moves to (transformers does the same):
+        # its updates (gamma = 0.001) would vanish in bf16.
+        bias = self._buffers.pop("e_score_correction_bias")
+        super()._apply(fn, recurse)
+        self._buffers["e_score_correction_bias"] = bias.to(device=fn(bias).device, dtype=torch.float32)
+        return self
+
+
+def _grouped_mm_supported(x: Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9
+
+
+def grouped_matmul(x: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
+    """Rows of x sorted by expert, `counts[e]` of them for expert e: returns x_e @ weights[e] for each group."""
+    if _grouped_mm_supported(x):
+        return F.grouped_mm(x, weights, offs=counts.cumsum(0).to(torch.int32))
+    outs, start = [], 0
+    for expert, count in enumerate(counts.tolist()):  # a loop over experts, never over tokens
+        if count:
+            outs.append(x[start: start + count] @ weights[expert])
+            start += count
+    return torch.cat(outs) if outs else x.new_zeros(0, weights.shape[-1])
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts' SwiGLU weights, stacked for grouped matmuls.
+
+    `w_gate_up` [E, d, 2I] holds each expert's gate then up projection as right-multiplied matrices;
+    `w_down` [E, I, d]. The checkpoint stores them per expert as `experts.{e}.{gate,up,down}_proj.weight`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        experts, d, inner = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.w_gate_up = nn.Parameter(torch.empty(experts, d, 2 * inner))
+        self.w_down = nn.Parameter(torch.empty(experts, inner, d))
+
+    def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, d], indices/weights [N, K] -> (sum_k weights * expert_k(x) [N, d], counts [E])."""
+        top_k = indices.shape[1]
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)  # group the (token, expert) pairs by expert
+        token = order // top_k
+        counts = torch.bincount(flat, minlength=self.w_gate_up.shape[0])
+        gate, up = grouped_matmul(x[token], self.w_gate_up, counts).chunk(2, dim=-1)
+        out = grouped_matmul(F.silu(gate) * up, self.w_down, counts)
+        out = out * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype)), counts
+
+
+class MoE(nn.Module):
+    """y = sum of the K selected routed experts, weighted, + the shared experts (spec §4.2; no token dropping)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        shared = config.n_shared_experts * config.moe_intermediate_size
+        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
+
+    def forward(self, x: Tensor, stats: list[RouterStats] | None = None) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, indices, scores = self.gate(flat)
+        y, counts = self.experts(flat, indices, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if stats is not None:
+            stats.append(RouterStats(scores, indices, counts))
+        return y.view_as(x)

@@ -1,0 +1,177 @@
+"""The DeepSeek-V3 decoder (spec deepseek-v3.md §2) with its Multi-Token Prediction modules (§5).
+
+One model serves training (expanded attention, MTP logits, router statistics), RL log-probs and
+inference (latent cache, absorbed attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .attention import CacheContext, LatentCache, MultiHeadLatentAttention
+from .layers import MLP, RMSNorm
+from .moe import MoE, RouterStats
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    hidden: Tensor  # [B, T, d] after the final norm: what the MTP modules and the engine consume
+    mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: [B, T - k, V], predicting token t+k+1
+    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, main model first
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h += MLA(norm(h)); h += FFN(norm(h)), the FFN dense or MoE."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: CacheContext | None = None,
+                absorbed: bool = False, stats: list[RouterStats] | None = None) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, absorbed)
+        ffn_in = self.post_attention_layernorm(h)
+        return h + (self.mlp(ffn_in, stats) if isinstance(self.mlp, MoE) else self.mlp(ffn_in))
+
+
+class MTPLayer(DecoderLayer):
+    """MTP module k (spec §5.1): h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]) -- embedding first
+    (spec D9) -- then a full MoE block; its logits are lm_head(shared_head.norm(h^k)) with the shared head."""
+
+    def __init__(self, config: ModelConfig, depth_idx: int):
+        super().__init__(config, depth_idx, moe=True)  # the MTP block is always MoE, as in V3's layer 61
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.shared_head = nn.ModuleDict({"norm": RMSNorm(d, config.rms_norm_eps)})
+
+    def forward_mtp(self, embeddings: Tensor, previous: Tensor, cos: Tensor, sin: Tensor,
+                    cache: CacheContext | None = None, absorbed: bool = False,
+                    stats: list[RouterStats] | None = None) -> Tensor:
+        h = self.eh_proj(torch.cat((self.enorm(embeddings), self.hnorm(previous)), dim=-1))
+        return super().forward(h, cos, sin, cache, absorbed, stats)
+
+
+class Transformer(nn.Module):
+    """Embeddings, decoder layers and the final norm (`model.*` in the checkpoint)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, config.is_moe_layer(i)) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """DeepSeek-V3 for causal language modelling: `model(input_ids)` returns logits [B, T, vocab].
+
+    `num_mtp_modules` defaults to the config's `num_nextn_predict_layers`; a checkpoint without MTP weights
+    is loaded with none.
+    """
+
+    def __init__(self, config: ModelConfig, num_mtp_modules: int | None = None):
+        super().__init__()
+        self.config = config.validate()
+        self.model = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        depth = config.num_nextn_predict_layers if num_mtp_modules is None else num_mtp_modules
+        # MTP module k is `model.layers.{num_hidden_layers + k}` in the checkpoint; its cache index is k.
+        self.mtp = nn.ModuleList(MTPLayer(config, k) for k in range(depth))
+        self.rotary = RotaryEmbedding(config)
+        self.generation_config: dict = {}
+        self.init_weights()
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
+                slots: Tensor | None = None, *, absorbed: bool | None = None, mtp: bool = False,
+                router_stats: bool = False) -> Tensor | ModelOutput:
+        """Logits [B, T, V]; a ModelOutput instead when `mtp` or `router_stats` asks for more.
+
+        positions [B, T] default to 0..T-1. With a `cache`, each row's new latents are written at its
+        positions in its slot (`slots[b]`, default b) and attention reads that slot's keys up to the row's
+        own position. `absorbed` picks MLA's execution path; by default absorbed with a cache when
+        decoding one token per row, expanded otherwise.
+        """
+        out = self.run(input_ids, positions, cache, slots, absorbed=absorbed, mtp=mtp, router_stats=router_stats)
+        return out if (mtp or router_stats) else out.logits
+
+    def run(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
+            slots: Tensor | None = None, *, absorbed: bool | None = None, mtp: bool = False,
+            router_stats: bool = False) -> ModelOutput:
+        batch, steps = input_ids.shape
+        if positions is None:
+            positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
+        if absorbed is None:
+            absorbed = cache is not None and steps == 1
+        context = None if cache is None else CacheContext.build(cache, positions, slots)
+        stats: list[RouterStats] | None = [] if router_stats else None
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, context, absorbed, stats)
+        hidden = self.model.norm(h)
+        out = ModelOutput(self.lm_head(hidden), hidden, router_stats=stats or [])
+        if mtp:
+            out.mtp_logits = self.mtp_logits(input_ids, hidden, positions, stats)
+        return out
+
+    def mtp_logits(self, input_ids: Tensor, hidden: Tensor, positions: Tensor,
+                   stats: list[RouterStats] | None = None) -> list[Tensor]:
+        """Training-time MTP over full sequences (spec §5.1, §5.3): depth k predicts token i+k+1 from
+        h^{k-1}_i and Emb(t_{i+k}); returns one [B, T-k, V] tensor per depth."""
+        logits, previous = [], hidden
+        for k, module in enumerate(self.mtp, start=1):
+            shifted = positions[:, k:]
+            cos, sin = self.rotary(shifted, hidden.dtype)
+            embeddings = self.model.embed_tokens(input_ids[:, k:])
+            previous = module.forward_mtp(embeddings, previous[:, :-1], cos, sin, stats=stats)
+            logits.append(self.lm_head(module.shared_head["norm"](previous)))
+        return logits
+
+    # ---- weights ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero correction biases."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, MoE):
+                module.gate.weight.normal_(0.0, std)
+                module.gate.e_score_correction_bias.zero_()
+                module.experts.w_gate_up.normal_(0.0, std)
+                module.experts.w_down.normal_(0.0, std)
+
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+        """Write an HF checkpoint directory that transformers' DeepseekV3ForCausalLM loads."""
+        from ..checkpoint import save_model
+
+        save_model(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
+        """A latent cache for the main layers (or, with `mtp`, for the MTP modules) on the model's device."""
+        layers = len(self.mtp) if mtp else self.config.num_hidden_layers
+        return LatentCache(self.config, layers, num_slots, max_len, self.device, self.dtype)
