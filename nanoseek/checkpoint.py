@@ -92,9 +92,9 @@ def checkpoint_slots(model: CausalLM) -> dict[str, TensorSlot]:
         prefix = f"model.layers.{model.config.num_hidden_layers + k}."
         slots.update(_module_slots(prefix, module))
         # The checkpoint stores copies of the shared embedding and head in each MTP layer (spec §5.2).
-        slots[prefix + "embed_tokens.weight"] = TensorSlot(tuple(embed.shape), lambda: embed.detach(),
+        slots[prefix + "embed_tokens.weight"] = TensorSlot(tuple(embed.shape), lambda: embed.detach().clone(),
                                                            lambda t: None, optional=True)
-        slots[prefix + "shared_head.head.weight"] = TensorSlot(tuple(head.shape), lambda: head.detach(),
+        slots[prefix + "shared_head.head.weight"] = TensorSlot(tuple(head.shape), lambda: head.detach().clone(),
                                                                lambda t: None, optional=True)
     return slots
 
@@ -256,10 +256,6 @@ def save_model(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        if path.is_dir():
-            for item in path.iterdir():
-                if item.is_file() and not _is_checkpoint_file(item.name):
-                    shutil.copy2(item, tmp / item.name)
         weight_map = {}
         for i, names in enumerate(shards, start=1):
             file = WEIGHTS_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -285,11 +281,24 @@ def _is_checkpoint_file(name: str) -> bool:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an existing `target` is moved aside first and removed only after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the complete checkpoint in `new` to `target`.
+
+    A new or empty target is replaced by one directory rename. Into an existing directory the files move one
+    by one with atomic renames, weights first and config.json last; the old checkpoint's stale shards are
+    removed after, and everything else in the directory (a tokenizer, other runs) is left alone.
+    """
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        if target.exists():
+            target.rmdir()
+        new.rename(target)
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a directory")
+    stale = {item.name for item in target.iterdir() if item.is_file() and _is_checkpoint_file(item.name)}
+    order = sorted(new.iterdir(), key=lambda item: item.name in (CONFIG_FILE, GENERATION_CONFIG_FILE))
+    for item in order:
+        os.replace(item, target / item.name)
+        stale.discard(item.name)
+    for name in stale:
+        (target / name).unlink()
+    new.rmdir()

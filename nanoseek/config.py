@@ -188,7 +188,7 @@ class ModelConfig:
         for key, value in raw.items():
             if key in known:
                 kwargs[key] = value
-            elif key not in _IGNORED_KEYS and key not in ("rope_parameters",):
+            elif key not in _IGNORED_KEYS and key not in ("rope_parameters", "rope_scaling", "rope_theta"):
                 extra[key] = value
         return cls(**kwargs, extra=extra).validate()
 

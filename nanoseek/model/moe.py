@@ -57,17 +57,19 @@ class Router(nn.Module):
         return self
 
 
-def _grouped_mm_supported(x: Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
+def _grouped_mm_supported(x: Tensor, weights: Tensor) -> bool:
+    """torch's grouped GEMM runs on CPU and on CUDA in bf16 (SM >= 80), with rows aligned to 16 bytes."""
+    if not hasattr(F, "grouped_mm") or (x.shape[-1] * x.element_size()) % 16 or \
+            (weights.shape[-1] * weights.element_size()) % 16:
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 8
 
 
 def grouped_matmul(x: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
     """Rows of x sorted by expert, `counts[e]` of them for expert e: returns x_e @ weights[e] for each group."""
-    if _grouped_mm_supported(x):
+    if _grouped_mm_supported(x, weights):
         return F.grouped_mm(x, weights, offs=counts.cumsum(0).to(torch.int32))
     outs, start = [], 0
     for expert, count in enumerate(counts.tolist()):  # a loop over experts, never over tokens

@@ -1,0 +1,95 @@
+"""Model size arithmetic from the config alone: parameters, KV-cache bytes and FLOPs per token.
+
+Nothing is allocated, so this sizes DeepSeek-V3 (671B) as readily as the tiny test model. "Activated"
+parameters follow DeepSeek's accounting (README_WEIGHTS.md: 36.6B for V3 including the 0.9B output head):
+per token the embedding table contributes one row, so it is not counted; the head, every attention and
+dense weight, the router, the shared experts and K routed experts are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int  # main model, every parameter (embedding and head included)
+    activated: int  # main model, per token
+    mtp_total: int  # MTP modules' own parameters (embedding and head are shared, not counted)
+    mtp_activated: int  # MTP modules per token, including the shared output head they use
+
+
+def _attention(c: ModelConfig) -> int:
+    d, heads = c.hidden_size, c.num_attention_heads
+    if c.q_lora_rank is None:
+        query = d * heads * c.qk_head_dim
+    else:
+        query = d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * heads * c.qk_head_dim
+    kv = d * c.kv_cache_dim + c.kv_lora_rank + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim)
+    out = heads * c.v_head_dim * d
+    bias = (c.q_lora_rank or 0) + c.kv_cache_dim + d if c.attention_bias else 0
+    return query + kv + out + bias
+
+
+def _swiglu(d: int, inner: int) -> int:
+    return 3 * d * inner
+
+
+def _moe(c: ModelConfig, activated: bool) -> int:
+    d = c.hidden_size
+    experts = c.num_experts_per_tok if activated else c.n_routed_experts
+    router = c.n_routed_experts * d + c.n_routed_experts
+    return router + (experts + c.n_shared_experts) * _swiglu(d, c.moe_intermediate_size)
+
+
+def parameter_counts(c: ModelConfig) -> ParameterCounts:
+    d = c.hidden_size
+    block_norms = 2 * d
+    dense_layers = c.first_k_dense_replace
+    moe_layers = c.num_hidden_layers - dense_layers
+    dense_block = _attention(c) + block_norms + _swiglu(d, c.intermediate_size)
+    embed, head, final_norm = c.vocab_size * d, c.vocab_size * d, d
+    total = (dense_layers * dense_block + moe_layers * (_attention(c) + block_norms + _moe(c, False))
+             + embed + head + final_norm)
+    activated = (dense_layers * dense_block + moe_layers * (_attention(c) + block_norms + _moe(c, True))
+                 + head + final_norm)
+    mtp_own = _attention(c) + block_norms + 2 * d + 2 * d * d + d  # + enorm, hnorm, eh_proj, shared_head.norm
+    depth = c.num_nextn_predict_layers
+    return ParameterCounts(
+        total=total,
+        activated=activated,
+        mtp_total=depth * (mtp_own + _moe(c, False)),
+        mtp_activated=depth * (mtp_own + _moe(c, True)) + (head if depth else 0),
+    )
+
+
+def kv_cache_bytes_per_token(c: ModelConfig, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(latent cache, equivalent expanded multi-head cache) bytes per token over all layers (spec §3.5)."""
+    latent = c.kv_cache_dim * c.num_hidden_layers * dtype_bytes
+    expanded = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * c.num_hidden_layers * dtype_bytes
+    return latent, expanded
+
+
+def forward_flops_per_token(c: ModelConfig, context: int) -> tuple[int, int]:
+    """(matmul FLOPs with the activated weights, attention FLOPs at `context` keys) for one token's forward.
+
+    The first is the usual 2N with N the activated parameters (norm weights, a negligible part, included);
+    the second is QK^T and PV in MHA mode: 2 * heads * (d_qk + d_v) * context per layer.
+    """
+    weights = 2 * parameter_counts(c).activated
+    attention = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * context * c.num_hidden_layers
+    return weights, attention
+
+
+def human(n: float, unit: str = "") -> str:
+    """1.23B (counts), or with a unit SI prefixes: 93.7 GFLOP; bytes use binary prefixes: 68.6 KiB."""
+    if unit == "B":
+        steps = ((1024**4, " TiB"), (1024**3, " GiB"), (1024**2, " MiB"), (1024, " KiB"))
+        return next((f"{n / s:.1f}{p}" for s, p in steps if abs(n) >= s), f"{n:.0f} B")
+    prefixes = ("T", "G", "M", "K") if unit else ("T", "B", "M", "K")
+    for scale, prefix in zip((1e12, 1e9, 1e6, 1e3), prefixes, strict=True):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{' ' if unit else ''}{prefix}{unit}"
+    return f"{n:.0f}{' ' + unit if unit else ''}"

@@ -1,0 +1,54 @@
+"""Shared helpers: random tiny checkpoints written by transformers (the oracle) and by nanoseek."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.config import PRESETS
+
+
+def tiny_config(**overrides) -> dict:
+    """The spec §1.6 tiny config as transformers kwargs (no MTP unless asked)."""
+    config = {**PRESETS["tiny"], "num_nextn_predict_layers": 0}
+    config.update(overrides)
+    return config
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int = 0, bias_shift: float = 0.0) -> torch.nn.Module:
+    """Non-trivial norm weights and random correction biases: defaults of 1 and 0 hide bugs (spec §1.6)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(bias_shift + torch.randn(buffer.shape, generator=generator))
+    return model
+
+
+def hf_model(seed: int = 0, bias_shift: float = 0.0, **overrides):
+    """A random transformers DeepseekV3ForCausalLM (fp32, eager) with perturbed norms and biases."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = DeepseekV3Config(**tiny_config(**overrides), attn_implementation="eager")
+    return perturb(DeepseekV3ForCausalLM(config).eval(), seed, bias_shift)
+
+
+def nanoseek_model(seed: int = 0, **overrides) -> nanoseek.CausalLM:
+    torch.manual_seed(seed)
+    config = nanoseek.ModelConfig(**tiny_config(**overrides))
+    return perturb(nanoseek.CausalLM(config).eval(), seed)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A nanoseek-written tiny checkpoint with one MTP module."""
+    path = tmp_path / "tiny"
+    nanoseek_model(num_nextn_predict_layers=1).save_pretrained(path)
+    return path
