@@ -74,12 +74,9 @@ def _module_slots(prefix: str, module: torch.nn.Module) -> dict[str, TensorSlot]
             sub_prefix = f"{prefix}{name}." if name else prefix
             slots.update(_expert_slots(sub_prefix, sub))
             experts.add(f"{name}.experts." if name else "experts.")
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if any(name.startswith(e) for e in experts):
-            continue
-        if "." + name.rsplit(".", 1)[-1] in (".inv_freq",):  # non-persistent buffers are not in checkpoints
-            continue
-        slots[prefix + name] = _param_slot(tensor)
+    for name, tensor in module.state_dict(keep_vars=True).items():  # parameters and persistent buffers
+        if not any(name.startswith(e) for e in experts):
+            slots[prefix + name] = _param_slot(tensor)
     return slots
 
 
