@@ -2,8 +2,12 @@
 
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, ModelConfig, preset
+from .engine import LLM, CompletionOutput, RequestOutput, SamplingParams
 from .model import CausalLM
 
 __version__ = "0.1.0"
 
-__all__ = ["CausalLM", "CheckpointError", "ConfigError", "ModelConfig", "load_model", "preset"]
+__all__ = [
+    "LLM", "CausalLM", "CheckpointError", "CompletionOutput", "ConfigError", "ModelConfig", "RequestOutput",
+    "SamplingParams", "load_model", "preset",
+]

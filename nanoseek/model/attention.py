@@ -54,12 +54,16 @@ class CacheContext:
     mask: Tensor  # [B, T, key_len] bool, True where a query may attend (key position <= query position)
 
     @classmethod
-    def build(cls, cache: LatentCache, positions: Tensor, slots: Tensor | None) -> CacheContext:
+    def build(cls, cache: LatentCache, positions: Tensor, slots: Tensor | None, first_key: int = 0) -> CacheContext:
+        """`first_key` > 0 hides cache positions that never hold a key (MTP depth k starts at position k)."""
         key_len = int(positions.max()) + 1
         if key_len > cache.max_len:
             raise ValueError(f"position {key_len - 1} is beyond the cache length {cache.max_len}")
         keys = torch.arange(key_len, device=positions.device)
-        return cls(cache, slots, positions, key_len, keys <= positions[..., None])
+        mask = keys <= positions[..., None]
+        if first_key:
+            mask &= keys >= first_key
+        return cls(cache, slots, positions, key_len, mask)
 
     def store(self, layer: int, latent: Tensor) -> Tensor:
         """Write latent [B, T, D] at (slot, position) and return the keys [B, key_len, D] of each row."""

@@ -18,6 +18,15 @@ from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
 
 
+# With a cache, steps of at most this many tokens per row use absorbed MLA; longer ones the expanded path.
+ABSORBED_MAX_STEPS = 2
+
+
+def _select(hidden: Tensor, index: Tensor | None) -> Tensor:
+    """hidden [B, T, d] at index [B, k] -> [B, k, d]; all of it when index is None."""
+    return hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
 @dataclass
 class ModelOutput:
     logits: Tensor  # [B, T, V]
@@ -95,25 +104,27 @@ class CausalLM(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
                 slots: Tensor | None = None, *, absorbed: bool | None = None, mtp: bool = False,
-                router_stats: bool = False) -> Tensor | ModelOutput:
+                router_stats: bool = False, logits_index: Tensor | None = None) -> Tensor | ModelOutput:
         """Logits [B, T, V]; a ModelOutput instead when `mtp` or `router_stats` asks for more.
 
         positions [B, T] default to 0..T-1. With a `cache`, each row's new latents are written at its
         positions in its slot (`slots[b]`, default b) and attention reads that slot's keys up to the row's
         own position. `absorbed` picks MLA's execution path; by default absorbed with a cache when
-        decoding one token per row, expanded otherwise.
+        decoding a few tokens per row, expanded otherwise. `logits_index` [B, k] limits the logits to k
+        positions of each row (the last prompt token in prefill, say): logits are then [B, k, V].
         """
-        out = self.run(input_ids, positions, cache, slots, absorbed=absorbed, mtp=mtp, router_stats=router_stats)
+        out = self.run(input_ids, positions, cache, slots, absorbed=absorbed, mtp=mtp, router_stats=router_stats,
+                       logits_index=logits_index)
         return out if (mtp or router_stats) else out.logits
 
     def run(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
             slots: Tensor | None = None, *, absorbed: bool | None = None, mtp: bool = False,
-            router_stats: bool = False) -> ModelOutput:
+            router_stats: bool = False, logits_index: Tensor | None = None) -> ModelOutput:
         batch, steps = input_ids.shape
         if positions is None:
             positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
         if absorbed is None:
-            absorbed = cache is not None and steps == 1
+            absorbed = cache is not None and steps <= ABSORBED_MAX_STEPS
         context = None if cache is None else CacheContext.build(cache, positions, slots)
         stats: list[RouterStats] | None = [] if router_stats else None
         h = self.model.embed_tokens(input_ids)
@@ -121,7 +132,7 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, cos, sin, context, absorbed, stats)
         hidden = self.model.norm(h)
-        out = ModelOutput(self.lm_head(hidden), hidden, router_stats=stats or [])
+        out = ModelOutput(self.lm_head(_select(hidden, logits_index)), hidden, router_stats=stats or [])
         if mtp:
             out.mtp_logits = self.mtp_logits(input_ids, hidden, positions, stats)
         return out
@@ -138,6 +149,20 @@ class CausalLM(nn.Module):
             previous = module.forward_mtp(embeddings, previous[:, :-1], cos, sin, stats=stats)
             logits.append(self.lm_head(module.shared_head["norm"](previous)))
         return logits
+
+    def mtp_step(self, input_ids: Tensor, previous: Tensor, positions: Tensor, cache: LatentCache,
+                 slots: Tensor | None = None, logits_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Run MTP module 1 over new entries with its own latent cache (speculative drafting, spec §5.4).
+
+        Entry i pairs the main model's hidden state h_{i-1} (`previous`, after the final norm) with the token
+        at position i (`input_ids`, `positions`); returns (logits for position i + 1, the module's hidden).
+        """
+        module = self.mtp[0]
+        context = CacheContext.build(cache, positions, slots, first_key=1)
+        cos, sin = self.rotary(positions, previous.dtype)
+        absorbed = input_ids.shape[1] <= ABSORBED_MAX_STEPS
+        h = module.forward_mtp(self.model.embed_tokens(input_ids), previous, cos, sin, context, absorbed)
+        return self.lm_head(module.shared_head["norm"](_select(h, logits_index))), h
 
     # ---- weights ---------------------------------------------------------------------------
     @torch.no_grad()

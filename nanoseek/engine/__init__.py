@@ -1,0 +1,7 @@
+"""The inference engine: latent-cache slots, continuous batching, one sampler, MTP speculation."""
+
+from .llm import LLM, StreamDelta
+from .params import SamplingParams
+from .sequence import CompletionOutput, RequestOutput
+
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StreamDelta"]

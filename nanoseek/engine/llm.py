@@ -1,0 +1,185 @@
+"""LLM: the engine's front, in the style of vLLM's `LLM` (generate) with a streaming form for servers."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from ..config import PRESETS, preset
+from ..model import CausalLM
+from ..tokenizer import Tokenizer
+from .params import SamplingParams
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import RequestOutput, Sequence
+
+Prompt = str | list[int]
+
+
+@dataclass
+class StreamDelta:
+    """New output of one completion since the last delta; `finish_reason` is set on its last delta."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class LLM:
+    """Generate from a checkpoint directory (or a preset name, with random weights).
+
+    Sequences run in a continuously batched decode loop over preallocated latent-cache slots: `max_num_seqs`
+    slots of `max_model_len` positions. `speculative=True` drafts with the checkpoint's MTP module.
+    """
+
+    def __init__(self, model: str | Path | CausalLM, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 speculative: bool = False, max_prefill_tokens: int = 4096, seed: int = 0,
+                 tokenizer: Tokenizer | None = None):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if isinstance(model, CausalLM):
+            self.model = model.to(device=device, dtype=dtype).eval()
+        elif isinstance(model, str) and model in PRESETS and not Path(model).exists():
+            torch.manual_seed(seed)
+            with torch.device(device):
+                self.model = CausalLM(preset(model)).to(dtype).eval()
+        else:
+            self.model = load_model(model, device=device, dtype=dtype)
+            tokenizer = tokenizer or Tokenizer.from_dir(model)
+        self.tokenizer = tokenizer
+        config = self.model.config
+        if speculative and not len(self.model.mtp):
+            raise ValueError("speculative=True needs a checkpoint with MTP weights (num_nextn_predict_layers >= 1)")
+        self.max_model_len = min(max_model_len or 2048, config.max_position_embeddings)
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs = {max_num_seqs}: must be >= 1")
+        self.max_num_seqs = max_num_seqs
+        self.runner = ModelRunner(self.model, max_num_seqs, self.max_model_len, speculative)
+        self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
+        self.eos_ids = self._eos_ids()
+        self._rng = random.Random(seed)
+        self._ids = itertools.count()
+        self.requests: dict[str, list[Sequence]] = {}
+        self.prompts: dict[str, str | None] = {}
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.get("eos_token_id", self.model.config.eos_token_id)
+        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests ------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt, checked: non-empty, in the vocabulary, leaving room for a new token."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: a text prompt needs a tokenizer and this model has none; pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Seq) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError("prompt: must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt: is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit max_model_len = {self.max_model_len} "
+                             "with room for one new token")
+        return ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
+        """Queue a request (validated first: a bad one leaves nothing behind); returns its id."""
+        params = (params or SamplingParams()).validate()
+        ids = self.encode(prompt)
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"SamplingParams.n = {params.n}: must be <= max_num_seqs ({self.max_num_seqs})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop: stop strings need a tokenizer and this model has none")
+        request_id = str(next(self._ids))
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        group = [Sequence(request_id, i, ids, params, _child_seed(base_seed, i), self.eos_ids, self.tokenizer,
+                          self.max_model_len) for i in range(params.n)]
+        self.requests[request_id] = group
+        self.prompts[request_id] = prompt if isinstance(prompt, str) else None
+        self.scheduler.add(group)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+        self.prompts.pop(request_id, None)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Admit what fits and prefill it, decode the rest of the running batch; returns sequences that moved."""
+        running = list(self.scheduler.running)
+        admitted = self.scheduler.admit()
+        if admitted:
+            self.runner.prefill(admitted)
+        if running:
+            self.runner.decode(running)
+        moved = admitted + running
+        for seq in moved:
+            if seq.finished:
+                self.scheduler.release(seq)
+        return moved
+
+    def output(self, request_id: str) -> RequestOutput:
+        group = self.requests[request_id]
+        metrics = {"draft_tokens": sum(s.drafted for s in group), "accepted_tokens": sum(s.accepted for s in group)}
+        return RequestOutput(request_id, self.prompts[request_id], group[0].prompt_ids, [s.output() for s in group],
+                             all(s.finished for s in group), metrics)
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] |
+                 None = None) -> list[RequestOutput]:
+        """Complete every prompt; one RequestOutput per prompt, in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        for prompt, p in zip(prompts, params, strict=True):  # validate everything before queueing anything
+            (p or SamplingParams()).validate()
+            self.encode(prompt)
+        ids = []
+        try:
+            ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+            while any(not all(s.finished for s in self.requests[i]) for i in ids):
+                self.step()
+            return [self.output(i) for i in ids]
+        finally:
+            for request_id in ids:
+                self.abort(request_id)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield each completion's new text and tokens as they are produced (other requests keep running)."""
+        request_id = self.add_request(prompt, params)
+        group = self.requests[request_id]
+        try:
+            while not all(s.finished for s in group):
+                moved = self.step()
+                for seq in moved:
+                    if seq.request_id == request_id:
+                        text, tokens = seq.stream_delta()
+                        if text or tokens or seq.finished:
+                            yield StreamDelta(request_id, seq.index, text, tokens, seq.finish_reason)
+        finally:
+            self.abort(request_id)
+
+
+def _child_seed(seed: int, index: int) -> int:
+    """Seeds of a request's n completions: the request seed for the first, distinct ones after."""
+    return seed if index == 0 else (seed * 1_000_003 + index * 7_919) % (1 << 62)

@@ -1,0 +1,140 @@
+"""The one sampler: logits -> tokens for a batch whose rows each have their own SamplingParams.
+
+Order of processing (vLLM's): penalties -> temperature -> top-k -> top-p -> min-p, then sampling by an
+exponential race (argmax p / E with E ~ Exp(1), the same draw as sampling from p). Its randomness is a
+counter-based hash of (seed, output index, stream, token), computed in tensor ops: a row's draws depend only on
+its own seed and position, never on what else is in the batch, and no per-row generator is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .params import SamplingParams
+
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic); multiplication wraps.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+# Random streams, so that the draws for different purposes at one output index are independent.
+SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def uniform(seeds: Tensor, steps: Tensor, stream: int, width: int) -> Tensor:
+    """[B, width] floats in (0, 1), a pure function of (seed, step, stream, column)."""
+    base = _mix(_mix(seeds * _GOLDEN + stream) + steps)
+    columns = torch.arange(width, device=seeds.device, dtype=torch.int64) * _GOLDEN
+    bits = _shift_right(_mix(base[:, None] + columns), 40)  # top 24 bits: exact in float32
+    return (bits.float() + 0.5) / float(1 << 24)
+
+
+@dataclass
+class SamplingBatch:
+    """The per-row parameters of one step, as tensors."""
+
+    params: list[SamplingParams]
+    seeds: Tensor  # [B] int64
+    steps: Tensor  # [B] int64: output index of the token being sampled
+    temperature: Tensor
+    greedy: Tensor  # [B] bool
+    top_k: Tensor  # [B] int64, vocab size when off
+    top_p: Tensor
+    min_p: Tensor
+    presence: Tensor
+    frequency: Tensor
+    repetition: Tensor
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], vocab: int,
+              device: torch.device) -> SamplingBatch:
+        def column(values, dtype=torch.float32) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            params=params,
+            seeds=column(seeds, torch.int64), steps=column(steps, torch.int64),
+            temperature=column([p.temperature or 1.0 for p in params])[:, None],
+            greedy=column([p.greedy for p in params], torch.bool),
+            top_k=column([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64),
+            top_p=column([p.top_p for p in params])[:, None],
+            min_p=column([p.min_p for p in params])[:, None],
+            presence=column([p.presence_penalty for p in params])[:, None],
+            frequency=column([p.frequency_penalty for p in params])[:, None],
+            repetition=column([p.repetition_penalty for p in params])[:, None],
+        )
+
+    def at(self, offset: int | Tensor) -> SamplingBatch:
+        """The same rows sampling `offset` output indices later."""
+        return SamplingBatch(**{**self.__dict__, "steps": self.steps + offset})
+
+    @property
+    def any_penalty(self) -> bool:
+        return any(p.penalised for p in self.params)
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(p.greedy for p in self.params)
+
+
+def process(logits: Tensor, batch: SamplingBatch, counts: Tensor | None = None,
+            seen: Tensor | None = None) -> Tensor:
+    """Penalised, tempered and truncated logits [B, V] (fp32); greedy rows keep their penalised logits.
+
+    counts [B, V]: how often each token was generated so far; seen [B, V]: tokens in prompt or output.
+    """
+    logits = logits.float()
+    if counts is not None and batch.any_penalty:
+        penalised = torch.where(logits > 0, logits / batch.repetition, logits * batch.repetition)
+        logits = torch.where(seen, penalised, logits)
+        logits = logits - batch.frequency * counts - batch.presence * (counts > 0)
+    if batch.all_greedy:
+        return logits
+    scaled = torch.where(batch.greedy[:, None], logits, logits / batch.temperature)
+    needs_truncation = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in batch.params if not p.greedy)
+    if not needs_truncation:
+        return scaled
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(scaled.shape[-1], device=scaled.device)
+    drop = ranks[None] >= batch.top_k[:, None]
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # top-p keeps the smallest prefix whose mass reaches top_p (always at least the top token)
+    drop |= ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= batch.top_p) & (batch.top_p < 1)
+    drop |= sorted_probs < batch.min_p * sorted_probs[:, :1]
+    drop &= ~batch.greedy[:, None]
+    return scaled.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def sample(processed: Tensor, batch: SamplingBatch, stream: int = SAMPLE) -> Tensor:
+    """Tokens [B]: argmax for greedy rows, an exponential race under the row's own noise otherwise."""
+    greedy = processed.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy
+    return torch.where(batch.greedy, greedy, race(processed.softmax(dim=-1), batch, stream))
+
+
+def race(probs: Tensor, batch: SamplingBatch, stream: int) -> Tensor:
+    """A draw from each row of probs [B, V] (unnormalised is fine): argmax probs / E, E ~ Exp(1)."""
+    return (probs / -uniform(batch.seeds, batch.steps, stream, probs.shape[-1]).log()).argmax(dim=-1)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """From the model's raw logits [B, V]: (logprob of tokens [B], top-`top` logprobs and ids [B, top])."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    values, ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], tokens[:, None][:, :0])
+    return chosen, values, ids

@@ -1,0 +1,136 @@
+"""Tokenizers in Hugging Face format: `tokenizer.json` (the `tokenizers` library) plus `tokenizer_config.json`
+(special tokens and the jinja `chat_template`), so that real DeepSeek tokenizers load unchanged.
+
+The chat template is rendered the way transformers' `apply_chat_template` renders it (a sandboxed jinja
+environment with `trim_blocks` and `lstrip_blocks`, `raise_exception` and `strftime_now`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _RustTokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _RustTokenizer, config: dict[str, Any] | None = None):
+        self.backend = tokenizer
+        self.config = dict(config or {})
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer | None:
+        """The tokenizer saved in a checkpoint directory, or None when it has none."""
+        path = Path(path)
+        if not (path / TOKENIZER_FILE).exists():
+            return None
+        try:
+            backend = _RustTokenizer.from_file(str(path / TOKENIZER_FILE))
+        except Exception as exc:  # the Rust library raises a bare Exception
+            raise ValueError(f"{path / TOKENIZER_FILE}: cannot load tokenizer ({exc})") from exc
+        config: dict[str, Any] = {}
+        if (path / TOKENIZER_CONFIG_FILE).exists():
+            try:
+                config = json.loads((path / TOKENIZER_CONFIG_FILE).read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path / TOKENIZER_CONFIG_FILE}: not valid JSON (line {exc.lineno}: {exc.msg})") \
+                    from exc
+        return cls(backend, config)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / TOKENIZER_FILE))
+        (path / TOKENIZER_CONFIG_FILE).write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+
+    # ---- ids and text ----------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def special_token(self, name: str) -> str | None:
+        return _token_text(self.config.get(name))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_id(self.special_token("eos_token"))
+
+    # ---- chat ------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default")
+        return template
+
+    @cached_property
+    def _compiled_template(self):
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        """Render a conversation to the prompt text; needs a `chat_template` in tokenizer_config.json."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat_template in tokenizer_config.json")
+        specials = {name: self.special_token(name) for name in
+                    ("bos_token", "eos_token", "pad_token", "unk_token") if self.special_token(name) is not None}
+        return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              **specials, **kwargs)
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token sequence, emitted in pieces that never split a multi-byte character.
+
+    Decoding the last few tokens against the ones before them (not token by token) keeps the spacing of
+    tokenizers that strip or merge leading spaces; a piece ending in U+FFFD waits for the next token.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids = list(prompt_ids[-6:])  # a little context for the first piece's spacing
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the new text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset: self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
