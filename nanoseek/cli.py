@@ -96,6 +96,115 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if diff < 1e-3 else 1
 
 
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=0.95)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--presence-penalty", type=float, default=0.0)
+    group.add_argument("--frequency-penalty", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--model", required=True, help="checkpoint directory or preset name")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--speculative", action="store_true", help="draft with the MTP module (spec §5.4)")
+
+
+def _sampling_params(args: argparse.Namespace, **changes):
+    from .engine import SamplingParams
+
+    fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  min_p=args.min_p, presence_penalty=args.presence_penalty,
+                  frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                  stop=args.stop, seed=args.seed)
+    return SamplingParams(**{**fields, **changes})
+
+
+def _llm(args: argparse.Namespace):
+    from .engine import LLM
+
+    return LLM(args.model, device=args.device, speculative=args.speculative,
+               max_num_seqs=max(1, getattr(args, "n", 1)))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Complete one prompt, streaming the text (n = 1) or printing every completion (n > 1, --json)."""
+    params = _sampling_params(args, n=args.n)
+    llm = _llm(args)
+    prompt: str | list[int] = args.prompt
+    if args.prompt_ids:
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+    if args.json or args.n > 1:
+        result = llm.generate([prompt], params)[0]
+        if args.json:
+            print(json.dumps({"prompt_token_ids": result.prompt_token_ids, "metrics": result.metrics,
+                              "outputs": [vars(o) for o in result.outputs]}, default=str))
+        else:
+            for out in result.outputs:
+                print(f"--- completion {out.index} ({out.finish_reason})\n{out.text}")
+        return 0
+    finish = None
+    for delta in llm.stream(prompt, params):
+        print(delta.text if llm.tokenizer else " ".join(map(str, delta.token_ids)), end=" " if not llm.tokenizer
+              else "", flush=True)
+        finish = delta.finish_reason or finish
+    print(f"\n[finish: {finish}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat: streamed replies, reasoning shown apart from the answer; /reset, /exit."""
+    from .reasoning import REASONING, ReasoningParser
+
+    llm = _llm(args)
+    if llm.tokenizer is None:
+        raise ValueError(f"--model {args.model}: chat needs a checkpoint with a tokenizer")
+    params = _sampling_params(args)
+    tty = sys.stdout.isatty()
+    dim, bold, reset = ("\x1b[2m", "\x1b[1m", "\x1b[0m") if tty else ("", "", "")
+    history: list[dict[str, str]] = []
+    print("nanoseek chat: type a message; /reset clears the conversation, /exit quits.", flush=True)
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            print("[conversation cleared]", flush=True)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = _render_chat(llm.tokenizer, history)
+        parser = ReasoningParser(in_reasoning=prompt.rstrip().endswith("<think>"))
+        answer, mode = [], None
+        # the rendered template already holds its special tokens (BOS): encode it as it is
+        for delta in llm.stream(llm.tokenizer.encode(prompt, add_special_tokens=False), params):
+            for kind, text in parser.feed(delta.text) + (parser.finish() if delta.finish_reason else []):
+                if kind != mode:
+                    print(f"{dim}[thinking]{reset} " if kind == REASONING else f"\n{bold}[answer]{reset} ",
+                          end="", flush=True)
+                    mode = kind
+                print(f"{dim}{text}{reset}" if kind == REASONING else text, end="", flush=True)
+                if kind != REASONING:
+                    answer.append(text)
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(answer).strip()})  # reasoning is not resent
+
+
+def _render_chat(tokenizer, history: list[dict[str, str]]) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(history, add_generation_prompt=True)
+    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in history]
+    return "\n".join(turns) + "\nAssistant:"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3/R1, small and complete.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens", type=int, default=64, help="sequence length of the check")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    generate = sub.add_parser("generate", help="complete a prompt (streamed)")
+    _sampling_args(generate)
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (needs a tokenizer)")
+    source.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    generate.add_argument("--n", type=int, default=1, help="completions per prompt")
+    generate.add_argument("--json", action="store_true", help="print the full result as JSON")
+    generate.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with streamed replies and visible reasoning")
+    _sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

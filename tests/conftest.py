@@ -52,3 +52,43 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "tiny"
     nanoseek_model(num_nextn_predict_layers=1).save_pretrained(path)
     return path
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% else %}<|assistant|>{{ m['content'] }}<eos>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
+)
+SPECIALS = ["<bos>", "<eos>", "<unk>", "<think>", "</think>", "<|user|>", "<|assistant|>"]
+
+
+def make_tokenizer(vocab_size: int = 128):
+    """A small BPE tokenizer (BOS 0, EOS 1, as the tiny config says) with an R1-style chat template."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from nanoseek.tokenizer import Tokenizer as NanoTokenizer
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    alphabet = list(string.ascii_letters + string.digits + " .,!?+-*/=()")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet,
+                                  show_progress=False)
+    corpus = ["the answer is 42. what is 2 + 3? it is 5.", "hello there, the cat sat on the mat!"] * 20
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
+    tokenizer = NanoTokenizer(backend, config)
+    assert tokenizer.vocab_size <= vocab_size and tokenizer.eos_token_id == 1
+    return tokenizer
+
+
+@pytest.fixture
+def chat_checkpoint(tmp_path: Path) -> Path:
+    """A tiny checkpoint with MTP weights, a tokenizer and a chat template."""
+    path = tmp_path / "chat"
+    nanoseek_model(num_nextn_predict_layers=1).save_pretrained(path)
+    make_tokenizer().save(path)
+    return path

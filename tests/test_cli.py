@@ -70,3 +70,24 @@ def test_demo_round_trips_and_decodes(tmp_path):
     result = run("demo", "--preset", "tiny", "--out", str(tmp_path / "demo"), "--tokens", "24")
     assert "matches the full expanded forward" in result.stdout
     assert (tmp_path / "demo" / "model.safetensors").exists()
+
+
+def test_generate_command_streams_and_prints_json(chat_checkpoint):
+    result = run("generate", "--model", str(chat_checkpoint), "--prompt", "the cat", "--max-tokens", "8",
+                 "--temperature", "0")
+    assert "[finish: " in result.stderr
+    out = run("generate", "--model", str(chat_checkpoint), "--prompt-ids", "3,4,5", "--max-tokens", "5",
+              "--temperature", "0.8", "--seed", "1", "--n", "2", "--json", "--speculative")
+    report = json.loads(out.stdout)
+    assert report["prompt_token_ids"] == [3, 4, 5] and len(report["outputs"]) == 2
+    bad = run("generate", "--model", str(chat_checkpoint), "--prompt", "x", "--top-p", "0", check=False)
+    assert bad.returncode == 2 and "SamplingParams.top_p = 0.0" in bad.stderr
+
+
+def test_chat_command_shows_reasoning_and_resets(chat_checkpoint):
+    result = subprocess.run(
+        [sys.executable, "-m", "nanoseek", "chat", "--model", str(chat_checkpoint), "--max-tokens", "12",
+         "--temperature", "0"], input="what is 2 + 3?\n/reset\nhello\n/exit\n", capture_output=True, text=True,
+        check=True, timeout=120)
+    # the template opens <think>, so each reply starts as reasoning
+    assert result.stdout.count("[thinking]") == 2 and "[conversation cleared]" in result.stdout

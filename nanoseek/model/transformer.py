@@ -17,7 +17,6 @@ from .layers import MLP, RMSNorm
 from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
 
-
 # With a cache, steps of at most this many tokens per row use absorbed MLA; longer ones the expanded path.
 ABSORBED_MAX_STEPS = 2
 

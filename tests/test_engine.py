@@ -1,0 +1,216 @@
+"""The engine: greedy parity with transformers' generate, speculation, seeds, n, stops, streaming, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hf_model, make_tokenizer, nanoseek_model
+from test_parity import MATRIX
+
+from nanoseek import LLM, SamplingParams
+from nanoseek.sizing import kv_cache_bytes_per_token
+
+GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+
+
+def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 128, (n,), generator=gen).tolist() for n in lengths]
+
+
+def hf_greedy(hf, prompt: list[int], new_tokens: int) -> list[int]:
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("case", ["base", "no-q-lora", "rope-half-split", "all-moe", "no-yarn"])
+def test_greedy_matches_transformers_generate(case, tmp_path):
+    hf = hf_model(**MATRIX[case])
+    hf.save_pretrained(tmp_path)
+    llm = LLM(tmp_path, max_num_seqs=4)
+    batch = prompts(7, 23, 3, 15)
+    alone = llm.generate(batch[1], GREEDY)[0].outputs[0]
+    together = llm.generate(batch, GREEDY)
+    expected = [hf_greedy(hf, p, 64) for p in batch]
+    assert alone.token_ids == expected[1] and alone.finish_reason == "length"
+    assert [o.outputs[0].token_ids for o in together] == expected
+
+
+def test_continuous_batching_admits_waiting_requests_as_slots_free(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, max_num_seqs=2)
+    batch = prompts(4, 9, 6, 12, 5)
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (3, 20, 7, 11, 2)]
+    together = llm.generate(batch, params)
+    assert [len(o.outputs[0].token_ids) for o in together] == [3, 20, 7, 11, 2]
+    for prompt, p, out in zip(batch, params, together, strict=True):
+        assert llm.generate(prompt, p)[0].outputs[0].token_ids == out.outputs[0].token_ids
+    assert sorted(llm.scheduler.free_slots) == [0, 1] and not llm.requests
+
+
+def test_speculative_greedy_equals_plain_greedy(tiny_checkpoint):
+    plain, spec = LLM(tiny_checkpoint), LLM(tiny_checkpoint, speculative=True)
+    batch = prompts(5, 17, 9, 30)
+    expected = plain.generate(batch, GREEDY)
+    got = spec.generate(batch, GREEDY)
+    for a, b in zip(expected, got, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert b.metrics["draft_tokens"] >= 32 and 0 <= b.metrics["accepted_tokens"] <= b.metrics["draft_tokens"]
+
+
+def test_accepted_drafts_skip_decode_steps(tiny_checkpoint):
+    """An MTP module reduced to the main model's head on h_{i-1} repeats the main model's last prediction, which
+    the random model's greedy loops accept; each accepted draft saves a decode step."""
+    spec = LLM(tiny_checkpoint, speculative=True)
+    plain = LLM(tiny_checkpoint)
+    module = spec.model.mtp[0]
+    with torch.no_grad():  # make the MTP block an identity on the main hidden state: h' = hnorm(h) ~ h
+        module.eh_proj.weight.zero_()
+        module.eh_proj.weight[:, 64:] = torch.eye(64)
+        module.hnorm.weight.copy_(torch.ones(64))
+        for p in (module.self_attn.o_proj.weight, module.mlp.experts.w_down, module.mlp.shared_experts.down_proj.weight):
+            p.zero_()
+        module.shared_head["norm"].weight.copy_(spec.model.model.norm.weight / module.hnorm.weight)
+    out = spec.generate(prompts(12), GREEDY)[0]
+    assert out.outputs[0].token_ids == plain.generate(prompts(12), GREEDY)[0].outputs[0].token_ids
+    drafted, accepted = out.metrics["draft_tokens"], out.metrics["accepted_tokens"]
+    assert accepted > 0 and drafted < 63 <= drafted + accepted  # 1 token from prefill, 1 + accepted per step
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_same_seed_same_output_alone_or_in_a_batch(tiny_checkpoint, speculative):
+    llm = LLM(tiny_checkpoint, speculative=speculative)
+    seeded = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    batch = prompts(6, 14, 6)
+    alone = llm.generate(batch[0], seeded)[0].outputs[0].token_ids
+    others = [SamplingParams(max_tokens=25, temperature=1.0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)]
+    mixed = llm.generate([batch[1], batch[0], batch[2]], [others[0], seeded, others[1]])
+    assert mixed[1].outputs[0].token_ids == alone
+    other_seed = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=99, ignore_eos=True)
+    assert llm.generate(batch[0], other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_n_completions(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, max_num_seqs=4)
+    out = llm.generate(prompts(8), SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=5, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 3
+    greedy = llm.generate(prompts(8), SamplingParams(n=2, max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids  # the forked cache equals the leader's
+
+
+def test_cache_bytes_per_token_equal_the_formula(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint)
+    config = llm.model.config
+    assert llm.runner.cache.bytes_per_token() == kv_cache_bytes_per_token(config, 4)[0]
+    assert llm.runner.cache.bytes_per_token() == (config.kv_lora_rank + config.qk_rope_head_dim) * 3 * 4
+
+
+def test_logprobs(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint)
+    prompt = prompts(10)[0]
+    out = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True))[0]
+    completion = out.outputs[0]
+    ids = torch.tensor([prompt + completion.token_ids])
+    with torch.no_grad():
+        reference = llm.model(ids)[0].log_softmax(-1)
+    for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs, strict=True)):
+        expected = reference[len(prompt) - 1 + step]
+        assert abs(entry[token] - expected[token].item()) < 1e-4
+        assert len(entry) == 3  # greedy: the chosen token is the top one
+        assert max(entry.values()) == pytest.approx(expected.max().item(), abs=1e-4)
+    assert completion.cumulative_logprob == pytest.approx(sum(e[t] for t, e in
+                                                              zip(completion.token_ids, completion.logprobs)))
+
+
+def test_stop_strings_across_token_boundaries(chat_checkpoint):
+    llm = LLM(chat_checkpoint)
+    free = llm.generate("what is 2", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].outputs[0]
+    texts = [llm.tokenizer.decode(free.token_ids[:i]) for i in range(len(free.token_ids) + 1)]
+    full = texts[-1]
+    # a two-character stop string: the last character of one token's text and the first of the next one's,
+    # where it occurs first in the text
+    boundaries = [len(texts[i]) for i in range(1, len(texts) - 1)
+                  if texts[i] != texts[i - 1] and len(texts[i + 1]) > len(texts[i])]
+    at = next(b - 1 for b in boundaries if full.find(full[b - 1:b + 1]) == b - 1)
+    stop = full[at:at + 2]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    completion = llm.generate("what is 2", params)[0].outputs[0]
+    assert completion.text == full[:at] and stop not in completion.text
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop
+    assert len(completion.token_ids) < len(free.token_ids)
+    streamed = "".join(d.text for d in llm.stream("what is 2", params))
+    assert streamed == completion.text
+
+
+def test_stream_matches_generate(chat_checkpoint):
+    llm = LLM(chat_checkpoint, speculative=True)
+    params = SamplingParams(max_tokens=30, temperature=0.7, seed=3, ignore_eos=True)
+    whole = llm.generate("hello there", params)[0].outputs[0]
+    deltas = list(llm.stream("hello there", params))
+    assert "".join(d.text for d in deltas) == whole.text
+    assert sum((d.token_ids for d in deltas), []) == whole.token_ids
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_eos_ends_generation(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint)
+    free = llm.generate(prompts(6), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0].outputs[0]
+    stop_at = free.token_ids[4]
+    out = llm.generate(prompts(6), SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_at]))
+    completion = out[0].outputs[0]
+    assert completion.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop_at
+
+
+BAD_PARAMS = [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"), (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"),
+    (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=-2.5), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(n=0), "n"), (dict(logprobs=21), "logprobs"),
+    (dict(stop=[""]), "stop"), (dict(seed=1.5), "seed"),
+]
+
+
+@pytest.mark.parametrize(("change", "name"), BAD_PARAMS, ids=[f"{k}" for k, _ in BAD_PARAMS])
+def test_bad_sampling_params_name_the_parameter(change, name):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{name} = "):
+        SamplingParams(**change)
+
+
+def test_bad_prompts_name_the_problem_and_leave_nothing_allocated(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, max_num_seqs=2, max_model_len=32)
+    good = prompts(4)[0]
+    cases = [([], "prompt: is empty"), (list(range(40)), "prompt: 40 tokens do not fit max_model_len = 32"),
+             ([5, 128, 7], r"prompt: token id 128 is outside the vocabulary \[0, 128\)"),
+             ([5, -1], "token id -1 is outside"), ("some text", "a text prompt needs a tokenizer")]
+    for prompt, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate([good, prompt], GREEDY)  # the good prompt must not be left running either
+    with pytest.raises(ValueError, match=r"SamplingParams.n = 3: must be <= max_num_seqs \(2\)"):
+        llm.generate(good, SamplingParams(n=3))
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        llm.generate(good, SamplingParams(stop=["x"]))
+    assert sorted(llm.scheduler.free_slots) == [0, 1] and not llm.requests and not llm.scheduler.busy
+    assert llm.generate(good, SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
+
+
+def test_context_limit_ends_with_length(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, max_model_len=20)
+    out = llm.generate(prompts(15), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].finish_reason == "length"
+
+
+def test_preset_name_and_model_object():
+    llm = LLM("tiny")
+    assert llm.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    model = nanoseek_model()
+    assert LLM(model).model is model
+
+
+def test_text_prompt_and_tokenizer_round_trip(chat_checkpoint):
+    llm = LLM(chat_checkpoint)
+    out = llm.generate("the cat", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    assert out.prompt == "the cat" and out.prompt_token_ids == make_tokenizer().encode("the cat")
+    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
