@@ -3,6 +3,7 @@ the fp32 correction bias."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import nanoseek_model
@@ -20,15 +21,17 @@ def test_grouped_matmul_equals_per_expert_products():
     assert torch.allclose(grouped_matmul(x, w, counts), expected, atol=1e-6)
 
 
-def test_expert_loop_fallback_matches_grouped_mm(monkeypatch):
-    model = nanoseek_model()
-    layer = model.model.layers[1].mlp
-    x = torch.randn(2, 9, 64)
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_expert_strategies_agree(monkeypatch, tokens):
+    layer = nanoseek_model().model.layers[1].mlp
+    x = torch.randn(tokens, 64)
+    results = {}
     with torch.no_grad():
-        grouped = layer(x)
-        monkeypatch.setattr(moe_module, "_grouped_mm_supported", lambda x, w: False)
-        looped = layer(x)
-    assert torch.allclose(grouped, looped, atol=1e-6)
+        for strategy in ("loop", "padded", "grouped"):
+            monkeypatch.setattr(moe_module, "_cpu_strategy", lambda rows, experts, s=strategy: s)
+            results[strategy] = layer(x)
+    assert torch.allclose(results["loop"], results["padded"], atol=1e-5)
+    assert torch.allclose(results["loop"], results["grouped"], atol=1e-5)
 
 
 def test_moe_equals_a_dense_reference_of_the_selected_experts():

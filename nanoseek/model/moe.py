@@ -64,19 +64,36 @@ def _grouped_mm_supported(x: Tensor, weights: Tensor) -> bool:
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 8
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and \
+        torch.cuda.get_device_capability(x.device)[0] >= 8
 
 
 def grouped_matmul(x: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
     """Rows of x sorted by expert, `counts[e]` of them for expert e: returns x_e @ weights[e] for each group."""
     if _grouped_mm_supported(x, weights):
         return F.grouped_mm(x, weights, offs=counts.cumsum(0).to(torch.int32))
+    return _loop_matmul(x, weights, counts)
+
+
+def _loop_matmul(x: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
     outs, start = [], 0
     for expert, count in enumerate(counts.tolist()):  # a loop over experts, never over tokens
         if count:
             outs.append(x[start: start + count] @ weights[expert])
             start += count
     return torch.cat(outs) if outs else x.new_zeros(0, weights.shape[-1])
+
+
+def _cpu_strategy(rows: int, experts: int) -> str:
+    """How to run `rows` (token, expert) pairs on CPU, where small GEMMs are slow and their speed uneven.
+
+    Few rows (decoding a few sequences): a loop over the experts actually used. A few rows per expert (batched
+    decode): one padded batched GEMM over all experts, which streams their weights fastest. Many rows
+    (prefill, training): grouped GEMM.
+    """
+    if rows < experts:
+        return "loop"
+    return "padded" if rows < 4 * experts else "grouped"
 
 
 class RoutedExperts(nn.Module):
@@ -94,15 +111,29 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, d], indices/weights [N, K] -> (sum_k weights * expert_k(x) [N, d], counts [E])."""
-        top_k = indices.shape[1]
+        top_k, experts = indices.shape[1], self.w_gate_up.shape[0]
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # group the (token, expert) pairs by expert
         token = order // top_k
-        counts = torch.bincount(flat, minlength=self.w_gate_up.shape[0])
-        gate, up = grouped_matmul(x[token], self.w_gate_up, counts).chunk(2, dim=-1)
-        out = grouped_matmul(F.silu(gate) * up, self.w_down, counts)
+        counts = torch.bincount(flat, minlength=experts)
+        strategy = _cpu_strategy(flat.numel(), experts) if x.device.type == "cpu" else "grouped"
+        if strategy == "padded":
+            out = self._padded(x[token], flat[order], counts)
+        else:
+            matmul = _loop_matmul if strategy == "loop" else grouped_matmul
+            gate, up = matmul(x[token], self.w_gate_up, counts).chunk(2, dim=-1)
+            out = matmul(F.silu(gate) * up, self.w_down, counts)
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype)), counts
+
+    def _padded(self, rows: Tensor, expert_of_row: Tensor, counts: Tensor) -> Tensor:
+        """Every expert over its rows padded to the largest group: two batched GEMMs, no per-expert loop."""
+        starts = counts.cumsum(0) - counts
+        within = torch.arange(rows.shape[0], device=rows.device) - starts[expert_of_row]
+        padded = rows.new_zeros(counts.shape[0], int(counts.max()), rows.shape[1])
+        padded[expert_of_row, within] = rows
+        gate, up = torch.bmm(padded, self.w_gate_up).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.w_down)[expert_of_row, within]
 
 
 class MoE(nn.Module):

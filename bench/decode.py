@@ -1,0 +1,123 @@
+"""Decode and prefill throughput, nanoseek's engine against transformers' `generate`, on one checkpoint.
+
+The checkpoint has random weights in the DESIGN.md reference config (`small` preset) unless --model names one.
+Greedy decoding of 64-token prompts, 128 new tokens (EOS ignored), at batch 1 and batch 16. Decode tok/s =
+batch x (128 - 1) / (time for 128 new tokens - time for 1), so prefill does not count; prefill tok/s =
+batch x 64 / time for 1 new token at batch 16. KV-cache bytes per token are measured from the caches each
+keeps after a run. MTP speculation is reported on the same checkpoint (random weights accept few drafts:
+the speedup needs a trained MTP module).
+
+Run: `python bench/decode.py [--model DIR] [--new-tokens 128] [--batches 1 16]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nanoseek  # noqa: E402
+from nanoseek import LLM, SamplingParams  # noqa: E402
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def hf_cache_bytes_per_token(model, ids: torch.Tensor) -> float:
+    out = model.generate(ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True, eos_token_id=None,
+                         pad_token_id=0)
+    cache = out.past_key_values
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) / (ids.shape[0] * ids.shape[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint directory (default: random `small` weights)")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    from transformers import DeepseekV3ForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tmp = tempfile.TemporaryDirectory()
+    path = args.model
+    if path is None:
+        torch.manual_seed(0)
+        path = tmp.name
+        nanoseek.CausalLM(nanoseek.preset("small")).save_pretrained(path)
+    config = nanoseek.load_model(path).config
+    max_batch = max(args.batches)
+    length = args.prompt_tokens + args.new_tokens + 8
+    llm = LLM(path, device=device, dtype=dtype, max_num_seqs=max_batch, max_model_len=length)
+    hf = None if args.skip_transformers else DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(2, config.vocab_size, (max_batch, args.prompt_tokens), generator=gen)
+
+    def ours(batch: int, new: int) -> float:
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+        return seconds(lambda: llm.generate(prompts[:batch].tolist(), params))
+
+    def theirs(batch: int, new: int) -> float:
+        ids = prompts[:batch].to(device)
+        return seconds(lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0))
+
+    rows = []
+    for batch in args.batches:
+        ours(batch, 2)  # warm-up
+        result = {}
+        for name, run in (("nanoseek", ours), ("transformers", theirs)):
+            if name == "transformers" and hf is None:
+                continue
+            one, full = run(batch, 1), run(batch, args.new_tokens)
+            result[name] = (batch * (args.new_tokens - 1) / (full - one), batch * args.prompt_tokens / one)
+        rows.append((batch, result))
+
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, {device.type}, {dtype}, "
+          f"torch {torch.__version__}")
+    print(f"model: {path if args.model else 'random small preset'}; prompts {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens, greedy")
+    print(f"{'batch':>5} {'transformers decode':>20} {'nanoseek decode':>16} {'ratio':>7} "
+          f"{'transformers prefill':>21} {'nanoseek prefill':>17} {'ratio':>7}")
+    for batch, result in rows:
+        ns_dec, ns_pre = result["nanoseek"]
+        hf_dec, hf_pre = result.get("transformers", (float("nan"), float("nan")))
+        print(f"{batch:>5} {hf_dec:>16.1f} t/s {ns_dec:>12.1f} t/s {ns_dec / hf_dec:>6.2f}x "
+              f"{hf_pre:>17.0f} t/s {ns_pre:>13.0f} t/s {ns_pre / hf_pre:>6.2f}x")
+
+    ours_bytes = llm.runner.cache.bytes_per_token()
+    line = f"KV cache bytes/token: nanoseek {ours_bytes} (formula {(config.kv_cache_dim) * config.num_hidden_layers}" \
+           f" x {torch.empty(0, dtype=dtype).element_size()} B)"
+    if hf is not None:
+        line += f", transformers {hf_cache_bytes_per_token(hf, prompts[:1].to(device)):.0f}"
+    print(line)
+
+    if len(llm.model.mtp):
+        spec = LLM(path, device=device, dtype=dtype, max_num_seqs=1, max_model_len=length, speculative=True)
+        params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+        plain_s = seconds(lambda: llm.generate(prompts[:1].tolist(), params))
+        out = []
+        spec_s = seconds(lambda: out.append(spec.generate(prompts[:1].tolist(), params)[0]))
+        metrics = out[0].metrics
+        rate = metrics["accepted_tokens"] / max(1, metrics["draft_tokens"])
+        print(f"MTP speculation, batch 1: {plain_s / spec_s:.2f}x plain decode, acceptance {100 * rate:.0f}% "
+              f"({metrics['accepted_tokens']}/{metrics['draft_tokens']} drafts)")
+
+
+if __name__ == "__main__":
+    main()
