@@ -103,7 +103,9 @@ def _weight_files(path: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a valid safetensors index (needs a `weight_map` object): "
                                   f"{exc}") from exc
         files = {name: path / file for name, file in weight_map.items()}
@@ -130,12 +132,7 @@ def _open(file: Path):
 
 
 def _mtp_layers_present(names: list[str], config: ModelConfig) -> int:
-    depths = set()
-    for name in names:
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        if m and int(m.group(1)) >= config.num_hidden_layers:
-            depths.add(int(m.group(1)) - config.num_hidden_layers)
-    return len(depths)
+    return len({_layer_index(n) for n in names if _layer_index(n) >= config.num_hidden_layers})
 
 
 def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], name: str) -> Tensor:
@@ -204,6 +201,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
             shown = ", ".join(names[:_LIST_LIMIT]) + (f", ... ({len(names)} in all)" if len(names) > _LIST_LIMIT
                                                       else "")
             problems.append(f"{len(names)} {label} tensor(s): {shown}")
+    if any(_layer_index(name) >= config.num_hidden_layers for name in unexpected):
+        problems.append(f"tensors under model.layers.{config.num_hidden_layers} and above are MTP modules: "
+                        "config.json's num_nextn_predict_layers says how many the model has")
     if problems:
         raise CheckpointError(f"{path}: weights do not match the config: " + "; ".join(problems))
     generation = path / GENERATION_CONFIG_FILE
@@ -214,6 +214,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
             raise CheckpointError(f"{generation}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
     model.eval()
     return model
+
+
+def _layer_index(name: str) -> int:
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
 
 
 def _get(handle, name: str, file: Path) -> Tensor:
@@ -273,8 +278,19 @@ def save_model(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | No
         raise
 
 
-def _is_checkpoint_file(name: str) -> bool:
-    return name.endswith(".safetensors") or name in (INDEX_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE)
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _checkpoint_files(path: Path) -> set[str]:
+    """The files of the checkpoint in `path` (others, like an optimizer's safetensors, are not ours)."""
+    names = {item.name for item in path.iterdir() if item.is_file() and (
+        item.name in (WEIGHTS_FILE, INDEX_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE) or _SHARD.fullmatch(item.name))}
+    if INDEX_FILE in names:
+        try:
+            names |= set(json.loads((path / INDEX_FILE).read_text()).get("weight_map", {}).values())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    return names
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -291,7 +307,7 @@ def _replace_dir(new: Path, target: Path) -> None:
         return
     if not target.is_dir():
         raise CheckpointError(f"{target} exists and is not a directory")
-    stale = {item.name for item in target.iterdir() if item.is_file() and _is_checkpoint_file(item.name)}
+    stale = _checkpoint_files(target)
     order = sorted(new.iterdir(), key=lambda item: item.name in (CONFIG_FILE, GENERATION_CONFIG_FILE))
     for item in order:
         os.replace(item, target / item.name)

@@ -13,8 +13,8 @@ from .sizing import forward_flops_per_token, human, kv_cache_bytes_per_token, pa
 
 # Figures DeepSeek published, printed beside ours for the presets that reproduce a released model.
 PUBLISHED = {
-    "deepseek-v3": "published: 671B total, 37B activated (V3 paper); 36.6B activated incl. the head and 11.5B "
-                   "MTP (README_WEIGHTS.md)",
+    "deepseek-v3": "published: 671B total, 37B activated (V3 paper); 36.6B activated including the 0.9B head, "
+                   "11.5B MTP, 685B on the hub (README_WEIGHTS.md)",
     "deepseek-v2-lite": "published: 15.7B total, 2.4B activated (DeepSeek-V2 report)",
 }
 
@@ -40,6 +40,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "parameters": counts.total, "activated_parameters": counts.activated,
         "mtp_modules": config.num_nextn_predict_layers,
         "mtp_parameters": counts.mtp_total, "mtp_activated_parameters": counts.mtp_activated,
+        "mtp_stored_parameters": counts.mtp_stored,
         "kv_cache_bytes_per_token": latent, "mha_kv_cache_bytes_per_token": expanded,
         "kv_cache_ratio": expanded / latent,
         "forward_flops_per_token": weight_flops + attention_flops,
@@ -55,7 +56,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"parameters        {human(counts.total)} total, {human(counts.activated)} activated per token "
         f"({100 * counts.activated / counts.total:.1f}%)",
         f"MTP modules       {c.num_nextn_predict_layers}: {human(counts.mtp_total)} own parameters, "
-        f"{human(counts.mtp_activated)} activated per token (embedding and head shared with the main model)",
+        f"{human(counts.mtp_activated)} activated per token (embedding and head shared with the main model); "
+        f"{human(counts.mtp_stored)} stored with their checkpoint copies, {human(counts.total + counts.mtp_stored)} "
+        "in the checkpoint",
         f"KV cache / token  latent {human(latent, 'B')} ({c.kv_lora_rank} + {c.qk_rope_head_dim} values x "
         f"{c.num_hidden_layers} layers x {args.cache_bytes} bytes) vs expanded multi-head {human(expanded, 'B')}: "
         f"{expanded / latent:.1f}x smaller",

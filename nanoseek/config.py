@@ -107,6 +107,14 @@ class ModelConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
                  "must be a positive integer")
+        for name in ("rope_interleave", "norm_topk_prob", "attention_bias", "tie_word_embeddings"):
+            need(isinstance(getattr(self, name), bool), name, "must be true or false")
+        for name in ("rms_norm_eps", "routed_scaling_factor", "initializer_range", "attention_dropout"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number")
+        for name in ("first_k_dense_replace", "num_nextn_predict_layers", "n_shared_experts", "moe_layer_freq"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer")
         need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
              "q_lora_rank", "must be a positive integer or null (no query compression)")
         need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
@@ -121,8 +129,8 @@ class ModelConfig:
         reachable = self.topk_group * self.n_routed_experts // self.n_group
         need(self.num_experts_per_tok <= reachable, "num_experts_per_tok",
              f"must be <= topk_group * n_routed_experts / n_group = {reachable}, the experts a token can reach")
-        need(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0, "n_shared_experts",
-             "must be a non-negative integer")
+        need(self.n_shared_experts >= 1, "n_shared_experts",
+             "must be >= 1 (DeepSeek-V3 always has a shared expert; transformers expects its weights)")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
              f"must be between 0 and num_hidden_layers ({self.num_hidden_layers})")
         need(self.moe_layer_freq == 1, "moe_layer_freq",
@@ -153,7 +161,7 @@ class ModelConfig:
             raise ConfigError(f"config field `rope_scaling.type` = {kind!r}: only 'yarn' (or no scaling) is "
                               "supported")
         for key in ("factor", "original_max_position_embeddings"):
-            if not isinstance(rs.get(key), (int, float)) or rs[key] <= 0:
+            if not isinstance(rs.get(key), (int, float)) or isinstance(rs[key], bool) or rs[key] <= 0:
                 raise ConfigError(f"config field `rope_scaling.{key}` = {rs.get(key)!r}: YaRN needs a positive "
                                   "number")
 
@@ -166,7 +174,8 @@ class ModelConfig:
             raise ConfigError(f"config field `quantization_config.quant_method` = {method!r}: only block 'fp8' "
                               "checkpoints are supported")
         block = qc.get("weight_block_size", [128, 128])
-        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block)):
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and
+                all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
             raise ConfigError(f"config field `quantization_config.weight_block_size` = {block!r}: must be two "
                               "positive integers")
 
@@ -208,9 +217,11 @@ class ModelConfig:
     def from_json_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw)
@@ -226,34 +237,36 @@ class ModelConfig:
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """Return (rope_theta, legacy rope_scaling dict or None) from either config.json form (spec §1.4)."""
-    params = raw.get("rope_parameters")
-    legacy = raw.get("rope_scaling")
+    """Return (rope_theta, legacy rope_scaling dict or None) from either config.json form (spec §1.4).
+
+    As in transformers, a legacy `rope_scaling` wins over `rope_parameters` when both are present.
+    """
+    params, legacy = raw.get("rope_parameters"), raw.get("rope_scaling")
     theta = raw.get("rope_theta")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", theta)
-        kind = params.get("rope_type", params.get("type", "default"))
-        scaling = None if kind == "default" else {k: v for k, v in params.items() if k not in ("rope_theta",
-                                                                                                 "rope_type")}
-        if scaling is not None:
+    source = legacy if legacy is not None else params
+    if source is not None and not isinstance(source, dict):
+        name = "rope_scaling" if legacy is not None else "rope_parameters"
+        raise ConfigError(f"config field `{name}` = {source!r}: must be an object or null")
+    if isinstance(params, dict) and theta is None:
+        theta = params.get("rope_theta")
+    scaling = None
+    if source is not None:
+        kind = source.get("type", source.get("rope_type", "default"))
+        if kind != "default":
+            scaling = {k: v for k, v in source.items() if k not in ("rope_theta", "rope_type")}
             scaling["type"] = kind
-    elif isinstance(legacy, dict):
-        kind = legacy.get("type", legacy.get("rope_type", "default"))
-        scaling = None if kind == "default" else {k: v for k, v in legacy.items() if k != "rope_type"}
-        if scaling is not None:
-            scaling["type"] = kind
-    elif legacy is None and params is None:
-        scaling = None
-    else:
-        raise ConfigError(f"config field `rope_scaling` = {legacy if params is None else params!r}: must be an "
-                          "object or null")
-    if scaling is not None and "original_max_position_embeddings" not in scaling:
-        # transformers 5.x moves it to the top level of the config in some exports
-        if "original_max_position_embeddings" in raw:
-            scaling["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+    if scaling is not None and kind == "yarn":
+        # transformers' fallbacks: the original length defaults to max_position_embeddings, the factor to
+        # their ratio
+        if scaling.get("original_max_position_embeddings") is None:
+            scaling["original_max_position_embeddings"] = raw.get(
+                "original_max_position_embeddings", raw.get("max_position_embeddings"))
+        if scaling.get("factor") is None and isinstance(raw.get("max_position_embeddings"), int) and \
+                isinstance(scaling["original_max_position_embeddings"], (int, float)):
+            scaling["factor"] = raw["max_position_embeddings"] / scaling["original_max_position_embeddings"]
     if theta is None:
         theta = 10000.0
-    if not isinstance(theta, (int, float)):
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
         raise ConfigError(f"config field `rope_theta` = {theta!r}: must be a number")
     return float(theta), scaling
 

@@ -1,9 +1,10 @@
 """Model size arithmetic from the config alone: parameters, KV-cache bytes and FLOPs per token.
 
 Nothing is allocated, so this sizes DeepSeek-V3 (671B) as readily as the tiny test model. "Activated"
-parameters follow DeepSeek's accounting (README_WEIGHTS.md: 36.6B for V3 including the 0.9B output head):
-per token the embedding table contributes one row, so it is not counted; the head, every attention and
-dense weight, the router, the shared experts and K routed experts are.
+parameters follow DeepSeek's accounting (README_WEIGHTS.md: 36.6B for V3 including the 0.9B output head;
+an earlier revision said 36.7B counting the embedding too): per token the embedding table contributes one
+row, so it is not counted; the head, every attention and dense weight, the router, the shared experts and K
+routed experts are. The V3 paper rounds the same figure to 37B.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class ParameterCounts:
     activated: int  # main model, per token
     mtp_total: int  # MTP modules' own parameters (embedding and head are shared, not counted)
     mtp_activated: int  # MTP modules per token, including the shared output head they use
+    mtp_stored: int  # MTP parameters in a checkpoint, which stores a copy of embedding and head per module
 
 
 def _attention(c: ModelConfig) -> int:
@@ -62,6 +64,7 @@ def parameter_counts(c: ModelConfig) -> ParameterCounts:
         activated=activated,
         mtp_total=depth * (mtp_own + _moe(c, False)),
         mtp_activated=depth * (mtp_own + _moe(c, True)) + (head if depth else 0),
+        mtp_stored=depth * (mtp_own + _moe(c, False) + embed + head),
     )
 
 

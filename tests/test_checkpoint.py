@@ -43,9 +43,11 @@ def test_save_into_existing_directory_keeps_other_files_and_drops_stale_shards(t
     model.save_pretrained(tmp_path, max_shard_bytes=100_000)
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "runs").mkdir()
+    save_file({"step": torch.zeros(1)}, tmp_path / "optimizer.safetensors")  # not part of the checkpoint
     model.save_pretrained(tmp_path)  # now a single file: the old shards must go
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "runs"}
+    assert names == {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "runs",
+                     "optimizer.safetensors"}
     assert nanoseek.load_model(tmp_path) is not None
 
 

@@ -29,6 +29,7 @@ def test_info_reproduces_deepseek_v3_sizes_without_allocating():
     assert abs(report["activated_parameters"] / 36.6e9 - 1) < 0.01
     assert round(report["activated_parameters"] / 1e9) == 37
     assert abs(report["mtp_parameters"] / 11.5e9 - 1) < 0.015
+    assert abs((report["parameters"] + report["mtp_stored_parameters"]) / 685e9 - 1) < 0.01  # the hub's total
     assert report["kv_cache_bytes_per_token"] == 576 * 61 * 2  # 70,272 B (spec §3.5)
     assert report["mha_kv_cache_bytes_per_token"] == 40960 * 61 * 2
     text = run("info", "--preset", "deepseek-v3").stdout

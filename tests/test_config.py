@@ -46,9 +46,21 @@ def test_legacy_rope_scaling_and_hub_keys():
 
 
 def test_default_rope_means_no_scaling():
-    assert ModelConfig.from_dict(raw_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4}))\
-        .rope_scaling is None
+    default = {"rope_type": "default", "rope_theta": 1e4}
+    assert ModelConfig.from_dict(raw_config(rope_scaling=None, rope_parameters=default)).rope_scaling is None
     assert ModelConfig.from_dict(raw_config(rope_scaling=None)).rope_scaling is None
+
+
+def test_legacy_rope_scaling_wins_over_rope_parameters():
+    # transformers reads `rope_scaling or rope_parameters`
+    config = ModelConfig.from_dict(raw_config(rope_scaling=YARN, rope_parameters={"rope_type": "default"}))
+    assert config.rope_scaling == YARN
+
+
+def test_yarn_fallbacks_follow_transformers():
+    partial = {"type": "yarn", "factor": 4, "beta_fast": None, "mscale": 1.0, "mscale_all_dim": 1.0}
+    config = ModelConfig.from_dict(raw_config(rope_scaling=partial))
+    assert config.rope_scaling["original_max_position_embeddings"] == 640  # max_position_embeddings
 
 
 def test_quantization_config_is_kept():
@@ -72,12 +84,21 @@ INVALID = [
     ({"scoring_func": "softmax"}, "`scoring_func` = 'softmax': must be 'sigmoid'"),
     ({"topk_method": "greedy"}, "`topk_method` = 'greedy': must be 'noaux_tc'"),
     ({"rope_scaling": {"type": "linear", "factor": 2}}, "`rope_scaling.type` = 'linear': only 'yarn'"),
-    ({"rope_scaling": {"type": "yarn", "factor": 4}}, "`rope_scaling.original_max_position_embeddings` = None"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": -1}},
+     "`rope_scaling.original_max_position_embeddings` = -1"),
     ({"rope_scaling": "yarn"}, "`rope_scaling` = 'yarn': must be an object or null"),
     ({"quantization_config": {"quant_method": "awq"}}, "`quantization_config.quant_method` = 'awq'"),
     ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}},
      "`quantization_config.weight_block_size` = [128]"),
     ({"model_type": "llama"}, "`model_type` = 'llama' is not supported; supported: deepseek_v3"),
+    ({"rms_norm_eps": "1e-6"}, "`rms_norm_eps` = '1e-6': must be a number"),
+    ({"num_nextn_predict_layers": None}, "`num_nextn_predict_layers` = None: must be an integer"),
+    ({"first_k_dense_replace": None}, "`first_k_dense_replace` = None: must be an integer"),
+    ({"rope_interleave": "false"}, "`rope_interleave` = 'false': must be true or false"),
+    ({"routed_scaling_factor": "2.5"}, "`routed_scaling_factor` = '2.5': must be a number"),
+    ({"n_shared_experts": 0}, "`n_shared_experts` = 0: must be >= 1"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, None]}},
+     "`quantization_config.weight_block_size` = [128, None]"),
 ]
 
 
@@ -86,6 +107,13 @@ def test_invalid_config_names_field_and_rule(change, message):
     with pytest.raises(ConfigError) as info:
         ModelConfig.from_dict(raw_config(**change))
     assert message in str(info.value)
+
+
+def test_non_utf8_config_is_named(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(ConfigError, match="config.json: not UTF-8 text"):
+        ModelConfig.from_json_file(path)
 
 
 def test_bad_json_names_file_and_line(tmp_path):

@@ -68,7 +68,8 @@ def test_accepted_drafts_skip_decode_steps(tiny_checkpoint):
         module.eh_proj.weight.zero_()
         module.eh_proj.weight[:, 64:] = torch.eye(64)
         module.hnorm.weight.copy_(torch.ones(64))
-        for p in (module.self_attn.o_proj.weight, module.mlp.experts.w_down, module.mlp.shared_experts.down_proj.weight):
+        mlp = module.mlp
+        for p in (module.self_attn.o_proj.weight, mlp.experts.w_down, mlp.shared_experts.down_proj.weight):
             p.zero_()
         module.shared_head["norm"].weight.copy_(spec.model.model.norm.weight / module.hnorm.weight)
     out = spec.generate(prompts(12), GREEDY)[0]
@@ -120,8 +121,8 @@ def test_logprobs(tiny_checkpoint):
         assert abs(entry[token] - expected[token].item()) < 1e-4
         assert len(entry) == 3  # greedy: the chosen token is the top one
         assert max(entry.values()) == pytest.approx(expected.max().item(), abs=1e-4)
-    assert completion.cumulative_logprob == pytest.approx(sum(e[t] for t, e in
-                                                              zip(completion.token_ids, completion.logprobs)))
+    pairs = zip(completion.token_ids, completion.logprobs, strict=True)
+    assert completion.cumulative_logprob == pytest.approx(sum(entry[token] for token, entry in pairs))
 
 
 def test_stop_strings_across_token_boundaries(chat_checkpoint):

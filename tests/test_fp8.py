@@ -12,10 +12,11 @@ from safetensors.torch import load_file, save_file
 import nanoseek
 
 E4M3_MAX = 448.0
-# Dimensions: kv_a_proj_with_mqa has kv_lora_rank + qk_rope_head_dim = 128 + 64 = 192 rows, not a multiple of 128,
-# so its scale grid is [2, 2] with a partial last row block (the case transformers 5.23 gets wrong, spec D10).
+# Partial blocks both ways: kv_a_proj_with_mqa has kv_lora_rank + qk_rope_head_dim = 128 + 64 = 192 rows and
+# hidden_size = 320 columns, so its scale grid is [2, 3] with partial last row and column blocks (transformers
+# 5.23 gets such blocks wrong, spec D10).
 FP8_CONFIG = dict(
-    vocab_size=256, hidden_size=256, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=2,
+    vocab_size=256, hidden_size=320, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=2,
     first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=128, kv_lora_rank=128,
     qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=4, n_shared_experts=1,
     num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=0,
@@ -64,8 +65,8 @@ def fp8_checkpoint(tmp_path_factory):
 def test_partial_block_scale_grid(fp8_checkpoint):
     path, _ = fp8_checkpoint
     tensors = load_file(path / "model.safetensors")
-    assert tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].shape == (192, 256)
-    assert tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 2)
+    assert tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].shape == (192, 320)
+    assert tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (2, 3)
 
 
 def test_fp8_weights_match_fp32_within_e4m3_rounding(fp8_checkpoint):
@@ -83,16 +84,23 @@ def test_fp8_weights_match_fp32_within_e4m3_rounding(fp8_checkpoint):
         assert (loaded[name] - original).abs().max() > 0, "quantisation should not be lossless"
 
 
-def test_fp8_checkpoint_logits_match_dequantised_fp32_model(fp8_checkpoint, tmp_path):
-    path, _ = fp8_checkpoint
-    model = nanoseek.load_model(path)
-    model.save_pretrained(tmp_path / "bf")  # dequantised: plain weights, no quantization_config
-    saved = json.loads((tmp_path / "bf" / "config.json").read_text())
-    assert "quantization_config" not in saved
-    again = nanoseek.load_model(tmp_path / "bf")
-    ids = torch.randint(0, 256, (1, 20))
+def test_fp8_checkpoint_logits_match_a_reference_dequantisation(fp8_checkpoint, tmp_path):
+    """Dequantise independently, block by block, write a plain checkpoint; both must give the same logits."""
+    path, originals = fp8_checkpoint
+    tensors = load_file(path / "model.safetensors")
+    for name in originals:
+        weight, scale = tensors.pop(name).float(), tensors.pop(name + "_scale_inv")
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                weight[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] *= scale[i, j]
+        tensors[name] = weight
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
-        assert (model(ids) - again(ids)).abs().max() == 0
+        assert (nanoseek.load_model(path)(ids) - nanoseek.load_model(tmp_path)(ids)).abs().max() <= 1e-6
 
 
 def test_wrong_scale_grid_is_named(fp8_checkpoint, tmp_path):
@@ -102,7 +110,7 @@ def test_wrong_scale_grid_is_named(fp8_checkpoint, tmp_path):
     tensors[name] = torch.ones(1, 2)  # floor-div grid instead of ceil-div
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    with pytest.raises(nanoseek.CheckpointError, match=rf"{name} has shape \[1, 2\], expected \[2, 2\]"):
+    with pytest.raises(nanoseek.CheckpointError, match=rf"{name} has shape \[1, 2\], expected \[2, 3\]"):
         nanoseek.load_model(tmp_path)
 
 

@@ -58,3 +58,13 @@ def test_checkpoint_without_mtp_weights_loads_without_mtp(tmp_path):
     model = nanoseek.load_model(tmp_path)
     assert len(model.mtp) == 0
     assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 128)
+
+
+def test_sequences_shorter_than_the_mtp_depth():
+    from conftest import nanoseek_model
+
+    model = nanoseek_model(num_nextn_predict_layers=2)
+    out = model(torch.zeros(2, 1, dtype=torch.long), mtp=True)
+    assert out.logits.shape == (2, 1, 128) and [t.shape for t in out.mtp_logits] == [(2, 0, 128)] * 2
+    out = model(torch.zeros(1, 2, dtype=torch.long), mtp=True)
+    assert [t.shape for t in out.mtp_logits] == [(1, 1, 128), (1, 0, 128)]

@@ -31,6 +31,10 @@ MATRIX = {
                                         "mscale": 0.707, "mscale_all_dim": 0.707,
                                         "original_max_position_embeddings": 16}},
     "attention-bias": {"attention_bias": True},
+    "yarn-attention-factor-no-truncate": {"rope_scaling": {"type": "yarn", "factor": 8, "beta_fast": 16, "beta_slow": 2,
+                                                           "attention_factor": 1.25, "truncate": False,
+                                                           "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                           "original_max_position_embeddings": 16}},
 }
 
 
@@ -97,3 +101,13 @@ def test_bf16_weights_load_and_run(tmp_path):
     ids = _ids()
     with torch.no_grad():
         assert (ours(ids) - hf.float()(ids).logits).abs().max() <= TOL
+
+
+def test_bf16_model_keeps_fp32_rope_frequencies(tmp_path):
+    hf_model().save_pretrained(tmp_path)
+    fp32, bf16 = nanoseek.load_model(tmp_path), nanoseek.load_model(tmp_path, dtype=torch.bfloat16)
+    assert bf16.rotary.inv_freq.dtype == torch.float32
+    positions = torch.tensor([[600]])
+    cos32, _ = fp32.rotary(positions, torch.float32)
+    cos16, _ = bf16.rotary(positions, torch.bfloat16)
+    assert (cos16.float() - cos32).abs().max() <= 2**-8  # only the final rounding to bf16

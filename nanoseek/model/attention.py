@@ -114,7 +114,8 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.view(*x.shape[:2], self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q = q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos[..., None, :], sin[..., None, :], self.rope_interleave)
 
     def latent(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -126,7 +127,7 @@ class MultiHeadLatentAttention(nn.Module):
         """MHA mode (spec §3.2): expand latents to per-head k, v; returns [B, T, H, d_v]."""
         batch, key_len = keys.shape[:2]
         c_kv, k_pe = keys.split([self.latent_dim, self.rope_dim], dim=-1)
-        k_nope, v = self.kv_b_proj(c_kv).view(batch, key_len, self.num_heads, -1).split(
+        k_nope, v = self.kv_b_proj(c_kv).view(batch, key_len, self.num_heads, self.nope_dim + self.v_dim).split(
             [self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)

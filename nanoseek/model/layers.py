@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def apply_keeping_fp32(module: nn.Module, fn, recurse: bool, buffers: tuple[str, ...]) -> nn.Module:
+    """nn.Module._apply that moves the named buffers across devices but keeps them fp32 whatever dtype the
+    model is cast to (RoPE frequencies and the router's correction bias lose too much in bf16)."""
+    kept = {name: module._buffers.pop(name) for name in buffers}
+    nn.Module._apply(module, fn, recurse)
+    for name, tensor in kept.items():
+        module._buffers[name] = tensor.to(device=fn(tensor).device, dtype=torch.float32)
+    return module
+
+
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the weight (spec §2, D14)."""
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .layers import MLP
+from .layers import MLP, apply_keeping_fp32
 
 
 @dataclass
@@ -49,12 +49,8 @@ class Router(nn.Module):
         return weights * self.scaling, indices, scores
 
     def _apply(self, fn, recurse=True):
-        # Keep the correction bias in fp32 whatever dtype the model moves to (transformers does the same):
-        # its updates (gamma = 0.001) would vanish in bf16.
-        bias = self._buffers.pop("e_score_correction_bias")
-        super()._apply(fn, recurse)
-        self._buffers["e_score_correction_bias"] = bias.to(device=fn(bias).device, dtype=torch.float32)
-        return self
+        # fp32 as in transformers: bias updates of gamma = 0.001 would vanish in bf16
+        return apply_keeping_fp32(self, fn, recurse, ("e_score_correction_bias",))
 
 
 def _grouped_mm_supported(x: Tensor, weights: Tensor) -> bool:

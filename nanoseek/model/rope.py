@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig, yarn_mscale
+from .layers import apply_keeping_fp32
 
 
 def inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
@@ -23,20 +24,24 @@ def inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
     if rs is None:
         return inv_freq.float(), 1.0
     scale, original = float(rs["factor"]), float(rs["original_max_position_embeddings"])
-    beta_fast, beta_slow = float(rs.get("beta_fast", 32)), float(rs.get("beta_slow", 1))
+    beta_fast, beta_slow = float(rs.get("beta_fast") or 32), float(rs.get("beta_slow") or 1)
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     keep = 1.0 - ramp  # 1 = extrapolate (keep the frequency), 0 = interpolate (divide by the scale)
     inv_freq = inv_freq * keep + inv_freq / scale * (1.0 - keep)
     mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
-    if mscale and mscale_all_dim:
+    if rs.get("attention_factor") is not None:
+        factor = float(rs["attention_factor"])
+    elif mscale and mscale_all_dim:
         factor = yarn_mscale(scale, mscale) / yarn_mscale(scale, mscale_all_dim)
     else:
         factor = yarn_mscale(scale, 1.0)  # transformers' default when the pair is absent (spec §1.3 caveat)
@@ -59,6 +64,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq, self.attention_factor = inverse_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_fp32(self, fn, recurse, ("inv_freq",))  # angles p * f need fp32 at long contexts
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions [..., T] (int) -> cos, sin [..., T, d_r/2] in `dtype`."""

@@ -142,6 +142,9 @@ class CausalLM(nn.Module):
         h^{k-1}_i and Emb(t_{i+k}); returns one [B, T-k, V] tensor per depth."""
         logits, previous = [], hidden
         for k, module in enumerate(self.mtp, start=1):
+            if previous.shape[1] <= 1:  # too short a sequence for this depth
+                logits.append(hidden.new_zeros(hidden.shape[0], 0, self.config.vocab_size))
+                continue
             shifted = positions[:, k:]
             cos, sin = self.rotary(shifted, hidden.dtype)
             embeddings = self.model.embed_tokens(input_ids[:, k:])
