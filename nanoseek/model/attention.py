@@ -51,14 +51,17 @@ class CacheContext:
     slots: Tensor | None  # [B] slot of each batch row; None = rows 0..B-1 use slots 0..B-1
     positions: Tensor  # [B, T] absolute positions of the new tokens
     key_len: int  # keys 0..key_len-1 of each slot are read
-    mask: Tensor  # [B, T, key_len] bool, True where a query may attend (key position <= query position)
+    mask: Tensor | None  # [B, T, key_len] bool, True where a query may attend; None when all keys are visible
 
     @classmethod
     def build(cls, cache: LatentCache, positions: Tensor, slots: Tensor | None, first_key: int = 0) -> CacheContext:
         """`first_key` > 0 hides cache positions that never hold a key (MTP depth k starts at position k)."""
-        key_len = int(positions.max()) + 1
+        lowest, highest = (int(p) for p in positions.aminmax())
+        key_len = highest + 1
         if key_len > cache.max_len:
             raise ValueError(f"position {key_len - 1} is beyond the cache length {cache.max_len}")
+        if positions.shape[1] == 1 and lowest == highest and not first_key:
+            return cls(cache, slots, positions, key_len, None)  # one token per row, all at one position
         keys = torch.arange(key_len, device=positions.device)
         mask = keys <= positions[..., None]
         if first_key:
@@ -106,7 +109,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.latent(x, cos, sin)
         keys, mask = (latent, None) if cache is None else (cache.store(self.layer_idx, latent), cache.mask)
         attend = self._absorbed if absorbed else self._expanded
-        return self.o_proj(attend(q_nope, q_pe, keys.to(x.dtype), mask).flatten(2))
+        return self.o_proj(attend(q_nope, q_pe, keys.to(x.dtype), mask, cache is None).flatten(2))
 
     def queries(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head query parts: q_nope [B, T, H, d_n] and roped q_pe [B, T, H, d_r]."""
@@ -123,7 +126,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
         return torch.cat((self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.rope_interleave)), dim=-1)
 
-    def _expanded(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None) -> Tensor:
+    def _expanded(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """MHA mode (spec §3.2): expand latents to per-head k, v; returns [B, T, H, d_v]."""
         batch, key_len = keys.shape[:2]
         c_kv, k_pe = keys.split([self.latent_dim, self.rope_dim], dim=-1)
@@ -133,10 +136,10 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale)
+            attn_mask=None if mask is None else mask[:, None], is_causal=causal, scale=self.scale)
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None) -> Tensor:
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """MQA mode (spec §3.4): all heads attend over the shared latents; returns [B, T, H, d_v]."""
         batch, steps, heads = q_nope.shape[:3]
         w_kv_b = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
@@ -144,9 +147,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorb W^UK into the query
         q = torch.cat((q_latent, q_pe), dim=-1).reshape(batch, steps * heads, -1)
         scores = torch.bmm(q, keys.transpose(1, 2)).view(batch, steps, heads, -1).float() * self.scale
-        if mask is None:
+        if causal:
             mask = torch.ones(steps, keys.shape[1], dtype=torch.bool, device=keys.device).tril()[None]
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(keys.dtype).view(batch, steps * heads, -1)
         out_latent = torch.bmm(probs, keys[..., : self.latent_dim]).view(batch, steps, heads, -1)
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output
