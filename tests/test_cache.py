@@ -76,3 +76,11 @@ def test_cache_overflow_is_an_error():
     cache = model.new_cache(num_slots=1, max_len=8)
     with pytest.raises(ValueError, match="beyond the cache length 8"):
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[8]]), cache)
+
+
+def test_default_path_choice_follows_the_cost_of_each_shape():
+    from nanoseek.model.transformer import absorbed_is_cheaper
+
+    config = nanoseek_model().config
+    assert absorbed_is_cheaper(config, 1, 10) and absorbed_is_cheaper(config, 2, 200)  # decode, verify
+    assert not absorbed_is_cheaper(config, 64, 64)  # prefill from an empty cache

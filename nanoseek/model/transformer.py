@@ -17,8 +17,18 @@ from .layers import MLP, RMSNorm
 from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
 
-# With a cache, steps of at most this many tokens per row use absorbed MLA; longer ones the expanded path.
-ABSORBED_MAX_STEPS = 2
+def absorbed_is_cheaper(config: ModelConfig, steps: int, key_len: int) -> bool:
+    """Compare MLA's two paths by multiply-adds for `steps` new queries over `key_len` keys per row (§3.4).
+
+    Expanding re-projects every key's latent to per-head keys and values, then attends in d_qk + d_v;
+    absorbing projects each query and output once but attends in the latent width 2 d_c + d_r. Decoding over a
+    long cache favours absorbing; a long prefill from an empty cache favours expanding.
+    """
+    heads, latent, rope = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim
+    nope, value = config.qk_nope_head_dim, config.v_head_dim
+    expanded = key_len * latent * heads * (nope + value) + steps * key_len * heads * (nope + rope + value)
+    absorbed = steps * heads * latent * (nope + value) + steps * key_len * heads * (2 * latent + rope)
+    return absorbed <= expanded
 
 
 def _select(hidden: Tensor, index: Tensor | None) -> Tensor:
@@ -108,8 +118,8 @@ class CausalLM(nn.Module):
 
         positions [B, T] default to 0..T-1. With a `cache`, each row's new latents are written at its
         positions in its slot (`slots[b]`, default b) and attention reads that slot's keys up to the row's
-        own position. `absorbed` picks MLA's execution path; by default absorbed with a cache when
-        decoding a few tokens per row, expanded otherwise. `logits_index` [B, k] limits the logits to k
+        own position. `absorbed` picks MLA's execution path; by default the expanded one without a cache
+        (training) and with a cache whichever `absorbed_is_cheaper` finds cheaper for the shape. `logits_index` [B, k] limits the logits to k
         positions of each row (the last prompt token in prefill, say): logits are then [B, k, V].
         """
         out = self.run(input_ids, positions, cache, slots, absorbed=absorbed, mtp=mtp, router_stats=router_stats,
@@ -122,9 +132,9 @@ class CausalLM(nn.Module):
         batch, steps = input_ids.shape
         if positions is None:
             positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
-        if absorbed is None:
-            absorbed = cache is not None and steps <= ABSORBED_MAX_STEPS
         context = None if cache is None else CacheContext.build(cache, positions, slots)
+        if absorbed is None:
+            absorbed = context is not None and absorbed_is_cheaper(self.config, steps, context.key_len)
         stats: list[RouterStats] | None = [] if router_stats else None
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
@@ -162,7 +172,7 @@ class CausalLM(nn.Module):
         module = self.mtp[0]
         context = CacheContext.build(cache, positions, slots, first_key=1)
         cos, sin = self.rotary(positions, previous.dtype)
-        absorbed = input_ids.shape[1] <= ABSORBED_MAX_STEPS
+        absorbed = absorbed_is_cheaper(self.config, input_ids.shape[1], context.key_len)
         h = module.forward_mtp(self.model.embed_tokens(input_ids), previous, cos, sin, context, absorbed)
         return self.lm_head(module.shared_head["norm"](_select(h, logits_index))), h
 
