@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print the full result as JSON")
     generate.set_defaults(func=cmd_generate)
 
+    pretrain = sub.add_parser("pretrain", help="train a model from scratch (built-in corpus by default)")
+    from .train import pretrain as pretrain_module
+
+    pretrain_module.add_arguments(pretrain)
+    pretrain.set_defaults(func=pretrain_module.run)
+
     chat = sub.add_parser("chat", help="interactive chat with streamed replies and visible reasoning")
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)

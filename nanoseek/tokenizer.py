@@ -8,6 +8,7 @@ environment with `trim_blocks` and `lstrip_blocks`, `raise_exception` and `strft
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +19,47 @@ from tokenizers import Tokenizer as _RustTokenizer
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
+# Single tokens that decoding keeps (not "special"), as in DeepSeek-R1's tokenizer: replies show their reasoning.
+REASONING_TOKENS = [THINK_OPEN, THINK_CLOSE]
+
+# The R1 layout (spec grpo-r1.md §2.3): the assistant turn opens a think block that the model closes before
+# answering. Earlier assistant turns carry only their answers (DeepSeek drops reasoning from history).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}" + SYSTEM + "{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + THINK_OPEN + "\n{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE over `texts` with nanoseek's special tokens and chat template; BOS added on encode."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+
+    reserved = len(SPECIAL_TOKENS) + len(REASONING_TOKENS)
+    if vocab_size < 256 + reserved:
+        raise ValueError(f"vocab_size = {vocab_size}: a byte-level BPE needs at least {256 + reserved} "
+                         f"(256 bytes and {reserved} special tokens)")
+    backend = _RustTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(REASONING_TOKENS), special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, backend.token_to_id(BOS))])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+              "chat_template": CHAT_TEMPLATE, "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+    return Tokenizer(backend, config)
 
 
 def _token_text(value: Any) -> str | None:
@@ -77,6 +119,17 @@ class Tokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self.token_id(self.special_token("eos_token"))
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_id(self.special_token("bos_token"))
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_id(self.special_token("pad_token"))
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     # ---- chat ------------------------------------------------------------------------------
     @property

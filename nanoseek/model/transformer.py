@@ -17,6 +17,7 @@ from .layers import MLP, RMSNorm
 from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
 
+
 def absorbed_is_cheaper(config: ModelConfig, steps: int, key_len: int) -> bool:
     """Compare MLA's two paths by multiply-adds for `steps` new queries over `key_len` keys per row (§3.4).
 
@@ -119,8 +120,9 @@ class CausalLM(nn.Module):
         positions [B, T] default to 0..T-1. With a `cache`, each row's new latents are written at its
         positions in its slot (`slots[b]`, default b) and attention reads that slot's keys up to the row's
         own position. `absorbed` picks MLA's execution path; by default the expanded one without a cache
-        (training) and with a cache whichever `absorbed_is_cheaper` finds cheaper for the shape. `logits_index` [B, k] limits the logits to k
-        positions of each row (the last prompt token in prefill, say): logits are then [B, k, V].
+        (training) and with a cache whichever `absorbed_is_cheaper` finds cheaper for the shape.
+        `logits_index` [B, k] limits the logits to k positions of each row (the last prompt token in
+        prefill, say): logits are then [B, k, V].
         """
         out = self.run(input_ids, positions, cache, slots, absorbed=absorbed, mtp=mtp, router_stats=router_stats,
                        logits_index=logits_index)

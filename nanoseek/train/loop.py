@@ -1,0 +1,304 @@
+"""The one training loop: every stage (pretraining now; SFT, GRPO and distillation later) runs through it.
+
+It owns the optimiser (AdamW), the schedule (warmup, then cosine or warmup-stable-decay), gradient accumulation
+and clipping, DeepSeek-V3's balancing (bias update, optional sequence-wise loss), the MTP loss, validation,
+`metrics.jsonl`, the progress line and checkpoints. A checkpoint is a complete HF directory with the training
+state beside it, written under a temporary name and renamed; `DIR/latest` then points at it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import load_model, save_model
+from ..data import Batch, PackedSequences
+from ..model import CausalLM, MoE
+from ..sizing import parameter_counts
+from ..tokenizer import Tokenizer
+from .losses import (
+    IGNORE,
+    max_violation,
+    mtp_loss,
+    sequence_balance_loss,
+    token_loss_sum,
+    update_router_biases,
+)
+
+STATE_FILE, OPTIMIZER_FILE = "trainer_state.json", "optimizer.safetensors"
+# Dense BF16 peak FLOP/s of GPUs for the cost projection (vendor figures).
+GPU_PEAK = {"h800": 989e12, "h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12}
+# DeepSeek-V3's own utilisation, from Table 1: 6 x 37B x 14.8T FLOPs in 2.788M H800-hours at 989 TFLOP/s.
+V3_MFU = 6 * 37e9 * 14.8e12 / (2.788e6 * 3600 * 989e12)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_size: int = 8  # sequences per micro-batch per rank
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # or "wsd": warmup, stable, then a linear decay over the last decay_fraction
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3  # V3: 0.3, then 0.1 (§5.3)
+    balance_alpha: float = 0.0  # V3: 0.0001 (§4.3); 0 = off
+    bias_gamma: float = 0.001  # V3: 0.001 (§4.3); 0 = no auxiliary-loss-free update
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 50
+    keep: int = 2
+    seed: int = 0
+    cost_gpu: str = "h800"
+    cost_price: float = 2.0  # $ per GPU-hour (the V3 paper's rental assumption)
+
+    def validate(self) -> TrainConfig:
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be a positive integer")
+        if not self.lr > 0:
+            raise ValueError(f"--lr = {self.lr!r}: must be > 0")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"--schedule = {self.schedule!r}: must be 'cosine' or 'wsd'")
+        if self.cost_gpu not in GPU_PEAK:
+            raise ValueError(f"--cost-gpu = {self.cost_gpu!r}: one of {', '.join(GPU_PEAK)}")
+        return self
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for 0-based `step`."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        floor = self.lr * self.min_lr_ratio
+        if self.schedule == "wsd":
+            decay_start = int(self.max_steps * (1 - self.decay_fraction))
+            if step < decay_start:
+                return self.lr
+            return floor + (self.lr - floor) * (self.max_steps - step) / max(1, self.max_steps - decay_start)
+        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, data: PackedSequences, config: TrainConfig,
+                 out: Path):
+        self.model, self.tokenizer, self.data, self.config = model, tokenizer, data, config.validate()
+        self.out = Path(out)
+        self.step = 0
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=config.betas, foreach=True)
+        self.routers = [m for m in model.modules() if isinstance(m, MoE)]
+        self.activated = parameter_counts(model.config).activated
+        self.peak = _gemm_peak(model.device)
+        self.device_type = model.device.type
+
+    # ---- one step --------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        config, model = self.config, self.model
+        model.train()
+        lr = config.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        counts = [torch.zeros(r.experts.w_gate_up.shape[0], device=model.device) for r in self.routers]
+        totals = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
+        tokens = 0
+        started = time.perf_counter()
+        for _ in range(config.grad_accum):
+            batch = self.data.next_batch(config.batch_size)
+            loss, parts, used = self.loss(batch, counts)
+            (loss / config.grad_accum).backward()
+            for key, value in parts.items():
+                totals[key] += value / config.grad_accum
+            tokens += used
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if config.bias_gamma:
+            update_router_biases(self.routers, counts, config.bias_gamma)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        violations = max_violation(counts)
+        return {"step": self.step, **totals, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+                "tokens_per_s": tokens / elapsed, "mfu": 6 * self.activated * tokens / elapsed / self.peak,
+                "maxvio": sum(violations) / max(1, len(violations)), "maxvio_max": max(violations, default=0.0)}
+
+    def loss(self, batch: Batch, counts: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict, int]:
+        """Next-token CE + lambda * MTP + alpha * sequence balance; adds routed counts to `counts`."""
+        config, model = self.config, self.model
+        inputs, targets = batch.inputs.to(model.device), batch.targets.to(model.device)
+        with_mtp = config.mtp_lambda > 0 and len(model.mtp) > 0
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_type == "cuda"):
+            out = model(inputs, mtp=with_mtp, router_stats=True)
+        denominator = (targets != IGNORE).sum().clamp_min(1)
+        ce = token_loss_sum(out.logits, targets) / denominator
+        loss, parts = ce, {"ce": ce.item()}
+        if with_mtp:
+            extra = mtp_loss(out, targets, denominator)
+            loss = loss + config.mtp_lambda * extra
+            parts["mtp"] = extra.item()
+        if config.balance_alpha:
+            balance = sequence_balance_loss(out, inputs.shape[0], model.config.num_experts_per_tok)
+            loss = loss + config.balance_alpha * balance
+            parts["balance"] = balance.item()
+        if counts is not None:
+            for total, stats in zip(counts, out.router_stats, strict=False):
+                total += stats.counts
+        parts["loss"] = loss.item()
+        return loss, parts, int(denominator)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = [self.loss(batch)[1]["ce"] for batch in self.data.validation(self.config.batch_size,
+                                                                             self.config.eval_batches)]
+        return sum(losses) / len(losses)
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_file = self.out / "metrics.jsonl"
+        _truncate_metrics(metrics_file, self.step)
+        start_step, started = self.step, time.perf_counter()
+        last: dict[str, float] = {}
+        with metrics_file.open("a") as log:
+            while self.step < config.max_steps:
+                last = self.train_step()
+                if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                    last["val_loss"] = self.evaluate()
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                self._progress(last, start_step, started)
+                if self.step % config.save_every == 0 or self.step == config.max_steps:
+                    self.save()
+        print(file=sys.stderr)
+        return last
+
+    def _progress(self, metrics: dict, start_step: int, started: float) -> None:
+        done = self.step - start_step
+        eta = (time.perf_counter() - started) / done * (self.config.max_steps - self.step)
+        width = 24
+        filled = int(width * self.step / self.config.max_steps)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {self.step}/{self.config.max_steps} "
+                f"loss {metrics['loss']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | MFU {100 * metrics['mfu']:.0f}% "
+                f"| ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+        if "val_loss" in metrics:
+            line += f" | val {metrics['val_loss']:.3f}"
+        end = "\r" if sys.stderr.isatty() and self.step < self.config.max_steps else "\n"
+        print(line, end=end, file=sys.stderr, flush=True)
+
+    def cost_line(self, tokens: int, seconds: float) -> str:
+        """What the same run would cost on a GPU, with the arithmetic of V3's Table 1."""
+        flops = 6 * self.activated * tokens
+        hours = flops / (GPU_PEAK[self.config.cost_gpu] * V3_MFU) / 3600
+        return (f"cost: {tokens:,} tokens x 6 x {self.activated / 1e6:.1f}M activated parameters = {flops:.3g} FLOPs; "
+                f"on {self.config.cost_gpu.upper()} at V3's {100 * V3_MFU:.0f}% utilisation: {hours:.3g} GPU-hours, "
+                f"${hours * self.config.cost_price:.3g} at ${self.config.cost_price}/GPU-hour (this run: "
+                f"{seconds / 60:.1f} min here)")
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write checkpoints/step-N (model, tokenizer, training state) atomically; point `latest` at it."""
+        checkpoints = self.out / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        final = checkpoints / f"step-{self.step:08d}"
+        tmp = checkpoints / f".step-{self.step:08d}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_model(self.model, tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
+            save_file(_flatten_optimizer(self.optimizer, self.model), str(tmp / OPTIMIZER_FILE))
+            state = {"step": self.step, "data": self.data.state(), "config": asdict(self.config),
+                     "rng": torch.get_rng_state().tolist()}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        link = self.out / f".latest-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("checkpoints") / final.name)
+        os.replace(link, self.out / "latest")  # atomic: `latest` is always a complete checkpoint
+        for old in sorted(checkpoints.glob("step-*"))[: -self.config.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self) -> None:
+        """Continue from DIR/latest: weights, optimiser, schedule step, RNG and data position."""
+        latest = self.out / "latest"
+        if not (latest / STATE_FILE).exists():
+            raise ValueError(f"--resume: {latest} holds no training checkpoint")
+        saved = load_model(latest, device=self.model.device, dtype=self.model.dtype)
+        if saved.config.to_dict() != self.model.config.to_dict() or len(saved.mtp) != len(self.model.mtp):
+            differing = sorted(k for k, v in saved.config.to_dict().items()
+                               if self.model.config.to_dict().get(k) != v)
+            raise ValueError(f"--resume: {latest} is a different model (config fields differ: "
+                             f"{', '.join(differing) or 'number of MTP modules'})")
+        self.model.load_state_dict(saved.state_dict())
+        state = json.loads((latest / STATE_FILE).read_text())
+        for key in ("seq_len", "batch_size", "grad_accum", "seed"):
+            if state["config"][key] != getattr(self.config, key):
+                raise ValueError(f"--resume: {latest} was trained with {key} = {state['config'][key]}, "
+                                 f"not {getattr(self.config, key)}")
+        _load_optimizer(self.optimizer, self.model, load_file(str(latest / OPTIMIZER_FILE)))
+        self.data.load_state(state["data"])
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        self.step = state["step"]
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer, model: CausalLM) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    flat = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            flat[f"{names[id(param)]}/{key}"] = value.detach().reshape(value.shape).contiguous().cpu()
+    return flat
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, model: CausalLM, flat: dict[str, torch.Tensor]) -> None:
+    for name, param in model.named_parameters():
+        keys = [k for k in flat if k.startswith(name + "/")]
+        if keys:
+            optimizer.state[param] = {k.split("/", 1)[1]: flat[k].to(param.device) for k in keys}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past `step` (from a run that was killed after its last checkpoint)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _gemm_peak(device: torch.device) -> float:
+    """FLOP/s of a large square matmul on this device, the denominator of MFU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 8 * 2 * 1024**3 / (time.perf_counter() - start)

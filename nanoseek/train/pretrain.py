@@ -1,0 +1,110 @@
+"""`nanoseek pretrain`: tokenizer, token shards and a model, then the training loop."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS, ModelConfig, preset
+from ..data import PackedSequences, TokenStream, build_shards, generate_corpus, load_manifest, read_documents, resolve
+from ..data.shards import tokenizer_fingerprint
+from ..model import CausalLM
+from ..tokenizer import Tokenizer, train_tokenizer
+from .loop import GPU_PEAK, TrainConfig, Trainer
+
+TOKENIZER_SAMPLE_DOCUMENTS = 20_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--preset", choices=list(PRESETS), default=None, help="model config (default: nano)")
+    model.add_argument("--config", help="a config.json for the model")
+    parser.add_argument("--data", nargs="+", help="text/JSONL/Parquet files, directories or globs "
+                        "(default: the built-in generated corpus)")
+    parser.add_argument("--vocab-size", type=int, help="override the config's vocab_size (and the tokenizer's)")
+    parser.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text")
+    parser.add_argument("--corpus-docs", type=int, default=20_000, help="documents of the built-in corpus")
+    parser.add_argument("--out", default="runs/pretrain", help="run directory")
+    parser.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the data)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    defaults = TrainConfig()
+    for field in fields(TrainConfig):
+        if field.name == "betas":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        kwargs = {"choices": list(GPU_PEAK)} if field.name == "cost_gpu" else {}
+        parser.add_argument(flag, type=type(default), default=default, **kwargs)
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    config = ModelConfig.from_json_file(args.config) if args.config else preset(args.preset or "nano")
+    return config.replace(vocab_size=args.vocab_size) if args.vocab_size else config
+
+
+def _documents(args: argparse.Namespace):
+    """(documents iterator factory, a string naming the source for the shard manifest)."""
+    if not args.data:
+        source = f"builtin-corpus:documents={args.corpus_docs},seed={args.seed}"
+        return (lambda: generate_corpus(args.corpus_docs, args.seed)), source
+    files = resolve(args.data)
+    source = json.dumps([[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files] + [args.field])
+    return (lambda: read_documents(files, args.field)), source
+
+
+def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documents) -> Tokenizer:
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_dir(args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+    elif (out / "tokenizer" / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_dir(out / "tokenizer")
+    else:
+        tokenizer = train_tokenizer(itertools.islice(documents(), TOKENIZER_SAMPLE_DOCUMENTS), config.vocab_size)
+        tokenizer.save(out / "tokenizer")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}")
+    return tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not args.resume and (out / "latest").exists():
+        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"})
+    train_config.validate()
+    config = _model_config(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    documents, source = _documents(args)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(args, out, config, documents)
+    shards = out / "data"
+    manifest = load_manifest(shards)
+    if manifest is None or manifest["source"] != source or manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        manifest = build_shards(documents(), tokenizer, shards, source)
+    data = PackedSequences(TokenStream(shards, manifest), train_config.seq_len, train_config.seed)
+    torch.manual_seed(train_config.seed)
+    with torch.device(device):
+        model = CausalLM(config)
+    model.generation_config = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    trainer = Trainer(model, tokenizer, data, train_config, out)
+    if args.resume:
+        trainer.resume()
+    print(f"pretraining {args.preset or args.config or 'nano'}: {manifest['tokens']:,} tokens in "
+          f"{manifest['documents']:,} documents, {trainer.config.max_steps} steps of "
+          f"{train_config.batch_size * train_config.grad_accum} x {train_config.seq_len} tokens, on {device}")
+    started, first_step = time.perf_counter(), trainer.step
+    last = trainer.run()
+    tokens = (trainer.step - first_step) * train_config.batch_size * train_config.grad_accum * train_config.seq_len
+    print(f"done: loss {last.get('loss', float('nan')):.3f}, validation loss {last.get('val_loss', float('nan')):.3f};"
+          f" checkpoint {out / 'latest'}")
+    print(trainer.cost_line(tokens, time.perf_counter() - started))
+    return 0

@@ -1,0 +1,234 @@
+"""Training: tokenizer, data pipeline, the loop's losses and balancing, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nanoseek
+from nanoseek.data import DataError, PackedSequences, TokenStream, build_shards, generate_corpus, read_documents
+from nanoseek.data import resolve as resolve_files
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.train import TrainConfig, Trainer
+
+SMALL_RUN = ["--preset", "tiny", "--vocab-size", "320", "--corpus-docs", "600", "--seq-len", "32", "--batch-size", "4",
+             "--warmup-steps", "2", "--eval-every", "4", "--eval-batches", "2"]
+
+
+def pretrain(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", *args], capture_output=True, text=True,
+                          check=check, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def corpus_tokenizer() -> Tokenizer:
+    return train_tokenizer(generate_corpus(300, seed=1), 300)
+
+
+def test_tokenizer_and_chat_template_match_transformers(corpus_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus_tokenizer.save(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(tmp_path)
+    text = "What is 12 + 7?\n<think>\n12 + 7 = 19\n</think>\nThe answer is 19. héllo 漢字"
+    assert theirs.encode(text) == ours.encode(text)
+    assert ours.decode(ours.encode(text)) == text  # reasoning tags survive decoding
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}]
+    for generation_prompt in (True, False):
+        assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == \
+            theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def test_corpus_is_seeded():
+    assert list(generate_corpus(5, seed=3)) == list(generate_corpus(5, seed=3))
+    assert list(generate_corpus(5, seed=3)) != list(generate_corpus(5, seed=4))
+    assert all("<think>" in doc and "</think>" in doc for doc in generate_corpus(20))
+
+
+def test_shards_keep_document_boundaries_and_batches_are_deterministic(corpus_tokenizer, tmp_path):
+    docs = list(generate_corpus(200, seed=2))
+    manifest = build_shards(iter(docs), corpus_tokenizer, tmp_path, "test", shard_tokens=2000)
+    assert len(manifest["shards"]) > 1 and manifest["documents"] == 200
+    stream = TokenStream(tmp_path, manifest)
+    tokens = stream.window(0, stream.size)
+    assert (tokens == corpus_tokenizer.eos_token_id).sum() == 200
+    assert (tokens == corpus_tokenizer.bos_token_id).sum() == 200
+    first = corpus_tokenizer.encode(docs[0]) + [corpus_tokenizer.eos_token_id]
+    assert tokens[: len(first)].tolist() == first
+    a, b = PackedSequences(stream, 32, seed=5), PackedSequences(stream, 32, seed=5)
+    batches = [a.next_batch(4) for _ in range(3)]
+    state = b.state()
+    assert torch.equal(b.next_batch(4).inputs, batches[0].inputs)
+    c = PackedSequences(stream, 32, seed=5)
+    c.load_state({**state, "index": 4})
+    assert torch.equal(c.next_batch(4).inputs, batches[1].inputs)
+    assert torch.equal(batches[0].targets[:, :-1], batches[0].inputs[:, 1:])
+    val = list(a.validation(4, 100))
+    assert sum(len(v.inputs) for v in val) == a.val_windows
+    assert a.train_windows + a.val_windows == (stream.size - 1) // 32
+
+
+def test_sources_text_jsonl_parquet_and_their_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("plain text document")
+    (tmp_path / "b.jsonl").write_text('{"body": "first"}\n\n{"body": "second"}\n')
+    pq.write_table(pa.table({"body": ["third", "fourth"]}), tmp_path / "c.parquet")
+    files = resolve_files([str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl"), str(tmp_path / "c.parquet")])
+    docs = list(read_documents(files, field="body"))
+    assert docs == ["plain text document", "first", "second", "third", "fourth"]
+    (tmp_path / "bad.jsonl").write_text('{"body": "ok"}\n{"text": "no body"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'body'"):
+        list(read_documents([tmp_path / "bad.jsonl"], field="body"))
+    (tmp_path / "broken.jsonl").write_text('{"body": "ok"}\n{"body": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl:2: not valid JSON"):
+        list(read_documents([tmp_path / "broken.jsonl"], field="body"))
+    with pytest.raises(DataError, match="no column 'text'"):
+        list(read_documents([tmp_path / "c.parquet"], field="text"))
+    with pytest.raises(DataError, match="missing.txt: no such file"):
+        resolve_files([str(tmp_path / "missing.txt")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no data files in"):
+        resolve_files([str(tmp_path / "empty")])
+
+
+def _trainer(tmp_path: Path, tokenizer: Tokenizer, **changes) -> Trainer:
+    docs = generate_corpus(400, seed=0)
+    manifest = build_shards(docs, tokenizer, tmp_path / "data", "test")
+    config = TrainConfig(**{"max_steps": 30, "batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_steps": 3,
+                            "eval_every": 1000, "save_every": 1000, **changes})
+    data = PackedSequences(TokenStream(tmp_path / "data", manifest), config.seq_len, config.seed)
+    torch.manual_seed(0)
+    model = nanoseek.CausalLM(nanoseek.preset("tiny", vocab_size=tokenizer.vocab_size,
+                                              num_nextn_predict_layers=1))
+    return Trainer(model, tokenizer, data, config, tmp_path / "run")
+
+
+def test_bias_update_lowers_maxvio(corpus_tokenizer, tmp_path):
+    runs = {}
+    for gamma in (0.0, 0.01):
+        trainer = _trainer(tmp_path / str(gamma), corpus_tokenizer, bias_gamma=gamma, mtp_lambda=0.0)
+        runs[gamma] = [trainer.train_step()["maxvio"] for _ in range(30)]
+    late = {gamma: sum(v[-10:]) / 10 for gamma, v in runs.items()}
+    assert late[0.01] < late[0.0]
+
+
+def test_mtp_loss_trains_the_mtp_module(corpus_tokenizer, tmp_path):
+    trainer = _trainer(tmp_path, corpus_tokenizer, mtp_lambda=0.3)
+    batch = next(trainer.data.validation(8, 1))
+
+    def next_next_accuracy() -> float:
+        with torch.no_grad():
+            out = trainer.model(batch.inputs, mtp=True)
+        predicted = out.mtp_logits[0].argmax(-1)
+        return (predicted == batch.targets[:, 1:]).float().mean().item()
+
+    before = next_next_accuracy()
+    first = trainer.train_step()
+    for _ in range(39):
+        last = trainer.train_step()
+    assert last["mtp"] < first["mtp"] and next_next_accuracy() > before + 0.05
+
+
+def test_sequence_balance_loss_is_reported_and_differentiable(corpus_tokenizer, tmp_path):
+    trainer = _trainer(tmp_path, corpus_tokenizer, balance_alpha=0.01)
+    metrics = trainer.train_step()
+    assert metrics["balance"] > 0  # sum over layers of sum_i f_i P_i, which is 1 per layer when balanced
+    assert 0 < metrics["maxvio_max"] and metrics["tokens_per_s"] > 0
+
+
+def test_schedules():
+    cosine = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert cosine.lr_at(0) == pytest.approx(0.1) and cosine.lr_at(9) == pytest.approx(1.0)
+    assert cosine.lr_at(99) == pytest.approx(0.1, abs=1e-3) and cosine.lr_at(55) == pytest.approx(0.55)
+    wsd = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert wsd.lr_at(50) == 1.0 and wsd.lr_at(90) == pytest.approx(0.5) and wsd.lr_at(79) == 1.0
+
+
+def test_pretrain_writes_a_checkpoint_transformers_loads(tmp_path):
+    from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+
+    out = tmp_path / "run"
+    result = pretrain(*SMALL_RUN, "--out", str(out), "--max-steps", "6", "--save-every", "3")
+    assert "cost:" in result.stdout and "GPU-hours" in result.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    assert {"step", "loss", "lr", "tokens_per_s", "maxvio", "mtp"} <= set(lines[0]) and "val_loss" in lines[3]
+    latest = out / "latest"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    ours = nanoseek.load_model(latest)
+    theirs = DeepseekV3ForCausalLM.from_pretrained(latest, attn_implementation="eager").eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(latest).encode("What is 2 + 3?")])
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max() <= 1e-4
+    assert Tokenizer.from_dir(latest).encode("What is 2 + 3?") == ids[0].tolist()
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run = [*SMALL_RUN, "--max-steps", "40", "--save-every", "2"]
+    pretrain(*run, "--out", str(whole))
+    process = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", *run, "--out", str(broken)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = broken / "latest"
+        if latest.exists() and os.readlink(latest) >= "checkpoints/step-00000004":
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert os.readlink(broken / "latest") < "checkpoints/step-00000040"  # killed mid-run
+    assert nanoseek.load_model(broken / "latest") is not None  # latest is always complete
+    pretrain(*run, "--out", str(broken), "--resume")
+    expected = load_file(whole / "latest" / "model.safetensors")
+    got = load_file(broken / "latest" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    steps = [json.loads(line)["step"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+
+
+def test_bad_runs_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = pretrain("--preset", "tiny", "--vocab-size", "320", "--data", str(empty), "--out", str(tmp_path / "a"),
+                      check=False)
+    assert result.returncode == 2 and "no documents" in result.stderr and "Traceback" not in result.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"content": "wrong field"}\n')
+    result = pretrain("--preset", "tiny", "--vocab-size", "320", "--data", str(bad), "--out", str(tmp_path / "b"),
+                      check=False)
+    assert result.returncode == 2 and "bad.jsonl:2: no field 'text'" in result.stderr
+    result = pretrain("--preset", "tiny", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "c"),
+                      check=False)
+    assert result.returncode == 2 and "nope.txt: no such file" in result.stderr
+    result = pretrain("--preset", "tiny", "--vocab-size", "320", "--max-steps", "0", "--out", str(tmp_path / "d"),
+                      check=False)
+    assert result.returncode == 2 and "--max-steps = 0" in result.stderr
+    result = pretrain(*SMALL_RUN, "--out", str(tmp_path / "e"), "--resume", check=False)
+    assert result.returncode == 2 and "holds no training checkpoint" in result.stderr
+    run = tmp_path / "f"
+    pretrain(*SMALL_RUN, "--out", str(run), "--max-steps", "2", "--save-every", "2")
+    result = pretrain(*SMALL_RUN, "--out", str(run), "--max-steps", "4", check=False)
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    before = os.readlink(run / "latest")
+    changed = [a if a != "32" else "16" for a in SMALL_RUN]  # another seq_len
+    result = pretrain(*changed, "--out", str(run), "--max-steps", "4", "--resume", check=False)
+    assert result.returncode == 2 and "seq_len" in result.stderr
+    result = pretrain(*SMALL_RUN, "--preset", "nano", "--out", str(run), "--max-steps", "4", "--resume", check=False)
+    assert result.returncode == 2 and "different model" in result.stderr
+    assert os.readlink(run / "latest") == before  # nothing half-written
