@@ -232,3 +232,34 @@ def test_bad_runs_are_clear_errors(tmp_path):
     result = pretrain(*SMALL_RUN, "--preset", "nano", "--out", str(run), "--max-steps", "4", "--resume", check=False)
     assert result.returncode == 2 and "different model" in result.stderr
     assert os.readlink(run / "latest") == before  # nothing half-written
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "nanoseek", "pretrain", *args], capture_output=True, text=True, timeout=600)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_and_fsdp_follow_the_single_process_loss_curve(tmp_path):
+    common = [*SMALL_RUN]  # batch 4 per rank
+    single = [*SMALL_RUN, "--max-steps", "5", "--save-every", "5"]
+    single[single.index("--batch-size") + 1] = "8"  # the same global batch in one process
+    pretrain(*single, "--out", str(tmp_path / "one"))
+    for parallel in ("ddp", "fsdp"):
+        result = _torchrun(*common, "--max-steps", "5", "--save-every", "5", "--parallel", parallel,
+                           "--out", str(tmp_path / parallel))
+        assert result.returncode == 0, result.stderr[-3000:]
+    reference = _losses(tmp_path / "one")
+    # DDP averages identical gradients: equal to float rounding. FSDP2 reduce-scatters in another order.
+    assert max(abs(a - b) for a, b in zip(_losses(tmp_path / "ddp"), reference, strict=True)) <= 1e-4
+    assert max(abs(a - b) for a, b in zip(_losses(tmp_path / "fsdp"), reference, strict=True)) <= 5e-3
+    # the sharded run's checkpoint holds the full model, and the run resumes from it
+    full = nanoseek.load_model(tmp_path / "fsdp" / "latest")
+    assert len(full.mtp) == 1
+    result = _torchrun(*common, "--max-steps", "7", "--save-every", "5", "--parallel", "fsdp", "--resume",
+                       "--out", str(tmp_path / "fsdp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_losses(tmp_path / "fsdp")) == 7 and os.readlink(tmp_path / "fsdp" / "latest").endswith("07")

@@ -74,11 +74,14 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
         self.shared_head = nn.ModuleDict({"norm": RMSNorm(d, config.rms_norm_eps)})
 
-    def forward_mtp(self, embeddings: Tensor, previous: Tensor, cos: Tensor, sin: Tensor,
-                    cache: CacheContext | None = None, absorbed: bool = False,
-                    stats: list[RouterStats] | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, previous: Tensor, cos: Tensor, sin: Tensor,  # type: ignore[override]
+                cache: CacheContext | None = None, absorbed: bool = False,
+                stats: list[RouterStats] | None = None) -> tuple[Tensor, Tensor]:
+        """Embeddings of tokens t_{i+k} and the previous depth's hidden h_i -> (this depth's hidden h^k_i, the
+        same after `shared_head.norm`, ready for the shared head)."""
         h = self.eh_proj(torch.cat((self.enorm(embeddings), self.hnorm(previous)), dim=-1))
-        return super().forward(h, cos, sin, cache, absorbed, stats)
+        h = super().forward(h, cos, sin, cache, absorbed, stats)
+        return h, self.shared_head["norm"](h)
 
 
 class Transformer(nn.Module):
@@ -160,8 +163,8 @@ class CausalLM(nn.Module):
             shifted = positions[:, k:]
             cos, sin = self.rotary(shifted, hidden.dtype)
             embeddings = self.model.embed_tokens(input_ids[:, k:])
-            previous = module.forward_mtp(embeddings, previous[:, :-1], cos, sin, stats=stats)
-            logits.append(self.lm_head(module.shared_head["norm"](previous)))
+            previous, normed = module(embeddings, previous[:, :-1], cos, sin, stats=stats)
+            logits.append(self.lm_head(normed))
         return logits
 
     def mtp_step(self, input_ids: Tensor, previous: Tensor, positions: Tensor, cache: LatentCache,
@@ -175,8 +178,8 @@ class CausalLM(nn.Module):
         context = CacheContext.build(cache, positions, slots, first_key=1)
         cos, sin = self.rotary(positions, previous.dtype)
         absorbed = absorbed_is_cheaper(self.config, input_ids.shape[1], context.key_len)
-        h = module.forward_mtp(self.model.embed_tokens(input_ids), previous, cos, sin, context, absorbed)
-        return self.lm_head(module.shared_head["norm"](_select(h, logits_index))), h
+        h, normed = module(self.model.embed_tokens(input_ids), previous, cos, sin, context, absorbed)
+        return self.lm_head(_select(normed, logits_index)), h
 
     # ---- weights ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import load_model, save_model
@@ -94,11 +95,18 @@ class TrainConfig:
 
 
 class Trainer:
+    """Trains `model` on `data`. Under torchrun it runs data-parallel (`parallel`: "ddp", or "fsdp" for FSDP2's
+    fully_shard); rank 0 logs and writes. `resume` continues from DIR/latest."""
+
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, data: PackedSequences, config: TrainConfig,
-                 out: Path):
+                 out: Path, resume: bool = False, parallel: str = "ddp"):
         self.model, self.tokenizer, self.data, self.config = model, tokenizer, data, config.validate()
         self.out = Path(out)
         self.step = 0
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        state = self._load_weights() if resume else None  # before sharding: every rank loads the full weights
+        self.parallel = parallel if self.world > 1 else "none"
+        self.module = self._wrap(model)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -108,6 +116,25 @@ class Trainer:
         self.activated = parameter_counts(model.config).activated
         self.peak = _gemm_peak(model.device)
         self.device_type = model.device.type
+        if state is not None:
+            self._load_state(state)
+
+    def _wrap(self, model: CausalLM) -> torch.nn.Module:
+        if self.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in [*model.model.layers, *model.mtp]:
+                fully_shard(layer)
+            fully_shard(model)
+            return model
+        if self.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            unused = len(model.mtp) > 0 and self.config.mtp_lambda == 0  # MTP weights get no gradient then
+            return DistributedDataParallel(model, find_unused_parameters=unused)
+        if self.parallel != "none":
+            raise ValueError(f"--parallel = {self.parallel!r}: must be 'ddp' or 'fsdp'")
+        return model
 
     # ---- one step --------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -121,7 +148,7 @@ class Trainer:
         tokens = 0
         started = time.perf_counter()
         for _ in range(config.grad_accum):
-            batch = self.data.next_batch(config.batch_size)
+            batch = self.data.next_batch(config.batch_size, self.rank, self.world)
             loss, parts, used = self.loss(batch, counts)
             (loss / config.grad_accum).backward()
             for key, value in parts.items():
@@ -130,12 +157,21 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:  # routed counts summed across ranks (§4.3: the load of the whole step), mean losses
+            flat = torch.cat(counts) if counts else torch.zeros(0, device=model.device)
+            dist.all_reduce(flat)
+            counts = list(flat.split([c.numel() for c in counts]))
+            losses = torch.tensor([totals[k] for k in totals], device=model.device)
+            dist.all_reduce(losses)
+            totals = dict(zip(totals, (losses / self.world).tolist(), strict=True))
+            tokens *= self.world
         if config.bias_gamma:
             update_router_biases(self.routers, counts, config.bias_gamma)
         self.step += 1
         elapsed = time.perf_counter() - started
         violations = max_violation(counts)
-        return {"step": self.step, **totals, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+        return {"step": self.step, **totals, "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(
+            grad_norm, "full_tensor") else grad_norm), "tokens": tokens,
                 "tokens_per_s": tokens / elapsed, "mfu": 6 * self.activated * tokens / elapsed / self.peak,
                 "maxvio": sum(violations) / max(1, len(violations)), "maxvio_max": max(violations, default=0.0)}
 
@@ -145,7 +181,7 @@ class Trainer:
         inputs, targets = batch.inputs.to(model.device), batch.targets.to(model.device)
         with_mtp = config.mtp_lambda > 0 and len(model.mtp) > 0
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_type == "cuda"):
-            out = model(inputs, mtp=with_mtp, router_stats=True)
+            out = self.module(inputs, mtp=with_mtp, router_stats=True)
         denominator = (targets != IGNORE).sum().clamp_min(1)
         ce = token_loss_sum(out.logits, targets) / denominator
         loss, parts = ce, {"ce": ce.item()}
@@ -173,22 +209,25 @@ class Trainer:
     # ---- the run ---------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
         config = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
         metrics_file = self.out / "metrics.jsonl"
-        _truncate_metrics(metrics_file, self.step)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(metrics_file, self.step)
         start_step, started = self.step, time.perf_counter()
         last: dict[str, float] = {}
-        with metrics_file.open("a") as log:
+        with open(metrics_file if self.rank == 0 else os.devnull, "a") as log:
             while self.step < config.max_steps:
                 last = self.train_step()
                 if self.step % config.eval_every == 0 or self.step == config.max_steps:
                     last["val_loss"] = self.evaluate()
                 log.write(json.dumps(last) + "\n")
                 log.flush()
-                self._progress(last, start_step, started)
+                if self.rank == 0:
+                    self._progress(last, start_step, started)
                 if self.step % config.save_every == 0 or self.step == config.max_steps:
                     self.save()
-        print(file=sys.stderr)
+        if self.rank == 0:
+            print(file=sys.stderr)
         return last
 
     def _progress(self, metrics: dict, start_step: int, started: float) -> None:
@@ -215,36 +254,63 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self) -> Path:
-        """Write checkpoints/step-N (model, tokenizer, training state) atomically; point `latest` at it."""
+        """Write checkpoints/step-N (model, tokenizer, training state) atomically; point `latest` at it.
+        Every rank takes part (FSDP gathers the full weights); rank 0 writes."""
+        weights, optimizer = self._full_state()
         checkpoints = self.out / "checkpoints"
-        checkpoints.mkdir(parents=True, exist_ok=True)
         final = checkpoints / f"step-{self.step:08d}"
-        tmp = checkpoints / f".step-{self.step:08d}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            save_model(self.model, tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp)
-            save_file(_flatten_optimizer(self.optimizer, self.model), str(tmp / OPTIMIZER_FILE))
-            state = {"step": self.step, "data": self.data.state(), "config": asdict(self.config),
-                     "rng": torch.get_rng_state().tolist()}
-            (tmp / STATE_FILE).write_text(json.dumps(state))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
+        if self.rank == 0:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoints / f".step-{self.step:08d}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        link = self.out / f".latest-{os.getpid()}"
-        link.unlink(missing_ok=True)
-        link.symlink_to(Path("checkpoints") / final.name)
-        os.replace(link, self.out / "latest")  # atomic: `latest` is always a complete checkpoint
-        for old in sorted(checkpoints.glob("step-*"))[: -self.config.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                save_model(weights, tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save(tmp)
+                save_file(optimizer, str(tmp / OPTIMIZER_FILE))
+                state = {"step": self.step, "data": self.data.state(), "config": asdict(self.config),
+                         "rng": torch.get_rng_state().tolist(), "world": self.world, "parallel": self.parallel}
+                (tmp / STATE_FILE).write_text(json.dumps(state))
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            link = self.out / f".latest-{os.getpid()}"
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path("checkpoints") / final.name)
+            os.replace(link, self.out / "latest")  # atomic: `latest` is always a complete checkpoint
+            for old in sorted(checkpoints.glob("step-*"))[: -self.config.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.world > 1:
+            dist.barrier()
         return final
 
-    def resume(self) -> None:
-        """Continue from DIR/latest: weights, optimiser, schedule step, RNG and data position."""
+    def _full_state(self) -> tuple[CausalLM, dict[str, torch.Tensor]]:
+        """(a model holding the full weights, the flat full optimizer state) for writing."""
+        if self.parallel != "fsdp":
+            return self.model, _flatten_optimizer(self.optimizer.state, self.model)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=options)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if self.rank != 0:
+            return self.model, {}
+        full = CausalLM(self.model.config, num_mtp_modules=len(self.model.mtp))
+        full.load_state_dict(weights)
+        full.generation_config = self.model.generation_config
+        flat = {f"{name}/{key}": value.contiguous() for name, entry in optimizer["state"].items()
+                for key, value in entry.items()}
+        return full, flat
+
+    def _load_weights(self) -> dict:
+        """Check DIR/latest against this run and load its weights into the (unwrapped) model."""
         latest = self.out / "latest"
         if not (latest / STATE_FILE).exists():
             raise ValueError(f"--resume: {latest} holds no training checkpoint")
@@ -254,25 +320,43 @@ class Trainer:
                                if self.model.config.to_dict().get(k) != v)
             raise ValueError(f"--resume: {latest} is a different model (config fields differ: "
                              f"{', '.join(differing) or 'number of MTP modules'})")
-        self.model.load_state_dict(saved.state_dict())
         state = json.loads((latest / STATE_FILE).read_text())
         for key in ("seq_len", "batch_size", "grad_accum", "seed"):
             if state["config"][key] != getattr(self.config, key):
                 raise ValueError(f"--resume: {latest} was trained with {key} = {state['config'][key]}, "
                                  f"not {getattr(self.config, key)}")
-        _load_optimizer(self.optimizer, self.model, load_file(str(latest / OPTIMIZER_FILE)))
+        if state.get("world", 1) != self.world:
+            raise ValueError(f"--resume: {latest} was trained on {state.get('world', 1)} processes, not "
+                             f"{self.world} (the data order depends on it)")
+        self.model.load_state_dict(saved.state_dict())
+        return state
+
+    def _load_state(self, state: dict) -> None:
+        """Optimiser, data position, RNG and step from DIR/latest (after wrapping)."""
+        flat = load_file(str(self.out / "latest" / OPTIMIZER_FILE))
+        if self.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            nested: dict[str, dict[str, torch.Tensor]] = {}
+            for key, value in flat.items():
+                name, field = key.split("/", 1)
+                nested.setdefault(name, {})[field] = value
+            groups = [{**{k: v for k, v in g.items() if k != "params"},
+                       "params": [n for n, p in self.model.named_parameters() if any(p is q for q in g["params"])]}
+                      for g in self.optimizer.param_groups]
+            set_optimizer_state_dict(self.model, self.optimizer, {"state": nested, "param_groups": groups},
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            _load_optimizer(self.optimizer, self.model, flat)
         self.data.load_state(state["data"])
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         self.step = state["step"]
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer, model: CausalLM) -> dict[str, torch.Tensor]:
+def _flatten_optimizer(state: dict, model: CausalLM) -> dict[str, torch.Tensor]:
     names = {id(p): n for n, p in model.named_parameters()}
-    flat = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            flat[f"{names[id(param)]}/{key}"] = value.detach().reshape(value.shape).contiguous().cpu()
-    return flat
+    return {f"{names[id(param)]}/{key}": value.detach().contiguous().cpu()
+            for param, entry in state.items() for key, value in entry.items()}
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, model: CausalLM, flat: dict[str, torch.Tensor]) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 from dataclasses import fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..config import PRESETS, ModelConfig, preset
 from ..data import PackedSequences, TokenStream, build_shards, generate_corpus, load_manifest, read_documents, resolve
@@ -34,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the data)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                        help="under torchrun: DistributedDataParallel or FSDP2 fully_shard")
     defaults = TrainConfig()
     for field in fields(TrainConfig):
         if field.name == "betas":
@@ -75,6 +79,18 @@ def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documen
     return tokenizer
 
 
+def _init_distributed(device: str | None) -> tuple[int, torch.device]:
+    """Under torchrun: join the process group (gloo on CPU, NCCL on GPU); returns (rank, device)."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, torch.device(device or ("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.resume and (out / "latest").exists():
@@ -82,28 +98,47 @@ def run(args: argparse.Namespace) -> int:
     train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"})
     train_config.validate()
     config = _model_config(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, device = _init_distributed(args.device)
+    try:
+        return _run(args, out, train_config, config, rank, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config: ModelConfig, rank: int,
+         device: torch.device) -> int:
     documents, source = _documents(args)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(args, out, config, documents)
     shards = out / "data"
-    manifest = load_manifest(shards)
-    if manifest is None or manifest["source"] != source or manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
-        manifest = build_shards(documents(), tokenizer, shards, source)
+    if rank == 0:  # one process prepares tokenizer and shards; the others wait and read them
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer = _tokenizer(args, out, config, documents)
+        manifest = load_manifest(shards)
+        if manifest is None or manifest["source"] != source or \
+                manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
+            manifest = build_shards(documents(), tokenizer, shards, source)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        tokenizer = _tokenizer(args, out, config, documents)
+        manifest = load_manifest(shards)
     data = PackedSequences(TokenStream(shards, manifest), train_config.seq_len, train_config.seed)
     torch.manual_seed(train_config.seed)
     with torch.device(device):
         model = CausalLM(config)
     model.generation_config = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    trainer = Trainer(model, tokenizer, data, train_config, out)
-    if args.resume:
-        trainer.resume()
+    trainer = Trainer(model, tokenizer, data, train_config, out, resume=args.resume, parallel=args.parallel)
+    if rank != 0:
+        trainer.run()
+        return 0
     print(f"pretraining {args.preset or args.config or 'nano'}: {manifest['tokens']:,} tokens in "
           f"{manifest['documents']:,} documents, {trainer.config.max_steps} steps of "
-          f"{train_config.batch_size * train_config.grad_accum} x {train_config.seq_len} tokens, on {device}")
+          f"{train_config.batch_size * train_config.grad_accum * trainer.world} x {train_config.seq_len} tokens, on "
+          f"{device}" + (f" x {trainer.world} ({trainer.parallel})" if trainer.world > 1 else ""))
     started, first_step = time.perf_counter(), trainer.step
     last = trainer.run()
-    tokens = (trainer.step - first_step) * train_config.batch_size * train_config.grad_accum * train_config.seq_len
+    tokens = (trainer.step - first_step) * train_config.batch_size * train_config.grad_accum * train_config.seq_len \
+        * trainer.world
     print(f"done: loss {last.get('loss', float('nan')):.3f}, validation loss {last.get('val_loss', float('nan')):.3f};"
           f" checkpoint {out / 'latest'}")
     print(trainer.cost_line(tokens, time.perf_counter() - started))
