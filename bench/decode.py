@@ -3,9 +3,9 @@
 The checkpoint has random weights in the DESIGN.md reference config (`small` preset) unless --model names one.
 Greedy decoding of 64-token prompts, 128 new tokens (EOS ignored), at batch 1 and batch 16. Decode tok/s =
 batch x (128 - 1) / (time for 128 new tokens - time for 1), so prefill does not count; prefill tok/s =
-batch x 64 / time for 1 new token at batch 16. KV-cache bytes per token are measured from the caches each
-keeps after a run. MTP speculation is reported on the same checkpoint (random weights accept few drafts:
-the speedup needs a trained MTP module).
+batch x 64 / time for 1 new token. Medians of --repeats runs, nanoseek and transformers alternating.
+KV-cache bytes per token are measured from the caches each keeps after a run. MTP speculation is reported
+on the same checkpoint (random weights accept few drafts: the speedup needs a trained MTP module).
 
 Run: `python bench/decode.py [--model DIR] [--new-tokens 128] [--batches 1 16]`.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, medians reported")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
@@ -77,14 +79,19 @@ def main() -> None:
         return seconds(lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                            eos_token_id=None, pad_token_id=0))
 
+    runners = {"nanoseek": ours} if hf is None else {"nanoseek": ours, "transformers": theirs}
     rows = []
     for batch in args.batches:
-        ours(batch, 2)  # warm-up
+        for run in runners.values():
+            run(batch, 2)  # warm-up
+        times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
+        for _ in range(args.repeats):  # alternate the two, so the load of a shared machine falls on both alike
+            for name, run in runners.items():
+                times[name][0].append(run(batch, 1))
+                times[name][1].append(run(batch, args.new_tokens))
         result = {}
-        for name, run in (("nanoseek", ours), ("transformers", theirs)):
-            if name == "transformers" and hf is None:
-                continue
-            one, full = run(batch, 1), run(batch, args.new_tokens)
+        for name, (ones, fulls) in times.items():
+            one, full = statistics.median(ones), statistics.median(fulls)
             result[name] = (batch * (args.new_tokens - 1) / (full - one), batch * args.prompt_tokens / one)
         rows.append((batch, result))
 

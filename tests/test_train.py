@@ -263,3 +263,34 @@ def test_ddp_and_fsdp_follow_the_single_process_loss_curve(tmp_path):
                        "--out", str(tmp_path / "fsdp"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_losses(tmp_path / "fsdp")) == 7 and os.readlink(tmp_path / "fsdp" / "latest").endswith("07")
+
+
+def test_chat_data_learns_only_assistant_tokens(corpus_tokenizer, tmp_path):
+    from nanoseek.data import ChatSequences, read_conversations, tokenize_conversation
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                    {"role": "assistant", "content": "<think>\n2 + 3 = 5\n</think>\n5"},
+                    {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
+    ids, learn = tokenize_conversation(corpus_tokenizer, conversation)
+    assert corpus_tokenizer.decode(ids, skip_special_tokens=False) == corpus_tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=False)
+    learned = corpus_tokenizer.decode([t for t, keep in zip(ids, learn, strict=True) if keep],
+                                      skip_special_tokens=False)
+    assert learned == "<think>\n2 + 3 = 5\n</think>\n5<|end_of_text|>8<|end_of_text|>"
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": conversation}) for _ in range(10)) + "\n")
+    data = ChatSequences(read_conversations(path), corpus_tokenizer, seq_len=64, seed=0)
+    batch = data.next_batch(2)
+    assert ((batch.targets != -100).sum(1) == sum(learn[1:])).all()  # a target is the next token
+    torch.manual_seed(0)
+    model = nanoseek.CausalLM(nanoseek.preset("tiny", vocab_size=corpus_tokenizer.vocab_size))
+    trainer = Trainer(model, corpus_tokenizer, data, TrainConfig(max_steps=20, batch_size=4, seq_len=64,
+                                                                   warmup_steps=2, eval_every=100), tmp_path / "run")
+    first = trainer.train_step()["ce"]
+    for _ in range(19):
+        last = trainer.train_step()["ce"]
+    assert last < first / 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": conversation}) + "\n" + json.dumps({"messages": "hi"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:2: field 'messages' must be a list"):
+        read_conversations(bad)

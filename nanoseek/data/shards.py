@@ -109,27 +109,25 @@ class Batch:
     targets: torch.Tensor  # [B, T], -100 where no loss is taken
 
 
-class PackedSequences:
-    """Fixed windows over a token stream: shuffled training batches, and a fixed validation split."""
+class ShuffledBatches:
+    """Rows 0..train_windows-1 for training, visited in an order reshuffled each epoch from the seed; the
+    next val_windows rows for validation. Subclasses say how to turn row numbers into a Batch (`_take`)."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, seed: int, val_fraction: float = 0.05):
-        self.stream, self.seq_len, self.seed = stream, seq_len, seed
-        windows = (stream.size - 1) // seq_len
-        if windows < 2:
-            raise DataError(f"the data holds {stream.size} tokens: too few for two sequences of {seq_len} + 1 "
-                            "(use more data or a shorter --seq-len)")
-        self.val_windows = max(1, int(windows * val_fraction))
-        self.train_windows = windows - self.val_windows
+    def __init__(self, rows: int, seq_len: int, seed: int, val_fraction: float):
+        if rows < 2:
+            raise DataError(f"the data makes {rows} sequence(s) of {seq_len} tokens: too few for training and "
+                            "validation (use more data or a shorter --seq-len)")
+        self.seq_len, self.seed = seq_len, seed
+        self.val_windows = max(1, int(rows * val_fraction))
+        self.train_windows = rows - self.val_windows
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
 
+    def _take(self, rows: list[int]) -> Batch:
+        raise NotImplementedError
+
     def _permutation(self) -> torch.Tensor:
         return torch.randperm(self.train_windows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-
-    def _take(self, windows: list[int]) -> Batch:
-        rows = np.stack([self.stream.window(w * self.seq_len, self.seq_len + 1) for w in windows]).astype(np.int64)
-        tokens = torch.from_numpy(rows)
-        return Batch(tokens[:, :-1], tokens[:, 1:].clone())
 
     def next_batch(self, size: int, rank: int = 0, world: int = 1) -> Batch:
         """The next `size` sequences of this rank; all ranks together advance by size * world."""
@@ -143,9 +141,9 @@ class PackedSequences:
         return self._take(picked[rank * size:(rank + 1) * size])
 
     def validation(self, size: int, limit: int) -> Iterable[Batch]:
-        windows = list(range(self.train_windows, self.train_windows + self.val_windows))[: size * limit]
-        for start in range(0, len(windows), size):
-            yield self._take(windows[start: start + size])
+        rows = list(range(self.train_windows, self.train_windows + self.val_windows))[: size * limit]
+        for start in range(0, len(rows), size):
+            yield self._take(rows[start: start + size])
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "seq_len": self.seq_len}
@@ -156,3 +154,16 @@ class PackedSequences:
                             f"{state.get('seed')}, not {self.seq_len} and {self.seed}")
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._permutation()
+
+
+class PackedSequences(ShuffledBatches):
+    """Fixed windows of seq_len + 1 tokens over a token stream, packed across documents."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int, val_fraction: float = 0.05):
+        self.stream = stream
+        super().__init__((stream.size - 1) // seq_len, seq_len, seed, val_fraction)
+
+    def _take(self, windows: list[int]) -> Batch:
+        rows = np.stack([self.stream.window(w * self.seq_len, self.seq_len + 1) for w in windows]).astype(np.int64)
+        tokens = torch.from_numpy(rows)
+        return Batch(tokens[:, :-1], tokens[:, 1:].clone())

@@ -134,8 +134,9 @@ class MultiHeadLatentAttention(nn.Module):
             [self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        # contiguous [B, H, T, D]: CPU attention kernels are far slower on strided views
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
             attn_mask=None if mask is None else mask[:, None], is_causal=causal, scale=self.scale)
         return out.transpose(1, 2)
 

@@ -111,7 +111,7 @@ class Trainer:
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=config.betas, foreach=True)
+            lr=config.lr, betas=config.betas, **({"foreach": True} if self.parallel == "fsdp" else {"fused": True}))
         self.routers = [m for m in model.modules() if isinstance(m, MoE)]
         self.activated = parameter_counts(model.config).activated
         self.peak = _gemm_peak(model.device)
