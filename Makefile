@@ -6,7 +6,9 @@ PIP := $(VENV)/bin/pip install -q -c constraints-cpu.txt
 .PHONY: run test lint clean
 
 run: $(VENV)/.runtime
-	$(VENV)/bin/nanoseek demo
+	rm -rf runs/quickstart
+	$(VENV)/bin/nanoseek pretrain --out runs/quickstart
+	$(VENV)/bin/nanoseek generate --model runs/quickstart/latest --prompt "What is 7 * 6 + 5?" --temperature 0 --max-tokens 80
 
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check nanoseek tests

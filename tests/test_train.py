@@ -219,6 +219,10 @@ def test_bad_runs_are_clear_errors(tmp_path):
     result = pretrain("--preset", "tiny", "--vocab-size", "320", "--max-steps", "0", "--out", str(tmp_path / "d"),
                       check=False)
     assert result.returncode == 2 and "--max-steps = 0" in result.stderr
+    bad_config = tmp_path / "config.json"
+    bad_config.write_text(json.dumps({**nanoseek.preset("tiny").to_dict(), "num_key_value_heads": 2}))
+    result = pretrain("--config", str(bad_config), "--out", str(tmp_path / "g"), check=False)
+    assert result.returncode == 2 and "`num_key_value_heads` = 2: must equal num_attention_heads" in result.stderr
     result = pretrain(*SMALL_RUN, "--out", str(tmp_path / "e"), "--resume", check=False)
     assert result.returncode == 2 and "holds no training checkpoint" in result.stderr
     run = tmp_path / "f"

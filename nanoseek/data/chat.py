@@ -3,7 +3,6 @@ the assistant's tokens only (per-token masks), batched like PackedSequences so t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from ..tokenizer import Tokenizer
 from .shards import Batch, ShuffledBatches
-from .sources import DataError
+from .sources import DataError, iter_jsonl
 
 IGNORE = -100
 
@@ -19,22 +18,15 @@ IGNORE = -100
 def read_conversations(file: Path, field: str = "messages") -> list[list[dict[str, str]]]:
     """JSONL with one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}."""
     conversations = []
-    with Path(file).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
-            messages = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages):
-                raise DataError(f"{file}:{number}: field {field!r} must be a list of {{role, content}} messages")
-            if not any(m["role"] == "assistant" for m in messages):
-                raise DataError(f"{file}:{number}: the conversation has no assistant message to learn from")
-            conversations.append(messages)
+    for number, record in iter_jsonl(file):
+        messages = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise DataError(f"{file}:{number}: field {field!r} must be a list of {{role, content}} messages")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{file}:{number}: the conversation has no assistant message to learn from")
+        conversations.append(messages)
     if not conversations:
         raise DataError(f"{file}: no conversations")
     return conversations

@@ -50,20 +50,24 @@ def read_documents(files: list[Path], field: str = "text") -> Iterator[str]:
             yield from _parquet(file, field)
 
 
-def _jsonl(file: Path, field: str) -> Iterator[str]:
-    with file.open(encoding="utf-8") as handle:
+def iter_jsonl(file: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line; bad JSON names the file and line."""
+    with Path(file).open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{file}:{number}: no field {field!r} (set the field to read with --field)")
-            if not isinstance(record[field], str):
-                raise DataError(f"{file}:{number}: field {field!r} is {type(record[field]).__name__}, not text")
-            yield record[field]
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
+
+
+def _jsonl(file: Path, field: str) -> Iterator[str]:
+    for number, record in iter_jsonl(file):
+        if not isinstance(record, dict) or field not in record:
+            raise DataError(f"{file}:{number}: no field {field!r} (set the field to read with --field)")
+        if not isinstance(record[field], str):
+            raise DataError(f"{file}:{number}: field {field!r} is {type(record[field]).__name__}, not text")
+        yield record[field]
 
 
 def _parquet(file: Path, field: str) -> Iterator[str]:
