@@ -298,3 +298,49 @@ def test_chat_data_learns_only_assistant_tokens(corpus_tokenizer, tmp_path):
     bad.write_text(json.dumps({"messages": conversation}) + "\n" + json.dumps({"messages": "hi"}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl:2: field 'messages' must be a list"):
         read_conversations(bad)
+
+
+def test_more_bad_input(tmp_path, corpus_tokenizer):
+    with pytest.raises(ValueError, match="--eval-batches = 0"):
+        TrainConfig(eval_batches=0).validate()
+    for name in ("bias_gamma", "mtp_lambda", "balance_alpha"):
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} = -1"):
+            TrainConfig(**{name: -1}).validate()
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="latin.jsonl:2: not UTF-8"):
+        list(read_documents([latin]))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   ")
+    result = pretrain("--preset", "tiny", "--vocab-size", "320", "--data", str(empty), "--out", str(tmp_path / "a"),
+                      check=False)
+    assert result.returncode == 2 and not (tmp_path / "a" / "tokenizer").exists()  # nothing kept from a failed run
+    data = tmp_path / "a.jsonl"
+    data.write_text("\n".join(json.dumps({"text": doc}) for doc in generate_corpus(300)) + "\n")
+    run = [*SMALL_RUN, "--data", str(data), "--out", str(tmp_path / "b"), "--max-steps", "2", "--save-every", "2"]
+    pretrain(*run)
+    data.write_text("\n".join(json.dumps({"text": doc}) for doc in generate_corpus(200, seed=9)) + "\n")
+    result = pretrain(*run[:-4], "--max-steps", "4", "--save-every", "2", "--resume", check=False)
+    assert result.returncode == 2 and "trained on other data" in result.stderr
+
+
+def test_balance_loss_is_one_per_layer_when_perfectly_balanced():
+    from nanoseek.model import ModelOutput, RouterStats
+    from nanoseek.train.losses import sequence_balance_loss
+
+    experts, top_k, steps = 8, 2, 4  # each token picks 2 of 8 experts, every expert picked once per sequence
+    indices = torch.arange(experts).view(steps, top_k)
+    scores = torch.full((steps, experts), 0.5, requires_grad=True)
+    out = ModelOutput(torch.zeros(1, steps, 3), torch.zeros(1, steps, 3),
+                      router_stats=[RouterStats(scores, indices, torch.ones(experts))] * 3)
+    loss = sequence_balance_loss(out, batch=1, top_k=top_k)
+    assert loss.item() == pytest.approx(3.0)  # sum over 3 layers of sum_i f_i P_i = 1
+    loss.backward()
+    assert scores.grad is not None
+    skewed = torch.zeros(steps, top_k, dtype=torch.long)
+    skewed[:, 1] = 1  # all tokens to experts 0 and 1
+    peaked = torch.full((steps, experts), 0.1)
+    peaked[:, :2] = 0.9
+    out = ModelOutput(torch.zeros(1, steps, 3), torch.zeros(1, steps, 3),
+                      router_stats=[RouterStats(peaked, skewed, torch.ones(experts))])
+    assert sequence_balance_loss(out, batch=1, top_k=top_k).item() > 2.0

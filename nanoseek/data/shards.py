@@ -113,7 +113,8 @@ class ShuffledBatches:
     """Rows 0..train_windows-1 for training, visited in an order reshuffled each epoch from the seed; the
     next val_windows rows for validation. Subclasses say how to turn row numbers into a Batch (`_take`)."""
 
-    def __init__(self, rows: int, seq_len: int, seed: int, val_fraction: float):
+    def __init__(self, rows: int, seq_len: int, seed: int, val_fraction: float, source: str = ""):
+        self.source = source  # what the rows come from: a position only means something for the same data
         if rows < 2:
             raise DataError(f"the data makes {rows} sequence(s) of {seq_len} tokens: too few for training and "
                             "validation (use more data or a shorter --seq-len)")
@@ -146,12 +147,16 @@ class ShuffledBatches:
             yield self._take(rows[start: start + size])
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "seq_len": self.seq_len}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "seq_len": self.seq_len,
+                "train_windows": self.train_windows, "source": self.source}
 
     def load_state(self, state: dict) -> None:
         if state.get("seq_len") != self.seq_len or state.get("seed") != self.seed:
             raise DataError(f"the checkpoint's data position is for seq_len {state.get('seq_len')} and seed "
                             f"{state.get('seed')}, not {self.seq_len} and {self.seed}")
+        if state.get("train_windows") != self.train_windows or state.get("source", "") != self.source:
+            raise DataError("the checkpoint was trained on other data (a different source or size): resuming "
+                            "needs the same data")
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._permutation()
 
@@ -159,9 +164,9 @@ class ShuffledBatches:
 class PackedSequences(ShuffledBatches):
     """Fixed windows of seq_len + 1 tokens over a token stream, packed across documents."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, seed: int, val_fraction: float = 0.05):
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int, val_fraction: float = 0.05, source: str = ""):
         self.stream = stream
-        super().__init__((stream.size - 1) // seq_len, seq_len, seed, val_fraction)
+        super().__init__((stream.size - 1) // seq_len, seq_len, seed, val_fraction, source)
 
     def _take(self, windows: list[int]) -> Batch:
         rows = np.stack([self.stream.window(w * self.seq_len, self.seq_len + 1) for w in windows]).astype(np.int64)

@@ -52,8 +52,12 @@ def read_documents(files: list[Path], field: str = "text") -> Iterator[str]:
 
 def iter_jsonl(file: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed value) for each non-blank line; bad JSON names the file and line."""
-    with Path(file).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with Path(file).open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{file}:{number}: not UTF-8 text ({exc.reason})") from exc
             if line.strip():
                 try:
                     yield number, json.loads(line)

@@ -101,14 +101,19 @@ class LLM:
                              "with room for one new token")
         return ids
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
-        """Queue a request (validated first: a bad one leaves nothing behind); returns its id."""
+    def check(self, prompt: Prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+        """(prompt token ids, params) after every check a request must pass; raises ValueError otherwise."""
         params = (params or SamplingParams()).validate()
         ids = self.encode(prompt)
         if params.n > self.max_num_seqs:
             raise ValueError(f"SamplingParams.n = {params.n}: must be <= max_num_seqs ({self.max_num_seqs})")
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop: stop strings need a tokenizer and this model has none")
+        return ids, params
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
+        """Queue a request (checked first: a bad one leaves nothing behind); returns its id."""
+        ids, params = self.check(prompt, params)
         request_id = str(next(self._ids))
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         group = [Sequence(request_id, i, ids, params, _child_seed(base_seed, i), self.eos_ids, self.tokenizer,
@@ -152,12 +157,12 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
-        for prompt, p in zip(prompts, params, strict=True):  # validate everything before queueing anything
-            (p or SamplingParams()).validate()
-            self.encode(prompt)
-        ids = []
+        for prompt, p in zip(prompts, params, strict=True):  # check everything before queueing anything
+            self.check(prompt, p)
+        ids: list[str] = []
         try:
-            ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+            for prompt, p in zip(prompts, params, strict=True):
+                ids.append(self.add_request(prompt, p))
             while any(not all(s.finished for s in self.requests[i]) for i in ids):
                 self.step()
             return [self.output(i) for i in ids]
@@ -166,17 +171,23 @@ class LLM:
                 self.abort(request_id)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
-        """Yield each completion's new text and tokens as they are produced (other requests keep running)."""
+        """Yield each completion's new text and tokens as they are produced (other requests keep running, and
+        steps taken by other callers move this request too)."""
         request_id = self.add_request(prompt, params)
         group = self.requests[request_id]
+        reported = set()
         try:
-            while not all(s.finished for s in group):
-                moved = self.step()
-                for seq in moved:
-                    if seq.request_id == request_id:
-                        text, tokens = seq.stream_delta()
-                        if text or tokens or seq.finished:
-                            yield StreamDelta(request_id, seq.index, text, tokens, seq.finish_reason)
+            while len(reported) < len(group):
+                if not all(s.finished for s in group):
+                    self.step()
+                for seq in group:
+                    if seq.index in reported:
+                        continue
+                    text, tokens = seq.stream_delta()
+                    if seq.finished:
+                        reported.add(seq.index)
+                    if text or tokens or seq.finished:
+                        yield StreamDelta(request_id, seq.index, text, tokens, seq.finish_reason)
         finally:
             self.abort(request_id)
 

@@ -56,7 +56,8 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative integers")
-        need(self.seed is None or is_int(self.seed), "seed", "must be an integer or None")
+        need(self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
+             "must be a 64-bit integer or None")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
              f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         return self

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..model import CausalLM
-from .sampler import ACCEPT, DRAFT, RESIDUAL, SamplingBatch, process, race, sample, token_logprobs, uniform
+from .sampler import DRAFT, SamplingBatch, process, sample, token_logprobs, verify
 from .sequence import Sequence
 
 
@@ -98,18 +98,8 @@ class ModelRunner:
         out = self.model.run(torch.stack((last, draft), 1), torch.stack((pos, pos + 1), 1), self.cache, slots)
         batch = self._batch(seqs)
         target = self._process(out.logits[:, 0], batch, seqs)
-        first = sample(target, batch)
-        accepted = first == draft
-        if not batch.all_greedy:  # accept with probability min(1, p(d) / q(d)); else sample from (p - q)+
-            p, q = target.softmax(dim=-1), self.draft_probs[slots]
-            ratio = p.gather(1, draft[:, None])[:, 0] / q.gather(1, draft[:, None])[:, 0].clamp_min(1e-30)
-            coin = uniform(batch.seeds, batch.steps, ACCEPT, 1)[:, 0]
-            sampled_accept = coin < ratio
-            residual = (p - q).clamp_min(0)
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-            resampled = race(residual, batch, RESIDUAL)
-            accepted = torch.where(batch.greedy, accepted, sampled_accept)
-            first = torch.where(batch.greedy | accepted, torch.where(accepted, draft, first), resampled)
+        draft_probs = None if batch.all_greedy else self.draft_probs[slots]
+        first, accepted = verify(target, draft_probs, draft, batch)
         bonus_batch = batch.at(1)
         bonus = sample(self._process(out.logits[:, 1], bonus_batch, seqs, extra=draft), bonus_batch)
         emitted = torch.stack((first, bonus), 1)

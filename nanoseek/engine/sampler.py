@@ -111,7 +111,8 @@ def process(logits: Tensor, batch: SamplingBatch, counts: Tensor | None = None,
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(scaled.shape[-1], device=scaled.device)
     drop = ranks[None] >= batch.top_k[:, None]
-    sorted_probs = sorted_logits.softmax(dim=-1)
+    # top-p and min-p act on the distribution left after top-k, renormalised (as in vLLM)
+    sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     # top-p keeps the smallest prefix whose mass reaches top_p (always at least the top token)
     drop |= ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= batch.top_p) & (batch.top_p < 1)
     drop |= sorted_probs < batch.min_p * sorted_probs[:, :1]
@@ -125,6 +126,28 @@ def sample(processed: Tensor, batch: SamplingBatch, stream: int = SAMPLE) -> Ten
     if batch.all_greedy:
         return greedy
     return torch.where(batch.greedy, greedy, race(processed.softmax(dim=-1), batch, stream))
+
+
+def verify(target: Tensor, draft_probs: Tensor | None, draft: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
+    """Speculative verification of one drafted token per row: (token, accepted).
+
+    `target` are the main model's processed logits at the drafted position, `draft_probs` the distribution the
+    draft was drawn from. Greedy rows accept iff the draft is the argmax. Sampled rows accept with probability
+    min(1, p(d) / q(d)) and otherwise draw from the normalised (p - q)+, which leaves every emitted token
+    distributed exactly as p (Leviathan et al. 2023, Chen et al. 2023).
+    """
+    first = sample(target, batch)
+    accepted = first == draft
+    if batch.all_greedy:
+        return first, accepted
+    p, q = target.softmax(dim=-1), draft_probs
+    ratio = p.gather(1, draft[:, None])[:, 0] / q.gather(1, draft[:, None])[:, 0].clamp_min(1e-30)
+    sampled_accept = uniform(batch.seeds, batch.steps, ACCEPT, 1)[:, 0] < ratio
+    residual = (p - q).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    resampled = race(residual, batch, RESIDUAL)
+    accepted = torch.where(batch.greedy, accepted, sampled_accept)
+    return torch.where(batch.greedy, first, torch.where(accepted, draft, resampled)), accepted
 
 
 def race(probs: Tensor, batch: SamplingBatch, stream: int) -> Tensor:

@@ -68,12 +68,19 @@ class TrainConfig:
     cost_price: float = 2.0  # $ per GPU-hour (the V3 paper's rental assumption)
 
     def validate(self) -> TrainConfig:
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "eval_every"):
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "eval_every",
+                     "eval_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be a positive integer")
-        if not self.lr > 0:
-            raise ValueError(f"--lr = {self.lr!r}: must be > 0")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r}: must be > 0")
+        for name in ("warmup_steps", "weight_decay", "mtp_lambda", "balance_alpha", "bias_gamma", "min_lr_ratio"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r}: must be >= 0")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"--decay-fraction = {self.decay_fraction!r}: must be in [0, 1]")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"--schedule = {self.schedule!r}: must be 'cosine' or 'wsd'")
         if self.cost_gpu not in GPU_PEAK:
@@ -261,8 +268,9 @@ class Trainer:
         final = checkpoints / f"step-{self.step:08d}"
         if self.rank == 0:
             checkpoints.mkdir(parents=True, exist_ok=True)
+            for stale in checkpoints.glob(".step-*.tmp-*"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = checkpoints / f".step-{self.step:08d}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
             try:
                 save_model(weights, tmp)
                 if self.tokenizer is not None:

@@ -64,6 +64,7 @@ def _documents(args: argparse.Namespace):
 
 
 def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documents) -> Tokenizer:
+    """The given tokenizer, the run's own (saved once its data was tokenised), or a new one trained on the data."""
     if args.tokenizer:
         tokenizer = Tokenizer.from_dir(args.tokenizer)
         if tokenizer is None:
@@ -72,7 +73,6 @@ def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documen
         tokenizer = Tokenizer.from_dir(out / "tokenizer")
     else:
         tokenizer = train_tokenizer(itertools.islice(documents(), TOKENIZER_SAMPLE_DOCUMENTS), config.vocab_size)
-        tokenizer.save(out / "tokenizer")
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size}")
@@ -117,12 +117,15 @@ def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config:
         if manifest is None or manifest["source"] != source or \
                 manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
             manifest = build_shards(documents(), tokenizer, shards, source)
+        if not (out / "tokenizer" / "tokenizer.json").exists():
+            tokenizer.save(out / "tokenizer")  # only now: the data it was trained on proved usable
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
         tokenizer = _tokenizer(args, out, config, documents)
         manifest = load_manifest(shards)
-    data = PackedSequences(TokenStream(shards, manifest), train_config.seq_len, train_config.seed)
+    data = PackedSequences(TokenStream(shards, manifest), train_config.seq_len, train_config.seed,
+                           source=f"{manifest['source']}|{manifest['tokenizer']}")
     torch.manual_seed(train_config.seed)
     with torch.device(device):
         model = CausalLM(config)
