@@ -1,11 +1,15 @@
 """Procedurally generated, verifiable tasks: each problem has a question, an exact answer and a worked
-solution, from a seeded generator with a difficulty knob."""
+solution, from a seeded generator with a difficulty knob. Training and evaluation draw from disjoint seed
+ranges, so evaluation problems are never trained on."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .check import answers_match, evaluate_countdown, extract_answer
 
 
 @dataclass(frozen=True)
@@ -14,6 +18,21 @@ class Problem:
     question: str
     answer: str
     reasoning: str  # the worked solution, step by step
+    numbers: tuple[int, ...] = field(default=())  # Countdown's numbers: its answers are expressions over them
+
+    def check(self, answer: str | None) -> bool:
+        """Is `answer` (an extracted final answer) right?"""
+        if answer is None:
+            return False
+        if self.task == "countdown":  # any expression that reaches the target counts
+            value = evaluate_countdown(answer.split("=")[0], list(self.numbers))
+            return value is not None and value == evaluate_countdown(self.answer, list(self.numbers))
+        if self.task == "sorting":
+            return [p.strip() for p in answer.split(",")] == [p.strip() for p in self.answer.split(",")]
+        return answers_match(answer, self.answer)
+
+    def check_reply(self, reply: str, opened: bool = True) -> bool:
+        return self.check(extract_answer(reply, opened))
 
 
 def arithmetic(rng: random.Random, difficulty: int = 1) -> Problem:
@@ -64,6 +83,56 @@ def sorting(rng: random.Random, difficulty: int = 1) -> Problem:
     return Problem("sorting", f"Sort ascending: {', '.join(map(str, items))}", answer, "\n".join(steps))
 
 
+def countdown(rng: random.Random, difficulty: int = 1) -> Problem:
+    """Reach a target from given numbers with + - * / (each number at most once); the answer is any such
+    expression, checked by evaluating it (TinyZero's task)."""
+    numbers = [rng.randint(1, 9 + 3 * difficulty) for _ in range(difficulty + 2)]
+    value, expression, steps = numbers[0], str(numbers[0]), []
+    for number in numbers[1:]:
+        options = ["+", "*"] + (["-"] if value > number else []) + (["/"] if value % number == 0 else [])
+        op = rng.choice(options)
+        result = {"+": value + number, "-": value - number, "*": value * number}.get(op, value // number)
+        steps.append(f"{value} {op} {number} = {result}")
+        expression = f"({expression}) {op} {number}" if len(steps) > 1 else f"{expression} {op} {number}"
+        value = result
+    shown = numbers[:]
+    rng.shuffle(shown)
+    question = (f"Using the numbers {', '.join(map(str, shown))}, each at most once, and + - * /, "
+                f"write an expression that equals {value}.")
+    return Problem("countdown", question, expression, "\n".join(steps), tuple(numbers))
+
+
 TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
-    "arithmetic": arithmetic, "linear_equation": linear_equation, "sorting": sorting,
+    "arithmetic": arithmetic, "linear_equation": linear_equation, "sorting": sorting, "countdown": countdown,
 }
+EVAL_SEED_OFFSET = 1 << 40  # evaluation problems come from seeds no training run reaches
+
+
+def make_problem(task: str, index: int, difficulty: int = 1, split: str = "train") -> Problem:
+    """Problem `index` of a task's split: the same problem for the same arguments, disjoint across splits."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split = {split!r}: must be 'train' or 'eval'")
+    seed = index + (EVAL_SEED_OFFSET if split == "eval" else 0)
+    return TASKS[task](random.Random(f"{task}:{seed}:{difficulty}"), difficulty)
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """User problems from JSONL in GSM8K/MATH style: {"question": ..., "answer": ...} (a GSM8K answer's final
+    value after "####" is used)."""
+    from ..data.sources import DataError, iter_jsonl  # the data package imports the tasks for its corpus
+
+    problems = []
+    for number, record in iter_jsonl(Path(path)):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected an object with question and answer")
+        for key in ("question", "answer"):
+            if not isinstance(record.get(key), (str, int, float)) or isinstance(record.get(key), bool):
+                raise DataError(f"{path}:{number}: missing or non-text field {key!r}")
+        answer = str(record["answer"])
+        final = answer.split("####")[-1].strip()
+        problems.append(Problem("user", str(record["question"]), final, answer if "####" in answer else ""))
+    if not problems:
+        raise DataError(f"{path}: no problems")
+    return problems
