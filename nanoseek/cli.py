@@ -243,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_module.add_arguments(pretrain)
     pretrain.set_defaults(func=pretrain_module.run)
 
+    from .train import grpo as grpo_module
+    from .train import sft as sft_module
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning on conversations (cold-start R1 data by default)")
+    sft_module.add_arguments(sft)
+    sft.set_defaults(func=sft_module.run)
+
+    grpo = sub.add_parser("grpo", help="reinforcement learning with GRPO and rule-based rewards on verifiable tasks")
+    grpo_module.add_arguments(grpo)
+    grpo.set_defaults(func=grpo_module.run)
+
     chat = sub.add_parser("chat", help="interactive chat with streamed replies and visible reasoning")
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)

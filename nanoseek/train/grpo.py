@@ -9,10 +9,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import copy
+import statistics
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..checkpoint import load_model
+from ..engine import LLM, SamplingParams
+from ..model import CausalLM
+from ..rewards import Completion, RewardSet
+from ..tasks import TASKS, Problem, make_problem
+from ..tokenizer import Tokenizer
+from .loop import TrainConfig, Trainer
+from .losses import IGNORE
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
@@ -80,3 +93,217 @@ class GRPOObjective:
 def zero_variance_groups(rewards: Tensor) -> Tensor:
     """[prompts] bool: groups whose G rewards are all equal, which carry no signal (DAPO drops them)."""
     return (rewards == rewards[:, :1]).all(dim=-1)
+
+
+# ---- the GRPO stage of the training loop ------------------------------------------------------------------
+@dataclass
+class PromptSource:
+    """Which problems come next, and an adaptive curriculum: a task's difficulty rises when its groups pass
+    more than `high` of the time and falls below `low`, keeping pass rates near the edge of competence."""
+
+    tasks: list[str]
+    seed: int = 0
+    difficulty: dict[str, int] = field(default_factory=dict)
+    max_difficulty: int = 5
+    low: float = 0.2
+    high: float = 0.8
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            self.difficulty.setdefault(task, 1)
+
+    def next(self, count: int) -> list[Problem]:
+        problems = []
+        for _ in range(count):
+            task = self.tasks[self.index % len(self.tasks)]
+            problems.append(make_problem(task, self.seed * 1_000_003 + self.index, self.difficulty[task]))
+            self.index += 1
+        return problems
+
+    def update(self, task: str, pass_rate: float) -> None:
+        if pass_rate > self.high:
+            self.difficulty[task] = min(self.max_difficulty, self.difficulty[task] + 1)
+        elif pass_rate < self.low:
+            self.difficulty[task] = max(1, self.difficulty[task] - 1)
+
+    def state(self) -> dict:
+        return {"index": self.index, "difficulty": dict(self.difficulty), "seed": self.seed}
+
+    def load_state(self, state: dict) -> None:
+        self.index, self.difficulty = state["index"], dict(state["difficulty"])
+
+
+@dataclass
+class Rollouts:
+    inputs: Tensor  # [N, T] prompt + completion, right-padded
+    targets: Tensor  # [N, T] next tokens, IGNORE outside completions
+    advantages: Tensor  # [N]
+    old_logp: Tensor  # [N, T]
+    ref_logp: Tensor | None
+    metrics: dict[str, float]
+
+
+class GRPOTrainer(Trainer):
+    """The training loop with rollouts as data and the GRPO objective as loss (the same model object samples
+    with the engine and computes the training log-probs)."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, prompts: PromptSource, config: TrainConfig, out: Path,
+                 objective: GRPOObjective, rewards: RewardSet, group_size: int = 8, max_new_tokens: int = 128,
+                 temperature: float = 1.0, overlong_filter: bool = False, dynamic_sampling: bool = False,
+                 resume: bool = False):
+        if group_size < 2:
+            raise ValueError(f"--group-size = {group_size}: GRPO needs G >= 2 samples per prompt")
+        super().__init__(model, tokenizer, prompts, config, out, resume=resume)
+        self.objective, self.rewards, self.group_size = objective, rewards, group_size
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.overlong_filter, self.dynamic_sampling = overlong_filter, dynamic_sampling
+        self.engine = LLM(model, device=model.device, dtype=model.dtype, max_num_seqs=config.batch_size * group_size,
+                          max_model_len=config.seq_len, tokenizer=tokenizer)
+        self.reference = None
+        if objective.beta:  # a frozen copy of the starting policy
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def prompt_ids(self, problem: Problem) -> list[int]:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": problem.question}])
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def next_batch(self) -> Rollouts:
+        problems = self.data.next(self.config.batch_size)
+        params = SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
+                                seed=self.config.seed * 1_000_003 + self.data.index + 7_919 * self.step)
+        outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
+        rows, rewards, parts_all, correct_lengths, wrong_lengths = [], [], [], [], []
+        for problem, output in zip(problems, outputs, strict=True):
+            group = []
+            for completion in output.outputs:
+                truncated = completion.finish_reason == "length"
+                scored = Completion(problem, completion.text, len(completion.token_ids), self.max_new_tokens,
+                                    truncated)
+                total, parts = self.rewards(scored)
+                group.append(total)
+                parts_all.append(parts)
+                accurate = problem.check_reply(completion.text) and not truncated
+                (correct_lengths if accurate else wrong_lengths).append(len(completion.token_ids))
+                rows.append((output.prompt_token_ids, completion.token_ids, truncated))
+            rewards.append(group)
+            self.data.update(problem.task, sum(p.get("accuracy", 0.0) for p in parts_all[-len(group):]) / len(group))
+        reward_tensor = torch.tensor(rewards)
+        advantages = self.objective.advantages(reward_tensor)
+        zero = zero_variance_groups(reward_tensor)
+        if self.dynamic_sampling:  # DAPO drops groups with no signal (here from the loss, not by resampling)
+            advantages = advantages.masked_fill(zero[:, None], 0.0)
+        inputs, targets = self._pack(rows)
+        device = self.model.device
+        inputs, targets = inputs.to(device), targets.to(device)
+        with torch.no_grad():
+            old_logp = _token_logp(self.model(inputs), targets)
+            ref_logp = _token_logp(self.reference(inputs), targets) if self.reference is not None else None
+        metrics = {"reward": reward_tensor.mean().item(), "zero_variance": zero.float().mean().item(),
+                   "length_correct": statistics.mean(correct_lengths) if correct_lengths else 0.0,
+                   "length_wrong": statistics.mean(wrong_lengths) if wrong_lengths else 0.0,
+                   **{f"reward_{name}": statistics.mean(p[name] for p in parts_all) for name in parts_all[0]}}
+        metrics["accuracy"] = len(correct_lengths) / len(rows)
+        return Rollouts(inputs, targets, advantages.flatten().to(device), old_logp, ref_logp, metrics)
+
+    def _pack(self, rows: list[tuple[list[int], list[int], bool]]) -> tuple[Tensor, Tensor]:
+        width = max(len(p) + len(c) for p, c, _ in rows) - 1
+        inputs = torch.zeros(len(rows), width, dtype=torch.long)
+        targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, (prompt, completion, truncated) in enumerate(rows):
+            sequence = prompt + completion
+            inputs[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+            if completion and not (truncated and self.overlong_filter):  # DAPO's overlong filtering
+                targets[i, len(prompt) - 1: len(sequence) - 1] = torch.tensor(completion)
+        return inputs, targets
+
+    def loss(self, batch: Rollouts, counts: list[Tensor] | None = None) -> tuple[Tensor, dict, int]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_type == "cuda"):
+            out = self.module(batch.inputs, router_stats=True)
+        logits = out.logits.float()
+        mask = batch.targets != IGNORE
+        logp = _token_logp(logits, batch.targets)
+        loss, stats = self.objective.loss(logp, batch.old_logp, batch.advantages, mask, self.max_new_tokens,
+                                          batch.ref_logp)
+        with torch.no_grad():
+            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+            stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp_min(1))
+        if counts is not None:
+            for total, router in zip(counts, out.router_stats, strict=False):
+                total += router.counts
+        return loss, {"loss": loss.item(), **stats, **batch.metrics}, int(mask.sum())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on held-out problems of each task at its current difficulty (a debugging view; the
+        R1 protocol is `nanoseek eval`)."""
+        problems = [make_problem(t, i, self.data.difficulty[t], "eval") for t in self.data.tasks for i in range(8)]
+        params = SamplingParams(temperature=0, max_tokens=self.max_new_tokens)
+        outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
+        right = [p.check_reply(o.outputs[0].text) for p, o in zip(problems, outputs, strict=True)]
+        return {"val_accuracy": sum(right) / len(right)}
+
+
+def _token_logp(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p of each target token [N, T] (0 where the target is IGNORE)."""
+    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    return logp.masked_fill(targets == IGNORE, 0.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint to train (an SFT-primed one in the R1 recipe)")
+    parser.add_argument("--out", default="runs/grpo")
+    parser.add_argument("--tasks", default="arithmetic")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo")
+    parser.add_argument("--epsilon-low", type=float, default=0.2)
+    parser.add_argument("--epsilon-high", type=float, default=0.2)
+    parser.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient (0: no reference model)")
+    parser.add_argument("--no-scale-rewards", action="store_true", help="Dr. GRPO: do not divide by the std")
+    parser.add_argument("--overlong-filter", action="store_true", help="DAPO: no loss on truncated samples")
+    parser.add_argument("--dynamic-sampling", action="store_true", help="DAPO: drop zero-variance groups")
+    parser.add_argument("--reward-weights", default="accuracy=1,format=0.1")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", default=None)
+    defaults = TrainConfig(max_steps=50, batch_size=8, seq_len=256, lr=2e-5, warmup_steps=0, eval_every=10,
+                           save_every=25, mtp_lambda=0.0)
+    for option in fields(TrainConfig):
+        if option.name != "betas":
+            default = getattr(defaults, option.name)
+            parser.add_argument("--" + option.name.replace("_", "-"), type=type(default), default=default)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not args.resume and (out / "latest").exists():
+        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"})
+    config.validate()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"--tasks {args.tasks!r}: choose from {', '.join(TASKS)}")
+    weights = {}
+    for item in args.reward_weights.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError as exc:
+            raise ValueError(f"--reward-weights: {item!r} is not name=number") from exc
+    objective = GRPOObjective(args.loss_type, args.epsilon_low, args.epsilon_high, args.beta,
+                              not args.no_scale_rewards)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, device=device, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(args.model)
+    if tokenizer is None or not tokenizer.chat_template:
+        raise ValueError(f"--model {args.model}: GRPO needs a tokenizer with a chat_template in the checkpoint")
+    trainer = GRPOTrainer(model, tokenizer, PromptSource(tasks, config.seed), config, out, objective,
+                          RewardSet(weights), args.group_size, args.max_new_tokens, args.temperature,
+                          args.overlong_filter, args.dynamic_sampling, resume=args.resume)
+    print(f"grpo ({args.loss_type}): {config.max_steps} steps of {config.batch_size} prompts x G = {args.group_size} "
+          f"on {', '.join(tasks)} from {args.model}")
+    last = trainer.run()
+    print(f"done: reward {last.get('reward', float('nan')):.3f}, accuracy {last.get('accuracy', float('nan')):.2f},"
+          f" held-out greedy accuracy {last.get('val_accuracy', float('nan')):.2f}; checkpoint {out / 'latest'}")
+    return 0

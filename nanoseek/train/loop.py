@@ -151,15 +151,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         counts = [torch.zeros(r.experts.w_gate_up.shape[0], device=model.device) for r in self.routers]
-        totals = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
+        totals: dict[str, float] = {}
         tokens = 0
         started = time.perf_counter()
         for _ in range(config.grad_accum):
-            batch = self.data.next_batch(config.batch_size, self.rank, self.world)
+            batch = self.next_batch()
             loss, parts, used = self.loss(batch, counts)
             (loss / config.grad_accum).backward()
             for key, value in parts.items():
-                totals[key] += value / config.grad_accum
+                totals[key] = totals.get(key, 0.0) + value / config.grad_accum
             tokens += used
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         self.optimizer.step()
@@ -181,6 +181,10 @@ class Trainer:
             grad_norm, "full_tensor") else grad_norm), "tokens": tokens,
                 "tokens_per_s": tokens / elapsed, "mfu": 6 * self.activated * tokens / elapsed / self.peak,
                 "maxvio": sum(violations) / max(1, len(violations)), "maxvio_max": max(violations, default=0.0)}
+
+    def next_batch(self):
+        """This rank's next micro-batch (a stage such as GRPO produces its own: rollouts)."""
+        return self.data.next_batch(self.config.batch_size, self.rank, self.world)
 
     def loss(self, batch: Batch, counts: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict, int]:
         """Next-token CE + lambda * MTP + alpha * sequence balance; adds routed counts to `counts`."""
@@ -207,11 +211,11 @@ class Trainer:
         return loss, parts, int(denominator)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
         self.model.eval()
         losses = [self.loss(batch)[1]["ce"] for batch in self.data.validation(self.config.batch_size,
                                                                              self.config.eval_batches)]
-        return sum(losses) / len(losses)
+        return {"val_loss": sum(losses) / len(losses)}
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
@@ -226,7 +230,7 @@ class Trainer:
             while self.step < config.max_steps:
                 last = self.train_step()
                 if self.step % config.eval_every == 0 or self.step == config.max_steps:
-                    last["val_loss"] = self.evaluate()
+                    last.update(self.evaluate())
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 if self.rank == 0:

@@ -1,0 +1,77 @@
+"""`nanoseek sft`: supervised fine-tuning on conversations, loss on the assistant's tokens only; the same
+training loop as pretraining with chat data. Without `--data`, cold-start data in the R1 format is generated
+from the verifiable tasks (spec grpo-r1.md §2.5: a small SFT before reasoning RL)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from ..data import ChatSequences, read_conversations
+from ..tasks import TASKS, Problem, make_problem
+from ..tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
+from .loop import TrainConfig, Trainer
+
+
+def r1_reply(problem: Problem) -> str:
+    """The assistant turn of the R1 format: reasoning in a think block, then the answer."""
+    return f"{THINK_OPEN}\n{problem.reasoning}\n{THINK_CLOSE}\nThe answer is {problem.answer}."
+
+
+def cold_start(tasks: list[str], examples: int, max_difficulty: int, seed: int) -> list[list[dict[str, str]]]:
+    """Conversations of worked solutions from the tasks' training split."""
+    conversations = []
+    for index in range(examples):
+        task = tasks[index % len(tasks)]
+        problem = make_problem(task, seed * 1_000_003 + index, 1 + index % max_difficulty)
+        conversations.append([{"role": "user", "content": problem.question},
+                              {"role": "assistant", "content": r1_reply(problem)}])
+    return conversations
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory to start from (with its tokenizer)")
+    parser.add_argument("--data", help="JSONL of {\"messages\": [...]} conversations (default: cold-start data "
+                        "generated from --tasks)")
+    parser.add_argument("--tasks", default="arithmetic,linear_equation,sorting,countdown")
+    parser.add_argument("--examples", type=int, default=4000, help="cold-start conversations to generate")
+    parser.add_argument("--max-difficulty", type=int, default=2)
+    parser.add_argument("--out", default="runs/sft")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", default=None)
+    defaults = TrainConfig(max_steps=200, lr=5e-4, warmup_steps=10, seq_len=256)
+    for field in fields(TrainConfig):
+        if field.name != "betas":
+            default = getattr(defaults, field.name)
+            parser.add_argument("--" + field.name.replace("_", "-"), type=type(default), default=default)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not args.resume and (out / "latest").exists():
+        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"})
+    config.validate()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks: unknown {', '.join(unknown) or '(none given)'}; tasks: {', '.join(TASKS)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, device=device, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(args.model)
+    if tokenizer is None or not tokenizer.chat_template:
+        raise ValueError(f"--model {args.model}: SFT needs a tokenizer with a chat_template in the checkpoint")
+    conversations = read_conversations(Path(args.data)) if args.data else \
+        cold_start(tasks, args.examples, args.max_difficulty, config.seed)
+    data = ChatSequences(conversations, tokenizer, config.seq_len, config.seed)
+    trainer = Trainer(model, tokenizer, data, config, out, resume=args.resume)
+    print(f"sft: {len(conversations)} conversations, {config.max_steps} steps of {config.batch_size} x "
+          f"{config.seq_len} tokens from {args.model}")
+    last = trainer.run()
+    print(f"done: loss {last.get('loss', float('nan')):.3f}, validation loss {last.get('val_loss', float('nan')):.3f};"
+          f" checkpoint {out / 'latest'}")
+    return 0
