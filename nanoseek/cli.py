@@ -254,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     grpo_module.add_arguments(grpo)
     grpo.set_defaults(func=grpo_module.run)
 
+    from . import eval as eval_module
+
+    evaluation = sub.add_parser("eval", help="held-out pass@1 over k samples, cons@k and pass@k, per task")
+    eval_module.add_arguments(evaluation)
+    evaluation.set_defaults(func=eval_module.run)
+
     chat = sub.add_parser("chat", help="interactive chat with streamed replies and visible reasoning")
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)

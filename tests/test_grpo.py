@@ -157,3 +157,31 @@ def test_grpo_and_sft_commands(tokenizer, tmp_path):
     assert bad.returncode == 2 and "--group-size = 1: GRPO needs G >= 2" in bad.stderr
     bad = run("grpo", "--model", str(tmp_path / "sft" / "latest"), "--out", str(tmp_path / "bad"), "--tasks", ",")
     assert bad.returncode == 2 and "--tasks" in bad.stderr
+
+
+def test_pass_at_k_estimator():
+    from nanoseek.eval import pass_at_k
+
+    assert pass_at_k(5, 0, 1) == 0 and pass_at_k(5, 5, 3) == 1
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 2) == pytest.approx(1 - 21 / 45)
+    assert pass_at_k(4, 1, 4) == 1.0
+
+
+def test_evaluation_report(tokenizer, tmp_path):
+    from nanoseek import LLM
+    from nanoseek.eval import evaluate
+    from nanoseek.tasks import make_problem
+
+    model = _sft_primed(tokenizer, 80, tmp_path)
+    llm = LLM(model, tokenizer=tokenizer, max_num_seqs=64)
+    problems = [(make_problem(t, i, d, "eval"), d) for t in ("arithmetic", "sorting") for d in (1, 2)
+                for i in range(4)]
+    report = evaluate(llm, problems, samples=4, max_tokens=32)
+    assert report["all"]["problems"] == 16 and report["arithmetic/difficulty-2"]["problems"] == 4
+    for key in ("all", "arithmetic", "sorting", "sorting/difficulty-1"):
+        entry = report[key]
+        assert 0 <= entry["pass@1"] <= entry["pass@4"] <= 100 and 0 <= entry["cons@4"] <= 100
+    greedy = evaluate(llm, problems, temperature=0, max_tokens=32)
+    assert greedy["samples"] == 1
+    assert greedy["all"]["pass@1"] == greedy["all"]["cons@1"]  # with one sample the vote is that sample
