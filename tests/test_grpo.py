@@ -146,7 +146,8 @@ def test_grpo_and_sft_commands(tokenizer, tmp_path):
     grpo = run("grpo", "--model", str(tmp_path / "sft" / "latest"), "--out", str(tmp_path / "grpo"), "--tasks",
                "arithmetic,countdown", "--max-steps", "2", "--batch-size", "2", "--group-size", "4",
                "--max-new-tokens", "16", "--seq-len", "128", "--beta", "0.04", "--loss-type", "dapo",
-               "--epsilon-high", "0.28", "--dynamic-sampling", "--overlong-filter", "--eval-every", "2")
+               "--epsilon-high", "0.28", "--dynamic-sampling", "--overlong-filter", "--eval-every", "2",
+               "--updates-per-batch", "2")
     assert grpo.returncode == 0, grpo.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     for key in ("reward", "reward_accuracy", "reward_format", "accuracy", "length_correct", "length_wrong", "kl",
@@ -185,3 +186,17 @@ def test_evaluation_report(tokenizer, tmp_path):
     greedy = evaluate(llm, problems, temperature=0, max_tokens=32)
     assert greedy["samples"] == 1
     assert greedy["all"]["pass@1"] == greedy["all"]["cons@1"]  # with one sample the vote is that sample
+
+
+def test_mu_updates_reuse_one_batch_of_rollouts(tokenizer, tmp_path):
+    from nanoseek.rewards import RewardSet
+    from nanoseek.train import TrainConfig
+    from nanoseek.train.grpo import GRPOTrainer, PromptSource
+
+    model = _sft_primed(tokenizer, 10, tmp_path)
+    config = TrainConfig(max_steps=4, batch_size=2, seq_len=96, lr=1e-3, warmup_steps=0, eval_every=1000)
+    trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo", GRPOObjective(),
+                          RewardSet(), group_size=4, max_new_tokens=16, updates_per_batch=2)
+    first = trainer.next_batch()
+    assert trainer.next_batch() is first and trainer.next_batch() is not first  # 2 uses, then fresh rollouts
+    assert trainer.data.index == 4  # two rollout batches of 2 prompts

@@ -151,9 +151,14 @@ class GRPOTrainer(Trainer):
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, prompts: PromptSource, config: TrainConfig, out: Path,
                  objective: GRPOObjective, rewards: RewardSet, group_size: int = 8, max_new_tokens: int = 128,
                  temperature: float = 1.0, overlong_filter: bool = False, dynamic_sampling: bool = False,
-                 resume: bool = False):
+                 updates_per_batch: int = 1, resume: bool = False):
         if group_size < 2:
             raise ValueError(f"--group-size = {group_size}: GRPO needs G >= 2 samples per prompt")
+        if updates_per_batch < 1:
+            raise ValueError(f"--updates-per-batch = {updates_per_batch}: must be >= 1")
+        self.updates_per_batch = updates_per_batch  # mu: optimizer steps on each batch of rollouts
+        self._rollouts: list[Rollouts] = []
+        self._served = 0
         super().__init__(model, tokenizer, prompts, config, out, resume=resume)
         self.objective, self.rewards, self.group_size = objective, rewards, group_size
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
@@ -169,6 +174,18 @@ class GRPOTrainer(Trainer):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def next_batch(self) -> Rollouts:
+        """Micro-batches of rollouts; every mu optimizer steps reuse the same ones, their old log-probs fixed at
+        sampling time (the clipped ratio is what keeps the later updates near the sampling policy)."""
+        per_batch = self.config.grad_accum
+        if self._served == per_batch * self.updates_per_batch:
+            self._rollouts, self._served = [], 0
+        if len(self._rollouts) < per_batch:
+            self._rollouts.append(self._rollout())
+        batch = self._rollouts[self._served % per_batch]
+        self._served += 1
+        return batch
+
+    def _rollout(self) -> Rollouts:
         problems = self.data.next(self.config.batch_size)
         params = SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
                                 seed=self.config.seed * 1_000_003 + self.data.index + 7_919 * self.step)
@@ -261,6 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon-low", type=float, default=0.2)
     parser.add_argument("--epsilon-high", type=float, default=0.2)
     parser.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient (0: no reference model)")
+    parser.add_argument("--updates-per-batch", type=int, default=1, help="mu: optimizer steps per rollout batch")
     parser.add_argument("--no-scale-rewards", action="store_true", help="Dr. GRPO: do not divide by the std")
     parser.add_argument("--overlong-filter", action="store_true", help="DAPO: no loss on truncated samples")
     parser.add_argument("--dynamic-sampling", action="store_true", help="DAPO: drop zero-variance groups")
@@ -300,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: GRPO needs a tokenizer with a chat_template in the checkpoint")
     trainer = GRPOTrainer(model, tokenizer, PromptSource(tasks, config.seed), config, out, objective,
                           RewardSet(weights), args.group_size, args.max_new_tokens, args.temperature,
-                          args.overlong_filter, args.dynamic_sampling, resume=args.resume)
+                          args.overlong_filter, args.dynamic_sampling, args.updates_per_batch, resume=args.resume)
     print(f"grpo ({args.loss_type}): {config.max_steps} steps of {config.batch_size} prompts x G = {args.group_size} "
           f"on {', '.join(tasks)} from {args.model}")
     last = trainer.run()
