@@ -237,28 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print the full result as JSON")
     generate.set_defaults(func=cmd_generate)
 
-    pretrain = sub.add_parser("pretrain", help="train a model from scratch (built-in corpus by default)")
-    from .train import pretrain as pretrain_module
-
-    pretrain_module.add_arguments(pretrain)
-    pretrain.set_defaults(func=pretrain_module.run)
-
-    from .train import grpo as grpo_module
-    from .train import sft as sft_module
-
-    sft = sub.add_parser("sft", help="supervised fine-tuning on conversations (cold-start R1 data by default)")
-    sft_module.add_arguments(sft)
-    sft.set_defaults(func=sft_module.run)
-
-    grpo = sub.add_parser("grpo", help="reinforcement learning with GRPO and rule-based rewards on verifiable tasks")
-    grpo_module.add_arguments(grpo)
-    grpo.set_defaults(func=grpo_module.run)
-
     from . import eval as eval_module
+    from .train import grpo, pretrain, sft
 
-    evaluation = sub.add_parser("eval", help="held-out pass@1 over k samples, cons@k and pass@k, per task")
-    eval_module.add_arguments(evaluation)
-    evaluation.set_defaults(func=eval_module.run)
+    for name, module, summary in (
+            ("pretrain", pretrain, "train a model from scratch (built-in corpus by default)"),
+            ("sft", sft, "supervised fine-tuning on conversations (cold-start R1 data by default)"),
+            ("grpo", grpo, "reinforcement learning with GRPO and rule-based rewards on verifiable tasks"),
+            ("eval", eval_module, "held-out pass@1 over k samples, cons@k and pass@k, per task")):
+        command = sub.add_parser(name, help=summary)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
 
     chat = sub.add_parser("chat", help="interactive chat with streamed replies and visible reasoning")
     _sampling_args(chat)

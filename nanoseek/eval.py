@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from .engine import LLM, SamplingParams
-from .tasks import TASKS, Problem, load_problems, make_problem
+from .tasks import Problem, load_problems, make_problem, parse_tasks
 from .tasks.check import extract_answer
 
 
@@ -76,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         problems = [(p, 0) for p in load_problems(args.data)]
     else:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if not tasks or any(t not in TASKS for t in tasks):
-            raise ValueError(f"--tasks {args.tasks!r}: choose from {', '.join(TASKS)}")
+        tasks = parse_tasks(args.tasks)
         try:
             difficulties = [int(d) for d in args.difficulties.split(",")]
         except ValueError as exc:

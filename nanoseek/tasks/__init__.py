@@ -108,6 +108,15 @@ TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
 EVAL_SEED_OFFSET = 1 << 40  # evaluation problems come from seeds no training run reaches
 
 
+def parse_tasks(text: str) -> list[str]:
+    """A --tasks value ("arithmetic,countdown") as task names, each checked."""
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks {text!r}: unknown {', '.join(unknown) or '(none given)'}; tasks: {', '.join(TASKS)}")
+    return tasks
+
+
 def make_problem(task: str, index: int, difficulty: int = 1, split: str = "train") -> Problem:
     """Problem `index` of a task's split: the same problem for the same arguments, disjoint across splits."""
     if task not in TASKS:

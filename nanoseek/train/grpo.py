@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,9 +22,9 @@ from ..checkpoint import load_model
 from ..engine import LLM, SamplingParams
 from ..model import CausalLM
 from ..rewards import Completion, RewardSet
-from ..tasks import TASKS, Problem, make_problem
+from ..tasks import Problem, make_problem, parse_tasks
 from ..tokenizer import Tokenizer
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, add_train_arguments, train_config_from
 from .losses import IGNORE
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -285,23 +285,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-weights", default="accuracy=1,format=0.1")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--device", default=None)
-    defaults = TrainConfig(max_steps=50, batch_size=8, seq_len=256, lr=2e-5, warmup_steps=0, eval_every=10,
-                           save_every=25, mtp_lambda=0.0)
-    for option in fields(TrainConfig):
-        if option.name != "betas":
-            default = getattr(defaults, option.name)
-            parser.add_argument("--" + option.name.replace("_", "-"), type=type(default), default=default)
+    add_train_arguments(parser, max_steps=50, batch_size=8, seq_len=256, lr=2e-5, warmup_steps=0, eval_every=10,
+                        save_every=25, mtp_lambda=0.0)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not args.resume and (out / "latest").exists():
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"})
-    config.validate()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks or any(t not in TASKS for t in tasks):
-        raise ValueError(f"--tasks {args.tasks!r}: choose from {', '.join(TASKS)}")
+    config = train_config_from(args)
+    tasks = parse_tasks(args.tasks)
     weights = {}
     for item in args.reward_weights.split(","):
         name, _, value = item.partition("=")

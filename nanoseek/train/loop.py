@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -99,6 +99,24 @@ class TrainConfig:
             return floor + (self.lr - floor) * (self.max_steps - step) / max(1, self.max_steps - decay_start)
         progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def add_train_arguments(parser, **defaults) -> None:
+    """One command-line flag per TrainConfig field (--max-steps, --lr, ...), with a stage's own defaults."""
+    base = TrainConfig(**defaults)
+    for option in fields(TrainConfig):
+        if option.name != "betas":
+            default = getattr(base, option.name)
+            extra = {"choices": list(GPU_PEAK)} if option.name == "cost_gpu" else {}
+            parser.add_argument("--" + option.name.replace("_", "-"), type=type(default), default=default, **extra)
+
+
+def train_config_from(args) -> TrainConfig:
+    """The TrainConfig the flags of `add_train_arguments` describe, checked; refuses to overwrite a run."""
+    out = Path(args.out)
+    if not args.resume and (out / "latest").exists():
+        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"}).validate()
 
 
 class Trainer:

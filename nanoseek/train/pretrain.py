@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from ..data import PackedSequences, TokenStream, build_shards, generate_corpus, 
 from ..data.shards import tokenizer_fingerprint
 from ..model import CausalLM
 from ..tokenizer import Tokenizer, train_tokenizer
-from .loop import GPU_PEAK, TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, add_train_arguments, train_config_from
 
 TOKENIZER_SAMPLE_DOCUMENTS = 20_000
 
@@ -38,14 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                         help="under torchrun: DistributedDataParallel or FSDP2 fully_shard")
-    defaults = TrainConfig()
-    for field in fields(TrainConfig):
-        if field.name == "betas":
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        kwargs = {"choices": list(GPU_PEAK)} if field.name == "cost_gpu" else {}
-        parser.add_argument(flag, type=type(default), default=default, **kwargs)
+    add_train_arguments(parser)
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -93,10 +85,7 @@ def _init_distributed(device: str | None) -> tuple[int, torch.device]:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not args.resume and (out / "latest").exists():
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-    train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"})
-    train_config.validate()
+    train_config = train_config_from(args)
     config = _model_config(args)
     rank, device = _init_distributed(args.device)
     try:

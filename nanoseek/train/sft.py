@@ -5,16 +5,15 @@ from the verifiable tasks (spec grpo-r1.md §2.5: a small SFT before reasoning R
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import load_model
 from ..data import ChatSequences, read_conversations
-from ..tasks import TASKS, Problem, make_problem
+from ..tasks import Problem, make_problem, parse_tasks
 from ..tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
-from .loop import TrainConfig, Trainer
+from .loop import Trainer, add_train_arguments, train_config_from
 
 
 def r1_reply(problem: Problem) -> str:
@@ -43,23 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/sft")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--device", default=None)
-    defaults = TrainConfig(max_steps=200, lr=5e-4, warmup_steps=10, seq_len=256)
-    for field in fields(TrainConfig):
-        if field.name != "betas":
-            default = getattr(defaults, field.name)
-            parser.add_argument("--" + field.name.replace("_", "-"), type=type(default), default=default)
+    add_train_arguments(parser, max_steps=200, lr=5e-4, warmup_steps=10, seq_len=256)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not args.resume and (out / "latest").exists():
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"})
-    config.validate()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise ValueError(f"--tasks: unknown {', '.join(unknown) or '(none given)'}; tasks: {', '.join(TASKS)}")
+    config = train_config_from(args)
+    tasks = parse_tasks(args.tasks)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.model, device=device, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(args.model)
