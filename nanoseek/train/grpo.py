@@ -139,7 +139,7 @@ class Rollouts:
     inputs: Tensor  # [N, T] prompt + completion, right-padded
     targets: Tensor  # [N, T] next tokens, IGNORE outside completions
     advantages: Tensor  # [N]
-    old_logp: Tensor  # [N, T]
+    old_logp: Tensor | None  # [N, T]; None on policy (one update per rollout batch: the current log-probs)
     ref_logp: Tensor | None
     metrics: dict[str, float]
 
@@ -214,7 +214,8 @@ class GRPOTrainer(Trainer):
         device = self.model.device
         inputs, targets = inputs.to(device), targets.to(device)
         with torch.no_grad():
-            old_logp = _token_logp(self.model(inputs), targets)
+            # with one update per batch the sampling policy is the one being trained: no extra forward needed
+            old_logp = _token_logp(self.model(inputs), targets) if self.updates_per_batch > 1 else None
             ref_logp = _token_logp(self.reference(inputs), targets) if self.reference is not None else None
         metrics = {"reward": reward_tensor.mean().item(), "zero_variance": zero.float().mean().item(),
                    "length_correct": statistics.mean(correct_lengths) if correct_lengths else 0.0,
@@ -237,13 +238,13 @@ class GRPOTrainer(Trainer):
     def loss(self, batch: Rollouts, counts: list[Tensor] | None = None) -> tuple[Tensor, dict, int]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_type == "cuda"):
             out = self.module(batch.inputs, router_stats=True)
-        logits = out.logits.float()
+        log_probs = out.logits.float().log_softmax(-1)
         mask = batch.targets != IGNORE
-        logp = _token_logp(logits, batch.targets)
-        loss, stats = self.objective.loss(logp, batch.old_logp, batch.advantages, mask, self.max_new_tokens,
-                                          batch.ref_logp)
+        logp = log_probs.gather(-1, batch.targets.clamp_min(0)[..., None])[..., 0].masked_fill(~mask, 0.0)
+        old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
+        loss, stats = self.objective.loss(logp, old_logp, batch.advantages, mask, self.max_new_tokens, batch.ref_logp)
         with torch.no_grad():
-            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
             stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp_min(1))
         if counts is not None:
             for total, router in zip(counts, out.router_stats, strict=False):
