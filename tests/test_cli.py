@@ -92,3 +92,14 @@ def test_chat_command_shows_reasoning_and_resets(chat_checkpoint):
         check=True, timeout=120)
     # the template opens <think>, so each reply starts as reasoning
     assert result.stdout.count("[thinking]") == 2 and "[conversation cleared]" in result.stdout
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    from nanoseek.report import plot_curves
+
+    for run in ("a", "b"):
+        (tmp_path / f"{run}.jsonl").write_text("\n".join(json.dumps({"step": s, "reward": s / 10, "loss": 1 / s})
+                                                         for s in range(1, 11)) + "\n")
+    png = plot_curves({"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"}, ["reward", "loss", "missing"],
+                      tmp_path / "plots" / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
