@@ -187,12 +187,14 @@ class GRPOTrainer(Trainer):
 
     def _rollout(self) -> Rollouts:
         problems = self.data.next(self.config.batch_size)
-        params = SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
-                                seed=self.config.seed * 1_000_003 + self.data.index + 7_919 * self.step)
+        first = self.data.index - len(problems)  # each problem's own seed: independent draws across prompts
+        params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
+                                 seed=self.config.seed * 1_000_003 + first + i + 7_919 * self.step)
+                  for i in range(len(problems))]
         outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
         rows, rewards, parts_all, correct_lengths, wrong_lengths = [], [], [], [], []
         for problem, output in zip(problems, outputs, strict=True):
-            group = []
+            group, passed = [], 0
             for completion in output.outputs:
                 truncated = completion.finish_reason == "length"
                 scored = Completion(problem, completion.text, len(completion.token_ids), self.max_new_tokens,
@@ -201,10 +203,11 @@ class GRPOTrainer(Trainer):
                 group.append(total)
                 parts_all.append(parts)
                 accurate = problem.check_reply(completion.text) and not truncated
+                passed += accurate
                 (correct_lengths if accurate else wrong_lengths).append(len(completion.token_ids))
                 rows.append((output.prompt_token_ids, completion.token_ids, truncated))
             rewards.append(group)
-            self.data.update(problem.task, sum(p.get("accuracy", 0.0) for p in parts_all[-len(group):]) / len(group))
+            self.data.update(problem.task, passed / len(group))  # the curriculum follows correctness
         reward_tensor = torch.tensor(rewards)
         advantages = self.objective.advantages(reward_tensor)
         zero = zero_variance_groups(reward_tensor)
