@@ -59,12 +59,3 @@ def _partial_tag_length(text: str, tag: str) -> int:
         if tag.startswith(text[-length:]):
             return length
     return 0
-
-
-def split_reasoning(text: str, in_reasoning: bool = False) -> tuple[str | None, str]:
-    """(reasoning or None, answer) of a whole reply."""
-    parser = ReasoningParser(in_reasoning)
-    pieces = parser.feed(text) + parser.finish()
-    reasoning = "".join(t for kind, t in pieces if kind == REASONING)
-    content = "".join(t for kind, t in pieces if kind == CONTENT)
-    return (reasoning if parser.had_reasoning else None), content
