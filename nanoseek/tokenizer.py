@@ -62,6 +62,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(backend, config)
 
 
+def _byte_of_char() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): printable bytes stand for themselves, the other bytes for the
+    characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+
+
 def _token_text(value: Any) -> str | None:
     """tokenizer_config stores special tokens as strings or as {"content": ...} objects."""
     if isinstance(value, dict):
@@ -112,6 +129,20 @@ class Tokenizer:
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level piece may be part of a UTF-8 character), as OpenAI's
+        logprobs report them."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids or type(self.backend.decoder).__name__ != "ByteLevel":
+            return self.backend.decode([token_id], skip_special_tokens=False).encode()
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+
+    @cached_property
+    def _added_ids(self) -> set[int]:
+        return set(self.backend.get_added_tokens_decoder())
 
     def special_token(self, name: str) -> str | None:
         return _token_text(self.config.get(name))
@@ -187,3 +218,10 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
         return ""
+
+    def flush(self) -> str:
+        """The text still held back, once the sequence has ended (an unfinished character shows as U+FFFD)."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset: self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""

@@ -280,3 +280,50 @@ def test_a_bad_request_in_a_list_queues_nothing(tiny_checkpoint):
     with pytest.raises(ValueError, match="SamplingParams.seed"):
         SamplingParams(seed=2**64)
     assert not llm.requests and not llm.scheduler.busy and sorted(llm.scheduler.free_slots) == [0, 1]
+
+
+def test_prefix_cache_reuses_latents_without_changing_outputs(tiny_checkpoint):
+    """Prompts sharing a start copy its latents from the prefix cache (in whole blocks, leaving at least one
+    token to run) and decode exactly as they do without the cache."""
+    plain = LLM(tiny_checkpoint, device="cpu", max_num_seqs=4)
+    cached = LLM(plain.model, device="cpu", max_num_seqs=4, prefix_cache_tokens=256)
+    shared = [3 + (i * 7) % 120 for i in range(40)]
+    prompts = [shared + [5 + i] * extra for i, extra in enumerate((3, 9, 20))] + [shared[:32]]
+    params = SamplingParams(temperature=0, max_tokens=16)
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert cached.generate(prompts[:1], params)[0].num_cached_tokens == 0
+    outputs = cached.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert [o.num_cached_tokens for o in outputs] == [32, 32, 32, 16]  # 40 shared tokens: two 16-token blocks
+    with pytest.raises(ValueError, match="prefix_cache_tokens"):
+        LLM(plain.model, device="cpu", speculative=True, prefix_cache_tokens=256)
+
+
+def test_prefix_cache_evicts_least_recently_used_blocks(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, device="cpu", max_num_seqs=2, prefix_cache_tokens=32)  # room for two blocks
+    params = SamplingParams(temperature=0, max_tokens=2)
+    first, second = [[start + i % 50 for i in range(20)] for start in (3, 60)]
+    llm.generate([first], params)
+    llm.generate([second], params)  # one block each: both kept
+    assert llm.generate([first], params)[0].num_cached_tokens == 16
+    third = [70 + i % 40 for i in range(20)]
+    llm.generate([third], params)  # a third block evicts the least recently used: `second`
+    assert llm.generate([second], params)[0].num_cached_tokens == 0  # ... which now evicts `first`
+    assert llm.generate([third], params)[0].num_cached_tokens == 16
+
+
+def test_text_ends_with_held_back_bytes_flushed(tmp_path):
+    """A reply cut mid-character ends with the replacement character, not silently short (as decode does)."""
+    from nanoseek.data.corpus import generate_corpus
+    from nanoseek.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(generate_corpus(200), vocab_size=320)  # byte-level: pieces of characters
+    nanoseek_model(vocab_size=320).save_pretrained(tmp_path)
+    tokenizer.save(tmp_path)
+    llm = LLM(tmp_path, device="cpu")
+    cut = 0
+    for seed in range(20):
+        out = llm.generate("the cat", SamplingParams(max_tokens=8, temperature=1.0, seed=seed))[0].outputs[0]
+        assert out.text == tokenizer.decode(out.token_ids)
+        cut += out.text.endswith("\ufffd")
+    assert cut  # the case was met

@@ -39,12 +39,14 @@ class LLM:
 
     Sequences run in a continuously batched decode loop over preallocated latent-cache slots: `max_num_seqs`
     slots of `max_model_len` positions. `speculative=True` drafts with the checkpoint's MTP module.
+    `prefix_cache_tokens` > 0 keeps that many tokens of prompt latents for reuse by later prompts with the same
+    start (not together with speculation, whose MTP draft needs every prompt position's hidden state).
     """
 
     def __init__(self, model: str | Path | CausalLM, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  speculative: bool = False, max_prefill_tokens: int = 4096, seed: int = 0,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if isinstance(model, CausalLM):
@@ -63,8 +65,12 @@ class LLM:
         self.max_model_len = min(max_model_len or 2048, config.max_position_embeddings)
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs = {max_num_seqs}: must be >= 1")
+        if prefix_cache_tokens and speculative:
+            raise ValueError("prefix_cache_tokens: the prefix cache does not combine with speculative=True yet")
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens = {prefix_cache_tokens}: must be >= 0")
         self.max_num_seqs = max_num_seqs
-        self.runner = ModelRunner(self.model, max_num_seqs, self.max_model_len, speculative)
+        self.runner = ModelRunner(self.model, max_num_seqs, self.max_model_len, speculative, prefix_cache_tokens)
         self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
         self.eos_ids = self._eos_ids()
         self._rng = random.Random(seed)
@@ -147,7 +153,7 @@ class LLM:
         group = self.requests[request_id]
         metrics = {"draft_tokens": sum(s.drafted for s in group), "accepted_tokens": sum(s.accepted for s in group)}
         return RequestOutput(request_id, self.prompts[request_id], group[0].prompt_ids, [s.output() for s in group],
-                             all(s.finished for s in group), metrics)
+                             all(s.finished for s in group), metrics, group[0].cached_tokens)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] |
                  None = None) -> list[RequestOutput]:

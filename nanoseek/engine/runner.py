@@ -12,18 +12,22 @@ import torch
 from torch import Tensor
 
 from ..model import CausalLM
+from .prefix_cache import PrefixCache
 from .sampler import DRAFT, SamplingBatch, process, sample, token_logprobs, verify
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_slots: int, max_model_len: int, speculative: bool = False):
+    def __init__(self, model: CausalLM, num_slots: int, max_model_len: int, speculative: bool = False,
+                 prefix_cache_tokens: int = 0):
         self.model = model
         self.device = model.device
         self.vocab = model.config.vocab_size
         # +2: a speculative step writes up to two positions past the newest token
         self.cache = model.new_cache(num_slots, max_model_len + 2)
         self.speculative = speculative
+        # the MTP draft after prefill needs every prompt position's hidden state, so no prefix reuse with it
+        self.prefix_cache = PrefixCache(self.cache, max_tokens=prefix_cache_tokens) if prefix_cache_tokens else None
         self.mtp_cache = model.new_cache(num_slots, max_model_len + 2, mtp=True) if speculative else None
         self.drafts = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.draft_probs: Tensor | None = None  # [slots, V] the draft distribution, for sampled speculation
@@ -36,26 +40,36 @@ class ModelRunner:
     # ---- prefill -----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> None:
-        """Run the prompts (once per request: `n` siblings copy the leader's slot) and sample a first token."""
+        """Run the prompts (once per request: `n` siblings copy the leader's slot) and sample a first token.
+        With a prefix cache, each prompt's cached start is copied into its slot and only the rest is run."""
         leaders: dict[str, int] = {}
         for i, seq in enumerate(seqs):
             leaders.setdefault(seq.request_id, i)
         heads = [seqs[i] for i in leaders.values()]
-        lengths = [len(s.prompt_ids) for s in heads]
+        starts = [self.prefix_cache.load(s.prompt_ids, self.cache, s.slot) if self.prefix_cache else 0
+                  for s in heads]
+        lengths = [len(s.prompt_ids) - start for s, start in zip(heads, starts, strict=True)]
         steps = max(lengths)
         ids = torch.zeros(len(heads), steps, dtype=torch.long)
-        for row, seq in enumerate(heads):
-            ids[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
+        for row, (seq, start) in enumerate(zip(heads, starts, strict=True)):
+            ids[row, : lengths[row]] = torch.tensor(seq.prompt_ids[start:])
         ids = ids.to(self.device)
-        positions = torch.arange(steps, device=self.device).expand(len(heads), -1)
+        # padding runs at the positions after each prompt (overwritten before they are read), kept in the cache
+        positions = (self._tensor(starts)[:, None] + torch.arange(steps, device=self.device)).clamp_max(
+            self.cache.max_len - 1)
         last = self._tensor(lengths) - 1
         out = self.model.run(ids, positions, self.cache, self._tensor([s.slot for s in heads]),
                              logits_index=last[:, None])
+        for seq, start in zip(heads, starts, strict=True):
+            seq.cached_tokens = start
+            if self.prefix_cache:
+                self.prefix_cache.store(seq.prompt_ids, self.cache, seq.slot)
         head_row = {s.request_id: row for row, s in enumerate(heads)}
         rows = self._tensor([head_row[s.request_id] for s in seqs])
         for seq in seqs:  # n > 1: the siblings share the prompt's latents (a copy of a few KiB per token)
             leader = heads[head_row[seq.request_id]]
             if seq is not leader:
+                seq.cached_tokens = leader.cached_tokens
                 self.cache.data[:, seq.slot, : len(seq.prompt_ids)] = self.cache.data[:, leader.slot,
                                                                                       : len(seq.prompt_ids)]
         self._reset_penalty_state(seqs)

@@ -27,6 +27,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: dict[str, float] = field(default_factory=dict)  # speculative drafts and acceptances
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
 
 class Sequence:
@@ -49,7 +50,9 @@ class Sequence:
         self.text = ""
         self.streamed_chars = 0  # text already handed to a stream
         self.streamed_tokens = 0
+        self.reported = False  # a server has sent this completion's finish
         self.drafted = self.accepted = 0
+        self.cached_tokens = 0  # prompt tokens whose latents came from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -69,14 +72,15 @@ class Sequence:
         if token in self.stop_ids:
             self.finish_reason = "stop"
             self.stop_reason = token if token in self.params.stop_token_ids else None  # None: end of sequence
-            return
-        if self.detokenizer is not None:
+        elif self.detokenizer is not None:
             before = len(self.text)
             self.text += self.detokenizer.push(token)
             if self.params.stop and self._find_stop(before):
                 return
-        if len(self.output_ids) >= self.limit:
+        if not self.finished and len(self.output_ids) >= self.limit:
             self.finish_reason = "length"
+        if self.finished and self.detokenizer is not None:
+            self.text += self.detokenizer.flush()
 
     def _find_stop(self, before: int) -> bool:
         """Stop strings may span tokens: search the new text together with the stop's length before it."""
