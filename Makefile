@@ -3,14 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip install -q -c constraints-cpu.txt
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean chromium
 
 run: $(VENV)/.runtime
 	rm -rf runs/quickstart
 	$(VENV)/bin/nanoseek pretrain --out runs/quickstart
 	$(VENV)/bin/nanoseek generate --model runs/quickstart/latest --prompt "What is 7 * 6 + 5?" --temperature 0 --max-tokens 80
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev chromium
 	$(VENV)/bin/ruff check nanoseek tests
 	$(VENV)/bin/python -m pytest -q
 
@@ -23,6 +23,13 @@ $(VENV)/.dev: pyproject.toml constraints-cpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.runtime
+
+# The chat page's browser test uses Debian's chromium; it skips, saying why, where it cannot be installed.
+chromium:
+	@command -v chromium > /dev/null || (command -v apt-get > /dev/null && \
+		(apt-get install -y -q chromium > /dev/null 2>&1 || \
+		 (apt-get update -q > /dev/null 2>&1 && apt-get install -y -q chromium > /dev/null 2>&1))) || \
+		echo "chromium could not be installed: the browser test will skip"
 
 clean:
 	rm -rf $(VENV) runs

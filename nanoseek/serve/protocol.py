@@ -1,0 +1,115 @@
+"""Request bodies of the OpenAI-compatible API (spec serving.md §2.1, §2.4, §6), checked by pydantic.
+
+Unknown fields are accepted and ignored (SDKs send vendor extras through `extra_body`, §2.1); values out of
+range fail with a 400 whose `param` names the field. Responses are plain dicts built in `app.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOPS = 16  # DeepSeek's limit (§1.2)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}} (§2.5)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.kind = kind or {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+                             503: "service_unavailable"}.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(Open):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # the name vLLM and Ollama use (§7.2)
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(Open):
+    include_usage: bool | None = False
+
+
+class ResponseFormat(Open):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+Stop = str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
+
+class SamplingFields(Open):
+    """Fields chat and completions share (OpenAI's, with vLLM's extras top_k, min_p, repetition_penalty)."""
+
+    model: str
+    n: Annotated[int, Field(ge=1, le=64)] = 1
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    stop: Stop = None
+    seed: Seed | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool | None = False  # vLLM's extra: generate to max_tokens (benchmarks)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, value: Stop) -> Stop:
+        stops = [value] if isinstance(value, str) else value or []
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+class ChatRequest(SamplingFields):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None  # DeepSeek V3.1+: {"type": "enabled" | "disabled"}
+    reasoning_effort: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | \
+        Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    suffix: str | None = None
+    echo: bool | None = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None

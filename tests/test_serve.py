@@ -1,0 +1,405 @@
+"""`nanoseek serve` as a real subprocess on 127.0.0.1, driven by the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import nanoseek_model
+
+from nanoseek.data.corpus import generate_corpus
+from nanoseek.engine import LLM, SamplingParams
+from nanoseek.tokenizer import THINK_CLOSE, train_tokenizer
+
+KEY = "sk-test"
+MODEL = "tiny-r1"
+MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random tiny model with nanoseek's real byte-level tokenizer and R1 chat template."""
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    tokenizer = train_tokenizer(generate_corpus(300), vocab_size=320)
+    nanoseek_model(seed=3, vocab_size=320, max_position_embeddings=4096).save_pretrained(path)
+    tokenizer.save(path)
+    return path
+
+
+class Server:
+    def __init__(self, model: Path, *args: str):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(self.port),
+             "--served-model-name", MODEL, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not become healthy")
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=kwargs.pop("api_key", KEY), **kwargs)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.base + "/metrics").text
+        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                  or line.startswith(name + "{")]
+        return sum(values)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    server = Server(checkpoint, "--api-key", KEY, "--max-num-seqs", "8", "--max-model-len", "256")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint) -> LLM:
+    """The same checkpoint in-process: the reference for what the server must return."""
+    return LLM(checkpoint, device="cpu", max_num_seqs=8, max_model_len=256)
+
+
+def chat_prompt(engine: LLM, messages=MESSAGES) -> list[int]:
+    return engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def thinking_seed(engine) -> tuple[int, str]:
+    """A seed whose sampled reply closes the think block mid-way, and that reply's raw text."""
+    prompt = chat_prompt(engine)
+    for seed in range(200):
+        params = SamplingParams(temperature=1.0, max_tokens=40, seed=seed, skip_special_tokens=True)
+        text = engine.generate(prompt, params)[0].outputs[0].text
+        at = text.find(THINK_CLOSE)
+        if 0 < at and len(text) - at > 12:
+            return seed, text
+    pytest.fail("no seed in 0..199 closes the think block")
+
+
+# ---- models, chat, completions ------------------------------------------------------------------------
+def test_models(server):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_chat_splits_reasoning_from_content(server, thinking_seed):
+    seed, raw = thinking_seed
+    reasoning, _, answer = raw.partition(THINK_CLOSE)
+    response = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, seed=seed)
+    message = response.choices[0].message
+    assert message.reasoning_content == reasoning and message.content == answer
+    assert response.id.startswith("chatcmpl-") and response.model == MODEL and response.system_fingerprint
+    usage = response.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert 0 < usage.completion_tokens_details.reasoning_tokens < usage.completion_tokens
+    assert usage.prompt_cache_hit_tokens + usage.prompt_cache_miss_tokens == usage.prompt_tokens
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_chat_stream(server, thinking_seed, include_usage):
+    seed, raw = thinking_seed
+    reasoning, _, answer = raw.partition(THINK_CLOSE)
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=40, seed=seed, stream=True,
+        stream_options={"include_usage": True} if include_usage else None)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+    assert "".join(d.content or "" for d in deltas) == answer
+    # reasoning first, then content: no reasoning delta after the first content delta
+    kinds = ["r" if getattr(d, "reasoning_content", None) else "c" for d in deltas if d.content or
+             getattr(d, "reasoning_content", None)]
+    assert "".join(kinds) == "r" * kinds.count("r") + "c" * kinds.count("c")
+    assert sum(1 for c in chunks for ch in c.choices if ch.finish_reason) == 1
+    if include_usage:
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+        assert all(c.usage is None for c in chunks[:-1])
+    else:
+        assert all(c.choices and c.usage is None for c in chunks)
+
+
+def test_stream_framing(server):
+    """Raw SSE: `data: {json}` events, each a chat.completion.chunk, ending with `data: [DONE]`."""
+    with httpx.stream("POST", server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    events = body.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        assert json.loads(event[6:])["object"] == "chat.completion.chunk"
+
+
+def test_n_and_seed(server, engine):
+    prompt = chat_prompt(engine)
+    expected = [o.text for o in engine.generate(prompt, SamplingParams(n=3, temperature=1.0, max_tokens=12,
+                                                                      seed=11))[0].outputs]
+    response = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, n=3, max_tokens=12, seed=11)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    split = [(c.message.reasoning_content or "", c.message.content or "") for c in response.choices]
+    assert split == [(text.partition(THINK_CLOSE)[0], text.partition(THINK_CLOSE)[2]) for text in expected]
+
+
+def test_seed_is_independent_of_concurrency(server):
+    client = server.client()
+
+    def ask(seed):
+        return client.completions.create(model=MODEL, prompt="the answer is", max_tokens=16, seed=seed,
+                                         temperature=1.0).choices[0].text
+
+    alone = ask(5)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, [5, 1, 2, 5, 3, 5]))
+    assert results[0] == results[3] == results[5] == alone
+
+
+def test_completions_stop_and_max_tokens(server):
+    client = server.client()
+    full = client.completions.create(model=MODEL, prompt="what is 2 + 3?", max_tokens=24, temperature=0)
+    choice = full.choices[0]
+    assert choice.finish_reason == "length" and full.usage.completion_tokens == 24
+    assert full.id.startswith("cmpl-") and full.object == "text_completion"
+    text = choice.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = client.completions.create(model=MODEL, prompt="what is 2 + 3?", max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    batch = client.completions.create(model=MODEL, prompt=["hello", "the cat"], n=2, max_tokens=4)
+    assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+    echo = client.completions.create(model=MODEL, prompt="hello there", max_tokens=3, echo=True)
+    assert echo.choices[0].text.startswith("hello there")
+
+
+def test_chat_logprobs(server, engine):
+    response = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, logprobs=True,
+                                                       top_logprobs=3, temperature=1.0, seed=2)
+    entries = response.choices[0].logprobs.content
+    assert len(entries) == response.usage.completion_tokens == 10
+    expected = engine.generate(chat_prompt(engine), SamplingParams(max_tokens=10, temperature=1.0, seed=2,
+                                                                   logprobs=3))[0].outputs[0]
+    assert [bytes(e.bytes) for e in entries] == [engine.tokenizer.token_bytes(t) for t in expected.token_ids]
+    for entry, token, options in zip(entries, expected.token_ids, expected.logprobs, strict=True):
+        assert entry.logprob == pytest.approx(options[token], abs=1e-4)
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs),
+                                                                  reverse=True)
+
+
+def test_completion_logprobs(server):
+    response = server.client().completions.create(model=MODEL, prompt="the cat", max_tokens=6, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and all(len(t) <= 2 for t in logprobs.top_logprobs)
+
+
+def test_prefix_cache_hits(server):
+    client = server.client()
+    system = {"role": "system", "content": "You are a careful assistant. " * 8}
+    messages = [system, {"role": "user", "content": "What is 1 + 1?"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert second.usage.prompt_cache_hit_tokens >= 32 and second.usage.prompt_cache_hit_tokens % 16 == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_cache_hit_tokens
+    assert second.choices[0].message == first.choices[0].message
+    assert server.metric("nanoseek_prefix_cache_hit_tokens_total") >= 32
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    return body["error"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"temperature": 3}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"presence_penalty": 5}, "presence_penalty"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"stop": ["a"] * 17}, "stop"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_invalid_parameters_are_400(server, body, param):
+    request = {"model": MODEL, "messages": MESSAGES, **body}
+    response = httpx.post(server.base + "/v1/chat/completions", json=request,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"].startswith(param) and error["type"] == "invalid_request_error"
+
+
+def test_error_statuses(server):
+    client = server.client(max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    missing = httpx.get(server.base + "/v1/models")
+    assert missing.status_code == 401 and error_of(missing)["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    assert unknown.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model=MODEL, prompt=list(range(3, 300)), max_tokens=4)
+    assert long.value.body["code"] == "context_length_exceeded"
+    garbage = httpx.post(server.base + "/v1/chat/completions", content=b"{not json",
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert garbage.status_code == 400 and error_of(garbage)
+    assert httpx.get(server.base + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert httpx.get(server.base + "/health").json() == {"status": "ok"}
+
+
+def test_cancelled_stream_frees_its_slot(server):
+    aborted = server.metric("nanoseek_requests_aborted_total")
+    with httpx.stream("POST", server.base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": "hello", "max_tokens": 200, "stream": True,
+                            "temperature": 1.0}) as response:
+        lines = response.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if server.metric("nanoseek_requests_aborted_total") == aborted + 1 and \
+                server.metric("nanoseek_cache_slots_used") == 0:
+            break
+        time.sleep(0.05)
+    assert server.metric("nanoseek_requests_aborted_total") == aborted + 1
+    assert server.metric("nanoseek_cache_slots_used") == 0
+
+
+# ---- load ------------------------------------------------------------------------------------------------
+def test_32_concurrent_streaming_clients(server):
+    client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=KEY)
+
+    async def user(u: int) -> list[str]:
+        finishes = []
+        for r in range(4):
+            messages = [{"role": "user", "content": f"{u} {r}"}]
+            stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stream=True,
+                                                          seed=u * 4 + r)
+            chunks = [c async for c in stream]
+            assert chunks[0].choices[0].delta.role == "assistant"
+            finishes += [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+        return finishes
+
+    async def everyone():
+        return await asyncio.gather(*(user(u) for u in range(32)))
+
+    results = asyncio.run(everyone())
+    assert all(len(finishes) == 4 and set(finishes) <= {"stop", "length"} for finishes in results)
+    assert server.metric("nanoseek_num_requests_running") == 0
+
+
+def test_queue_full_is_429(checkpoint):
+    small = Server(checkpoint, "--max-num-seqs", "1", "--max-queue", "0", "--max-model-len", "2048")
+    try:
+        client = small.client(max_retries=0)
+        with httpx.stream("POST", small.base + "/v1/completions",
+                          json={"model": MODEL, "prompt": "hi", "max_tokens": 2000, "stream": True,
+                                "ignore_eos": True}) as busy:
+            lines = busy.iter_lines()  # held: a dropped iterator closes the stream, which cancels the request
+            assert busy.status_code == 200, next(lines)
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
+            assert refused.value.response.headers["retry-after"] == "1"
+        assert small.metric("nanoseek_requests_rejected_total") == 1
+    finally:
+        small.stop()
+
+
+def test_deepseek_r1_rules(checkpoint):
+    r1 = Server(checkpoint, "--compat", "deepseek-r1", "--max-model-len", "256")
+    try:
+        client = r1.client(max_retries=0)
+        with pytest.raises(openai.BadRequestError) as rejected:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True)
+        assert rejected.value.body["param"] == "logprobs"
+        history = [*MESSAGES, {"role": "assistant", "content": "5", "reasoning_content": "2 + 3 = 5"},
+                   {"role": "user", "content": "and 3 + 4?"}]
+        with pytest.raises(openai.BadRequestError) as echoed:
+            client.chat.completions.create(model=MODEL, messages=history)
+        assert echoed.value.body["param"] == "messages[1].reasoning_content"
+        cold, hot = (client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, seed=4,
+                                                    temperature=t).choices[0].message for t in (0.0, 2.0))
+        assert cold == hot  # ignored: R1's own 0.6 / 0.95 apply
+    finally:
+        r1.stop()
+
+
+# ---- the OpenAPI schema, fuzzed ----------------------------------------------------------------------------
+def test_fuzzed_requests_never_get_5xx(server):
+    """schemathesis generates requests from the server's own OpenAPI schema; none may get a 5xx."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "schemathesis"), "run", server.base + "/openapi.json",
+         "--checks", "not_a_server_error", "--max-examples", "40", "--request-timeout", "60",
+         "--header", f"Authorization: Bearer {KEY}", "--seed", "1"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    passed = re.search(r"\d+ generated, (\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) >= 100, result.stdout[-2000:]  # the fuzzer did send requests
+
+
+# ---- the chat page in a real browser -------------------------------------------------------------------------
+def test_chat_page_in_chromium(server):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed and could not be (make test installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(server.base + "/")
+            page.fill("#key", KEY)
+            page.fill("#prompt", "What is 2 + 3?")
+            page.click("#send")
+            page.wait_for_function("document.querySelector('.assistant') && "
+                                   "document.querySelector('.assistant').innerText.trim().length > 0", timeout=30000)
+            page.wait_for_function("!document.querySelector('#send').disabled", timeout=30000)
+            assert page.inner_text(".user") == "What is 2 + 3?"
+            assert re.search(r"\S", page.inner_text(".assistant"))
+        finally:
+            browser.close()
