@@ -154,6 +154,8 @@ class GRPOTrainer(Trainer):
                  updates_per_batch: int = 1, resume: bool = False):
         if group_size < 2:
             raise ValueError(f"--group-size = {group_size}: GRPO needs G >= 2 samples per prompt")
+        if not temperature > 0:
+            raise ValueError(f"--temperature = {temperature}: GRPO samples its groups, so it needs > 0")
         if updates_per_batch < 1:
             raise ValueError(f"--updates-per-batch = {updates_per_batch}: must be >= 1")
         self.updates_per_batch = updates_per_batch  # mu: optimizer steps on each batch of rollouts
@@ -218,8 +220,8 @@ class GRPOTrainer(Trainer):
         inputs, targets = inputs.to(device), targets.to(device)
         with torch.no_grad():
             # with one update per batch the sampling policy is the one being trained: no extra forward needed
-            old_logp = _token_logp(self.model(inputs), targets) if self.updates_per_batch > 1 else None
-            ref_logp = _token_logp(self.reference(inputs), targets) if self.reference is not None else None
+            old_logp = self._token_logp(self.model(inputs), targets) if self.updates_per_batch > 1 else None
+            ref_logp = self._token_logp(self.reference(inputs), targets) if self.reference is not None else None
         metrics = {"reward": reward_tensor.mean().item(), "zero_variance": zero.float().mean().item(),
                    "length_correct": statistics.mean(correct_lengths) if correct_lengths else 0.0,
                    "length_wrong": statistics.mean(wrong_lengths) if wrong_lengths else 0.0,
@@ -241,7 +243,7 @@ class GRPOTrainer(Trainer):
     def loss(self, batch: Rollouts, counts: list[Tensor] | None = None) -> tuple[Tensor, dict, int]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_type == "cuda"):
             out = self.module(batch.inputs, router_stats=True)
-        log_probs = out.logits.float().log_softmax(-1)
+        log_probs = self._log_softmax(out.logits)
         mask = batch.targets != IGNORE
         logp = log_probs.gather(-1, batch.targets.clamp_min(0)[..., None])[..., 0].masked_fill(~mask, 0.0)
         old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
@@ -254,6 +256,16 @@ class GRPOTrainer(Trainer):
                 total += router.counts
         return loss, {"loss": loss.item(), **stats, **batch.metrics}, int(mask.sum())
 
+    def _log_softmax(self, logits: Tensor) -> Tensor:
+        """Log-probs of the policy that sampled the rollouts: the logits divided by the sampling temperature,
+        so the ratio and the KL compare the distributions the samples came from (as TRL does)."""
+        return (logits.float() / self.temperature).log_softmax(-1)
+
+    def _token_logp(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """log p of each target token [N, T] (0 where the target is IGNORE)."""
+        logp = self._log_softmax(logits).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        return logp.masked_fill(targets == IGNORE, 0.0)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy on held-out problems of each task at its current difficulty (a debugging view; the
@@ -263,12 +275,6 @@ class GRPOTrainer(Trainer):
         outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
         right = [p.check_reply(o.outputs[0].text) for p, o in zip(problems, outputs, strict=True)]
         return {"val_accuracy": sum(right) / len(right)}
-
-
-def _token_logp(logits: Tensor, targets: Tensor) -> Tensor:
-    """log p of each target token [N, T] (0 where the target is IGNORE)."""
-    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    return logp.masked_fill(targets == IGNORE, 0.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
