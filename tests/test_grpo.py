@@ -203,3 +203,38 @@ def test_mu_updates_reuse_one_batch_of_rollouts(tokenizer, tmp_path):
     first = trainer.next_batch()
     assert trainer.next_batch() is first and trainer.next_batch() is not first  # 2 uses, then fresh rollouts
     assert trainer.data.index == 4  # two rollout batches of 2 prompts
+
+
+def test_corpus_of_chosen_tasks_and_difficulties():
+    from nanoseek.data import generate_corpus
+
+    documents = list(generate_corpus(40, seed=2, max_difficulty=1, tasks=["sorting"]))
+    assert len(documents) == 40 and all("Sort ascending" in d for d in documents)
+    assert documents == list(generate_corpus(40, seed=2, max_difficulty=1, tasks=["sorting"]))
+
+
+def test_dynamic_sampling_draws_more_prompts_for_groups_with_signal(tokenizer, tmp_path):
+    """DAPO: zero-variance groups are replaced by groups of newly drawn prompts, up to the resampling limit;
+    the groups kept carry signal and the rest train with zero advantage."""
+    import nanoseek
+    from nanoseek.rewards import RewardSet
+    from nanoseek.train import TrainConfig
+    from nanoseek.train.grpo import GRPOTrainer, PromptSource
+
+    torch.manual_seed(0)
+    model = nanoseek.CausalLM(nanoseek.preset("tiny", vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0))
+    config = TrainConfig(max_steps=2, batch_size=4, seq_len=64, lr=1e-4, warmup_steps=0, eval_every=1000)
+    # informative for even prompts only: a reward that depends on the sample there, a constant elsewhere
+    prompts = PromptSource(["arithmetic"])
+    asked = {p.question: i % 2 == 0 for i, p in enumerate(PromptSource(["arithmetic"]).next(40))}
+    rewards = RewardSet({"odd": 1.0}, {"odd": lambda c: float(asked[c.problem.question] and len(c.text) % 2 == 1)})
+    trainer = GRPOTrainer(model, tokenizer, prompts, config, tmp_path / "grpo", GRPOObjective(), rewards,
+                          group_size=8, max_new_tokens=9, dynamic_sampling=True, resample_rounds=3)
+    batch = trainer._rollout()
+    assert batch.metrics["prompts_sampled"] == 8  # half the first 4 had signal: one more batch of 4 filled it
+    assert batch.metrics["zero_variance_trained"] == 0 and batch.advantages.abs().sum() > 0
+    never = RewardSet({"zero": 1.0}, {"zero": lambda c: 0.0})
+    trainer.rewards = never
+    batch = trainer._rollout()
+    assert batch.metrics["prompts_sampled"] == 16 and batch.metrics["zero_variance_trained"] == 1
+    assert batch.advantages.abs().sum() == 0

@@ -20,10 +20,11 @@ def render(problem: Problem, rng: random.Random) -> str:
             f"{closing.format(answer=problem.answer)}")
 
 
-def generate_corpus(documents: int, seed: int = 0, max_difficulty: int = 3) -> Iterator[str]:
-    """`documents` documents, the same ones for the same seed."""
+def generate_corpus(documents: int, seed: int = 0, max_difficulty: int = 3,
+                    tasks: list[str] | None = None) -> Iterator[str]:
+    """`documents` documents over `tasks` (default: all), the same ones for the same seed."""
     rng = random.Random(seed)
-    names = sorted(TASKS)
+    names = sorted(tasks or TASKS)
     for _ in range(documents):
         problem = TASKS[rng.choice(names)](rng, rng.randint(1, max_difficulty))
         yield render(problem, rng)

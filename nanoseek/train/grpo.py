@@ -135,6 +135,33 @@ class PromptSource:
 
 
 @dataclass
+class Group:
+    """The G completions of one prompt: their rewards, reward parts, correctness, lengths and token rows."""
+
+    rewards: list[float] = field(default_factory=list)
+    parts: list[dict[str, float]] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    rows: list[tuple[list[int], list[int], bool]] = field(default_factory=list)
+
+    def add(self, reward: float, parts: dict[str, float], correct: bool, length: int,
+            row: tuple[list[int], list[int], bool]) -> None:
+        self.rewards.append(reward)
+        self.parts.append(parts)
+        self.correct.append(correct)
+        self.lengths.append(length)
+        self.rows.append(row)
+
+    @property
+    def passed(self) -> int:
+        return sum(self.correct)
+
+    @property
+    def zero_variance(self) -> bool:
+        return all(r == self.rewards[0] for r in self.rewards)
+
+
+@dataclass
 class Rollouts:
     inputs: Tensor  # [N, T] prompt + completion, right-padded
     targets: Tensor  # [N, T] next tokens, IGNORE outside completions
@@ -151,14 +178,17 @@ class GRPOTrainer(Trainer):
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, prompts: PromptSource, config: TrainConfig, out: Path,
                  objective: GRPOObjective, rewards: RewardSet, group_size: int = 8, max_new_tokens: int = 128,
                  temperature: float = 1.0, overlong_filter: bool = False, dynamic_sampling: bool = False,
-                 updates_per_batch: int = 1, resume: bool = False):
+                 updates_per_batch: int = 1, resume: bool = False, resample_rounds: int = 2):
         if group_size < 2:
             raise ValueError(f"--group-size = {group_size}: GRPO needs G >= 2 samples per prompt")
         if not temperature > 0:
             raise ValueError(f"--temperature = {temperature}: GRPO samples its groups, so it needs > 0")
+        if resample_rounds < 0:
+            raise ValueError(f"--resample-rounds = {resample_rounds}: must be >= 0")
         if updates_per_batch < 1:
             raise ValueError(f"--updates-per-batch = {updates_per_batch}: must be >= 1")
         self.updates_per_batch = updates_per_batch  # mu: optimizer steps on each batch of rollouts
+        self.resample_rounds = resample_rounds  # dynamic sampling: extra batches of prompts drawn at most
         self._rollouts: list[Rollouts] = []
         self._served = 0
         super().__init__(model, tokenizer, prompts, config, out, resume=resume)
@@ -188,46 +218,72 @@ class GRPOTrainer(Trainer):
         return batch
 
     def _rollout(self) -> Rollouts:
-        problems = self.data.next(self.config.batch_size)
-        first = self.data.index - len(problems)  # each problem's own seed: independent draws across prompts
-        params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
-                                 seed=self.config.seed * 1_000_003 + first + i + 7_919 * self.step)
-                  for i in range(len(problems))]
-        outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
-        rows, rewards, parts_all, correct_lengths, wrong_lengths = [], [], [], [], []
-        for problem, output in zip(problems, outputs, strict=True):
-            group, passed = [], 0
-            for completion in output.outputs:
-                truncated = completion.finish_reason == "length"
-                scored = Completion(problem, completion.text, len(completion.token_ids), self.max_new_tokens,
-                                    truncated)
-                total, parts = self.rewards(scored)
-                group.append(total)
-                parts_all.append(parts)
-                accurate = problem.check_reply(completion.text) and not truncated
-                passed += accurate
-                (correct_lengths if accurate else wrong_lengths).append(len(completion.token_ids))
-                rows.append((output.prompt_token_ids, completion.token_ids, truncated))
-            rewards.append(group)
-            self.data.update(problem.task, passed / len(group))  # the curriculum follows correctness
-        reward_tensor = torch.tensor(rewards)
-        advantages = self.objective.advantages(reward_tensor)
-        zero = zero_variance_groups(reward_tensor)
-        if self.dynamic_sampling:  # DAPO drops groups with no signal (here from the loss, not by resampling)
+        """One batch of groups. With DAPO's dynamic sampling, more prompts are drawn (up to `resample_rounds`
+        extra batches) until the batch holds `batch_size` groups whose rewards differ; any shortfall is filled
+        with zero-variance groups, whose advantages are zero."""
+        size = self.config.batch_size
+        groups = self._sample_groups(self.data.next(size))
+        batch = groups
+        if self.dynamic_sampling:
+            informative = [g for g in groups if not g.zero_variance]
+            for _ in range(self.resample_rounds):
+                if len(informative) >= size:
+                    break
+                more = self._sample_groups(self.data.next(size))
+                groups += more
+                informative += [g for g in more if not g.zero_variance]
+            flat = [g for g in groups if g.zero_variance]
+            batch = (informative + flat)[:size]
+        rewards = torch.tensor([g.rewards for g in batch])
+        advantages = self.objective.advantages(rewards)
+        zero = zero_variance_groups(rewards)
+        if self.dynamic_sampling:
             advantages = advantages.masked_fill(zero[:, None], 0.0)
-        inputs, targets = self._pack(rows)
+        inputs, targets = self._pack([row for g in batch for row in g.rows])
         device = self.model.device
         inputs, targets = inputs.to(device), targets.to(device)
         with torch.no_grad():
             # with one update per batch the sampling policy is the one being trained: no extra forward needed
             old_logp = self._token_logp(self.model(inputs), targets) if self.updates_per_batch > 1 else None
             ref_logp = self._token_logp(self.reference(inputs), targets) if self.reference is not None else None
-        metrics = {"reward": reward_tensor.mean().item(), "zero_variance": zero.float().mean().item(),
-                   "length_correct": statistics.mean(correct_lengths) if correct_lengths else 0.0,
-                   "length_wrong": statistics.mean(wrong_lengths) if wrong_lengths else 0.0,
-                   **{f"reward_{name}": statistics.mean(p[name] for p in parts_all) for name in parts_all[0]}}
-        metrics["accuracy"] = len(correct_lengths) / len(rows)
-        return Rollouts(inputs, targets, advantages.flatten().to(device), old_logp, ref_logp, metrics)
+        return Rollouts(inputs, targets, advantages.flatten().to(device), old_logp, ref_logp,
+                        self._rollout_metrics(groups, zero))
+
+    def _sample_groups(self, problems: list[Problem]) -> list[Group]:
+        first = self.data.index - len(problems)  # each problem's own seed: independent draws across prompts
+        params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
+                                 seed=self.config.seed * 1_000_003 + first + i + 7_919 * self.step)
+                  for i in range(len(problems))]
+        outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
+        groups = []
+        for problem, output in zip(problems, outputs, strict=True):
+            group = Group()
+            for completion in output.outputs:
+                truncated = completion.finish_reason == "length"
+                scored = Completion(problem, completion.text, len(completion.token_ids), self.max_new_tokens,
+                                    truncated)
+                total, parts = self.rewards(scored)
+                accurate = problem.check_reply(completion.text) and not truncated
+                group.add(total, parts, accurate, len(completion.token_ids),
+                          (output.prompt_token_ids, completion.token_ids, truncated))
+            self.data.update(problem.task, group.passed / len(group.rewards))  # the curriculum follows correctness
+            groups.append(group)
+        return groups
+
+    @staticmethod
+    def _rollout_metrics(groups: list[Group], zero_in_batch: Tensor) -> dict[str, float]:
+        """Metrics of everything sampled (the policy's behaviour), and of the batch trained on."""
+        parts = [p for g in groups for p in g.parts]
+        correct = [n for g in groups for n, ok in zip(g.lengths, g.correct, strict=True) if ok]
+        wrong = [n for g in groups for n, ok in zip(g.lengths, g.correct, strict=True) if not ok]
+        return {"reward": statistics.mean(r for g in groups for r in g.rewards),
+                "accuracy": len(correct) / (len(correct) + len(wrong)),
+                "zero_variance": statistics.mean(g.zero_variance for g in groups),
+                "zero_variance_trained": zero_in_batch.float().mean().item(),
+                "prompts_sampled": float(len(groups)),
+                "length_correct": statistics.mean(correct) if correct else 0.0,
+                "length_wrong": statistics.mean(wrong) if wrong else 0.0,
+                **{f"reward_{name}": statistics.mean(p[name] for p in parts) for name in parts[0]}}
 
     def _pack(self, rows: list[tuple[list[int], list[int], bool]]) -> tuple[Tensor, Tensor]:
         width = max(len(p) + len(c) for p, c, _ in rows) - 1
@@ -291,7 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--updates-per-batch", type=int, default=1, help="mu: optimizer steps per rollout batch")
     parser.add_argument("--no-scale-rewards", action="store_true", help="Dr. GRPO: do not divide by the std")
     parser.add_argument("--overlong-filter", action="store_true", help="DAPO: no loss on truncated samples")
-    parser.add_argument("--dynamic-sampling", action="store_true", help="DAPO: drop zero-variance groups")
+    parser.add_argument("--dynamic-sampling", action="store_true", help="DAPO: replace zero-variance groups by "
+                        "groups of newly drawn prompts (up to --resample-rounds extra batches)")
+    parser.add_argument("--resample-rounds", type=int, default=2)
     parser.add_argument("--reward-weights", default="accuracy=1,format=0.1")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--device", default=None)
@@ -319,7 +377,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: GRPO needs a tokenizer with a chat_template in the checkpoint")
     trainer = GRPOTrainer(model, tokenizer, PromptSource(tasks, config.seed), config, out, objective,
                           RewardSet(weights), args.group_size, args.max_new_tokens, args.temperature,
-                          args.overlong_filter, args.dynamic_sampling, args.updates_per_batch, resume=args.resume)
+                          args.overlong_filter, args.dynamic_sampling, args.updates_per_batch, resume=args.resume,
+                          resample_rounds=args.resample_rounds)
     print(f"grpo ({args.loss_type}): {config.max_steps} steps of {config.batch_size} prompts x G = {args.group_size} "
           f"on {', '.join(tasks)} from {args.model}")
     last = trainer.run()

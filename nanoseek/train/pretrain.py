@@ -16,6 +16,7 @@ from ..config import PRESETS, ModelConfig, preset
 from ..data import PackedSequences, TokenStream, build_shards, generate_corpus, load_manifest, read_documents, resolve
 from ..data.shards import tokenizer_fingerprint
 from ..model import CausalLM
+from ..tasks import TASKS, parse_tasks
 from ..tokenizer import Tokenizer, train_tokenizer
 from .loop import TrainConfig, Trainer, add_train_arguments, train_config_from
 
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, help="override the config's vocab_size (and the tokenizer's)")
     parser.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text")
     parser.add_argument("--corpus-docs", type=int, default=20_000, help="documents of the built-in corpus")
+    parser.add_argument("--corpus-tasks", default=",".join(TASKS), help="tasks of the built-in corpus")
+    parser.add_argument("--corpus-max-difficulty", type=int, default=3, help="hardest problems of the corpus")
     parser.add_argument("--out", default="runs/pretrain", help="run directory")
     parser.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the data)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/latest")
@@ -48,8 +51,12 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 def _documents(args: argparse.Namespace):
     """(documents iterator factory, a string naming the source for the shard manifest)."""
     if not args.data:
-        source = f"builtin-corpus:documents={args.corpus_docs},seed={args.seed}"
-        return (lambda: generate_corpus(args.corpus_docs, args.seed)), source
+        tasks = parse_tasks(args.corpus_tasks)
+        if args.corpus_max_difficulty < 1:
+            raise ValueError(f"--corpus-max-difficulty = {args.corpus_max_difficulty}: must be >= 1")
+        source = (f"builtin-corpus:documents={args.corpus_docs},seed={args.seed},tasks={','.join(tasks)},"
+                  f"max_difficulty={args.corpus_max_difficulty}")
+        return (lambda: generate_corpus(args.corpus_docs, args.seed, args.corpus_max_difficulty, tasks)), source
     files = resolve(args.data)
     source = json.dumps([[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files] + [args.field])
     return (lambda: read_documents(files, args.field)), source
