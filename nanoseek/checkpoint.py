@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .config import ConfigError, ModelConfig
 from .model import CausalLM, MoE
+from .model.dense import DENSE_ARCHITECTURES, DenseConfig, DenseLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -47,6 +48,7 @@ class TensorSlot:
     read: Callable[[], Tensor]
     write: Callable[[Tensor], None]
     optional: bool = False  # may be absent on load (the MTP copies of the embedding and head)
+    saved: bool = True  # written on save (not a tied head)
 
 
 def _param_slot(tensor: Tensor) -> TensorSlot:
@@ -80,9 +82,17 @@ def _module_slots(prefix: str, module: torch.nn.Module) -> dict[str, TensorSlot]
     return slots
 
 
-def checkpoint_slots(model: CausalLM) -> dict[str, TensorSlot]:
+def checkpoint_slots(model: CausalLM | DenseLM) -> dict[str, TensorSlot]:
     """Every tensor of the checkpoint format, keyed by its checkpoint name."""
     slots = _module_slots("model.", model.model)
+    if isinstance(model, DenseLM):
+        head = model.lm_head.weight
+        if model.config.tie_word_embeddings:  # one matrix, stored once as the embedding (transformers' rule)
+            slots["lm_head.weight"] = TensorSlot(tuple(head.shape), lambda: head.detach(), lambda t: None,
+                                                 optional=True, saved=False)
+        else:
+            slots["lm_head.weight"] = _param_slot(head)
+        return slots
     slots.update(_module_slots("lm_head.", model.lm_head))
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
     for k, module in enumerate(model.mtp):
@@ -147,27 +157,42 @@ def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], na
     return weight.float() * scale
 
 
+def read_config(file: Path) -> ModelConfig | DenseConfig:
+    """The config of a checkpoint: DeepSeek-V3's, or the dense family's (Llama, Qwen2) by `model_type`."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and raw.get("model_type") in DENSE_ARCHITECTURES:
+            return DenseConfig.from_dict(raw)
+        return ModelConfig.from_json_file(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
+    except ConfigError as exc:
+        raise CheckpointError(f"{file}: {exc}") from exc
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None) -> CausalLM:
-    """Load an HF-format DeepSeek-V3 checkpoint directory; fp32 on CPU and bf16 on CUDA unless `dtype` says."""
+               dtype: torch.dtype | None = None) -> CausalLM | DenseLM:
+    """Load an HF-format checkpoint directory: DeepSeek-V3, or a Llama / Qwen2 dense model (R1's distilled
+    students); fp32 on CPU and bf16 on CUDA unless `dtype` says."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; expected a checkpoint directory with {CONFIG_FILE} "
                               "and safetensors weights")
     if not (path / CONFIG_FILE).exists():
         raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a checkpoint directory")
-    try:
-        config = ModelConfig.from_json_file(path / CONFIG_FILE)
-    except ConfigError as exc:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from exc
+    config = read_config(path / CONFIG_FILE)
     files = _weight_files(path)
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    block = tuple((config.quantization_config or {}).get("weight_block_size", (128, 128)))
+    quantization = getattr(config, "quantization_config", None) or {}
+    block = tuple(quantization.get("weight_block_size", (128, 128)))
 
-    depth = min(_mtp_layers_present(list(files), config), config.num_nextn_predict_layers)
     with torch.device(device):
-        model = CausalLM(replace(config, quantization_config=None), num_mtp_modules=depth)
+        if isinstance(config, DenseConfig):
+            model = DenseLM(config)
+        else:
+            depth = min(_mtp_layers_present(list(files), config), config.num_nextn_predict_layers)
+            model = CausalLM(replace(config, quantization_config=None), num_mtp_modules=depth)
     model.to(dtype)
     slots = checkpoint_slots(model)
 
@@ -201,7 +226,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
             shown = ", ".join(names[:_LIST_LIMIT]) + (f", ... ({len(names)} in all)" if len(names) > _LIST_LIMIT
                                                       else "")
             problems.append(f"{len(names)} {label} tensor(s): {shown}")
-    if any(_layer_index(name) >= config.num_hidden_layers for name in unexpected):
+    if isinstance(model, CausalLM) and any(_layer_index(name) >= config.num_hidden_layers for name in unexpected):
         problems.append(f"tensors under model.layers.{config.num_hidden_layers} and above are MTP modules: "
                         "config.json's num_nextn_predict_layers says how many the model has")
     if problems:
@@ -230,7 +255,7 @@ def _get(handle, name: str, file: Path) -> Tensor:
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def save_model(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None,
+def save_model(model: CausalLM | DenseLM, path: str | os.PathLike, dtype: torch.dtype | None = None,
                max_shard_bytes: int | None = None) -> None:
     """Write config.json, generation_config.json and safetensors (sharded above `max_shard_bytes`).
 
@@ -239,7 +264,7 @@ def save_model(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | No
     path = Path(path)
     dtype = dtype or model.dtype
     limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-    slots = checkpoint_slots(model)
+    slots = {name: slot for name, slot in checkpoint_slots(model).items() if slot.saved}
 
     def out_dtype(name: str) -> torch.dtype:
         return torch.float32 if name.endswith("e_score_correction_bias") else dtype
@@ -267,7 +292,8 @@ def save_model(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | No
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        config = replace(model.config, num_nextn_predict_layers=len(model.mtp))
+        config = model.config if isinstance(model, DenseLM) else replace(model.config,
+                                                                            num_nextn_predict_layers=len(model.mtp))
         config.to_json_file(tmp / CONFIG_FILE, dtype=str(dtype).removeprefix("torch."))
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                       **model.generation_config}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .model.dense import DenseConfig
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,20 @@ def _moe(c: ModelConfig, activated: bool) -> int:
     return router + (experts + c.n_shared_experts) * _swiglu(d, c.moe_intermediate_size)
 
 
-def parameter_counts(c: ModelConfig) -> ParameterCounts:
+def _dense_counts(c: DenseConfig) -> ParameterCounts:
+    """Llama / Qwen2: the same accounting (the embedding is not activated; a tied head is the same matrix)."""
+    d, hd = c.hidden_size, c.head_size
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    attention = d * (q + 2 * kv) + q * d + ((q + 2 * kv) if c.qkv_bias else 0) + (d if c.attention_bias else 0)
+    layer = attention + _swiglu(d, c.intermediate_size) + 2 * d
+    embed, head = c.vocab_size * d, 0 if c.tie_word_embeddings else c.vocab_size * d
+    total = c.num_hidden_layers * layer + embed + head + d
+    return ParameterCounts(total, total - (embed if head else 0), 0, 0, 0)
+
+
+def parameter_counts(c: ModelConfig | DenseConfig) -> ParameterCounts:
+    if isinstance(c, DenseConfig):
+        return _dense_counts(c)
     d = c.hidden_size
     block_norms = 2 * d
     dense_layers = c.first_k_dense_replace

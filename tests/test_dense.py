@@ -1,0 +1,84 @@
+"""The dense student family (Llama, Qwen2) against transformers: logits, checkpoints both ways, the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek import LLM, SamplingParams
+from nanoseek.model.dense import DenseLM
+from nanoseek.sizing import parameter_counts
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
+CASES = {
+    # R1-Distill-Qwen's layout: q/k/v biases, GQA, large rope_theta, tied embeddings in the small ones
+    "qwen2-tied": ("qwen2", dict(rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen2": ("qwen2", dict(rope_theta=10000.0, tie_word_embeddings=False)),
+    # R1-Distill-Llama's layout: no biases, Llama 3 rope scaling
+    "llama3": ("llama", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "llama-head-dim": ("llama", dict(head_dim=32, attention_bias=True, num_key_value_heads=1)),
+}
+
+
+def hf_dense(family: str, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                                 "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**BASE, **overrides}, attn_implementation="eager")).eval()
+    with torch.no_grad():  # biases and norms away from their 0 / 1 defaults, which hide bugs
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.2 * torch.randn(param.shape))
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers_both_ways(case, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    family, overrides = CASES[case]
+    reference = hf_dense(family, **overrides)
+    reference.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    ours = nanoseek.load_model(tmp_path / "hf")
+    assert isinstance(ours, DenseLM)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), expected, atol=1e-4, rtol=1e-4)
+    ours.save_pretrained(tmp_path / "ours")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    assert type(back) is type(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert parameter_counts(ours.config).total == sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize("case", ["qwen2-tied", "llama3"])
+def test_engine_greedy_matches_transformers_generate(case, tmp_path):
+    """`LLM(r1_distill_dir)` works: the engine's cached decode gives transformers' greedy tokens."""
+    family, overrides = CASES[case]
+    reference = hf_dense(family, seed=2, **overrides)
+    reference.save_pretrained(tmp_path)
+    prompts = [[5, 9, 17, 33, 2], [7] * 11 + [40, 41]]
+    llm = LLM(tmp_path, device="cpu", max_num_seqs=4)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    for prompt, output in zip(prompts, outputs, strict=True):
+        generated = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0)
+        assert output.outputs[0].token_ids == generated[0, len(prompt):].tolist()
+
+
+def test_dense_config_errors_name_the_field(tmp_path):
+    family, overrides = CASES["qwen2"]
+    hf_dense(family, **overrides).save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text().replace('"num_key_value_heads": 2', '"num_key_value_heads": 3')
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(nanoseek.CheckpointError, match="num_key_value_heads"):
+        nanoseek.load_model(tmp_path)
