@@ -239,13 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import eval as eval_module
     from . import serve
-    from .train import grpo, pretrain, sft
+    from .train import grpo, pretrain, rejection, sft
 
     for name, module, summary in (
             ("pretrain", pretrain, "train a model from scratch (built-in corpus by default)"),
             ("sft", sft, "supervised fine-tuning on conversations (cold-start R1 data by default)"),
             ("grpo", grpo, "reinforcement learning with GRPO and rule-based rewards on verifiable tasks"),
             ("eval", eval_module, "held-out pass@1 over k samples, cons@k and pass@k, per task"),
+            ("rejection-sample", rejection, "verified samples of a checkpoint as SFT data (R1's second SFT set)"),
             ("serve", serve, "OpenAI/DeepSeek-compatible HTTP server with a web chat page")):
         command = sub.add_parser(name, help=summary)
         module.add_arguments(command)

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from .engine import LLM, SamplingParams
-from .tasks import Problem, load_problems, make_problem, parse_tasks
+from .tasks import HELD_OUT_PROBLEMS, Problem, load_problems, make_problem, parse_tasks
 from .tasks.check import extract_answer
 
 
@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
             difficulties = [int(d) for d in args.difficulties.split(",")]
         except ValueError as exc:
             raise ValueError(f"--difficulties {args.difficulties!r}: comma-separated integers") from exc
+        if not 1 <= args.problems <= HELD_OUT_PROBLEMS:
+            raise ValueError(f"--problems = {args.problems}: must be in [1, {HELD_OUT_PROBLEMS}], the held-out "
+                             "problems that training never draws")
         problems = [(make_problem(t, i, d, "eval"), d) for t in tasks for d in difficulties
                     for i in range(args.problems)]
     if args.samples < 1:

@@ -238,3 +238,54 @@ def test_dynamic_sampling_draws_more_prompts_for_groups_with_signal(tokenizer, t
     batch = trainer._rollout()
     assert batch.metrics["prompts_sampled"] == 16 and batch.metrics["zero_variance_trained"] == 1
     assert batch.advantages.abs().sum() == 0
+
+
+def test_rejection_verdicts():
+    from nanoseek.tasks import make_problem
+    from nanoseek.train.rejection import verdict
+
+    problem = make_problem("arithmetic", 0, 1)
+    good = f"{problem.reasoning}\n</think>\nThe answer is {problem.answer}."
+    assert verdict(problem, good, False, 20, 64, 1.0) is None
+    assert verdict(problem, good, True, 64, 64, 1.0) == "truncated"
+    assert verdict(problem, f"{problem.reasoning}\nThe answer is {problem.answer}.", False, 20, 64, 1.0) == "format"
+    assert verdict(problem, good.replace(f"is {problem.answer}.", f"is {problem.answer}1."), False, 20, 64,
+                   1.0) == "wrong"
+    assert verdict(problem, "计算 " + good, False, 20, 64, 1.0) == "language"
+
+
+def test_rejection_sampling_keeps_only_verified_samples_and_no_evaluation_prompt(tokenizer, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from nanoseek import LLM, SamplingParams
+    from nanoseek.tasks import make_problem
+    from nanoseek.train.rejection import held_out_questions, rejection_sample
+
+    model = _sft_primed(tokenizer, 150, tmp_path)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save(tmp_path / "model")
+    llm = LLM(model, device="cpu", max_num_seqs=64, tokenizer=tokenizer)
+    problems = [make_problem("arithmetic", i, 1) for i in range(48)] + \
+        [make_problem("arithmetic", i, 1, "eval") for i in range(8)]
+    banned = held_out_questions(["arithmetic"], [1])
+    contaminated = sum(p.question in banned for p in problems)
+    assert contaminated >= 8  # the eval problems, and training seeds that drew a held-out question
+    conversations, stats = rejection_sample(llm, problems, 8, SamplingParams(temperature=1.0, max_tokens=48, seed=3),
+                                            banned, keep_per_prompt=2)
+    assert stats.contaminated_prompts == contaminated and stats.prompts == len(problems) - contaminated
+    assert stats.kept + sum(stats.rejected.values()) == stats.samples == stats.prompts * 8
+    by_question = {p.question: p for p in problems}
+    for user, assistant in conversations:
+        assert user["content"] not in banned
+        problem = by_question[user["content"]]
+        assert assistant["content"].startswith("<think>") and problem.check_reply(assistant["content"], opened=False)
+    assert stats.kept == len(conversations) > 0
+    out = tmp_path / "traces.jsonl"
+    result = subprocess.run([sys.executable, "-m", "nanoseek", "rejection-sample", "--model", str(tmp_path / "model"),
+                             "--out", str(out), "--prompts", "16", "--samples", "4", "--difficulties", "1",
+                             "--max-tokens", "48"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats_file = json.loads(out.with_suffix(".stats.json").read_text())
+    assert stats_file["samples"] == 64 and len(out.read_text().splitlines()) == stats_file["kept"]

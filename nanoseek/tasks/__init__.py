@@ -4,6 +4,7 @@ ranges, so evaluation problems are never trained on."""
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,6 +107,9 @@ TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
     "arithmetic": arithmetic, "linear_equation": linear_equation, "sorting": sorting, "countdown": countdown,
 }
 EVAL_SEED_OFFSET = 1 << 40  # evaluation problems come from seeds no training run reaches
+# Held-out problems per task and difficulty. Small problem spaces repeat questions across seeds (arithmetic
+# at difficulty 1 has 6,561), so training draws skip any question among these; evaluation uses no more.
+HELD_OUT_PROBLEMS = 2000
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -125,6 +129,21 @@ def make_problem(task: str, index: int, difficulty: int = 1, split: str = "train
         raise ValueError(f"split = {split!r}: must be 'train' or 'eval'")
     seed = index + (EVAL_SEED_OFFSET if split == "eval" else 0)
     return TASKS[task](random.Random(f"{task}:{seed}:{difficulty}"), difficulty)
+
+
+@functools.lru_cache(maxsize=64)
+def evaluation_questions(task: str, difficulty: int) -> frozenset[str]:
+    """The questions of a task's held-out problems at a difficulty."""
+    return frozenset(make_problem(task, i, difficulty, "eval").question for i in range(HELD_OUT_PROBLEMS))
+
+
+def training_problem(task: str, index: int, difficulty: int = 1) -> Problem:
+    """Training problem `index`: a held-out question is replaced by a draw from a seed range of its own."""
+    for attempt in range(1000):
+        problem = make_problem(task, index + attempt * (1 << 32), difficulty)
+        if problem.question not in evaluation_questions(task, difficulty):
+            return problem
+    raise ValueError(f"task {task!r} at difficulty {difficulty}: no training problem outside the held-out set")
 
 
 def load_problems(path: str | Path) -> list[Problem]:

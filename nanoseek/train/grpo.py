@@ -22,7 +22,7 @@ from ..checkpoint import load_model
 from ..engine import LLM, SamplingParams
 from ..model import CausalLM
 from ..rewards import Completion, RewardSet
-from ..tasks import Problem, make_problem, parse_tasks
+from ..tasks import Problem, make_problem, parse_tasks, training_problem
 from ..tokenizer import Tokenizer
 from .loop import TrainConfig, Trainer, add_train_arguments, train_config_from
 from .losses import IGNORE
@@ -115,9 +115,10 @@ class PromptSource:
 
     def next(self, count: int) -> list[Problem]:
         problems = []
-        for _ in range(count):
+        for _ in range(count):  # task by task in turn; held-out questions are skipped
             task = self.tasks[self.index % len(self.tasks)]
-            problems.append(make_problem(task, self.seed * 1_000_003 + self.index, self.difficulty[task]))
+            problem = training_problem(task, self.seed * 1_000_003 + self.index, self.difficulty[task])
+            problems.append(problem)
             self.index += 1
         return problems
 

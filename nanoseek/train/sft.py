@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..data import ChatSequences, read_conversations
-from ..tasks import Problem, make_problem, parse_tasks
+from ..tasks import Problem, parse_tasks, training_problem
 from ..tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
 from .loop import Trainer, add_train_arguments, train_config_from
 
@@ -26,7 +26,7 @@ def cold_start(tasks: list[str], examples: int, max_difficulty: int, seed: int) 
     conversations = []
     for index in range(examples):
         task = tasks[index % len(tasks)]
-        problem = make_problem(task, seed * 1_000_003 + index, 1 + index % max_difficulty)
+        problem = training_problem(task, seed * 1_000_003 + index, 1 + index % max_difficulty)
         conversations.append([{"role": "user", "content": problem.question},
                               {"role": "assistant", "content": r1_reply(problem)}])
     return conversations

@@ -1,0 +1,168 @@
+"""`nanoseek rejection-sample`: R1's second SFT data set from its RL checkpoint (spec grpo-r1.md §2.5).
+
+k samples per training prompt; a sample is kept only if it is correct, well formatted (a closed think block,
+then one answer), not cut by the length limit, in one language, and not a duplicate of one already kept for
+that prompt. Prompts that match a held-out evaluation problem are dropped (decontamination). Optional
+non-reasoning conversations are mixed in. The result is SFT JSONL (`{"messages": [...]}`), written whole or
+not at all, with a statistics file beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import read_conversations
+from ..engine import LLM, SamplingParams
+from ..eval import prompt_for
+from ..rewards import Completion, format_reward, language_consistency
+from ..tasks import Problem, evaluation_questions, parse_tasks, training_problem
+from ..tokenizer import THINK_OPEN
+
+
+@dataclass
+class RejectionStats:
+    prompts: int = 0
+    samples: int = 0
+    kept: int = 0
+    rejected: Counter = field(default_factory=Counter)  # reason -> samples
+    contaminated_prompts: int = 0
+    kept_per_task: Counter = field(default_factory=Counter)
+    mixed_conversations: int = 0
+
+    def as_dict(self) -> dict:
+        return {"prompts": self.prompts, "samples": self.samples, "kept": self.kept,
+                "acceptance": self.kept / self.samples if self.samples else 0.0, "rejected": dict(self.rejected),
+                "contaminated_prompts": self.contaminated_prompts, "kept_per_task": dict(self.kept_per_task),
+                "mixed_conversations": self.mixed_conversations}
+
+
+def held_out_questions(tasks: list[str], difficulties: list[int]) -> set[str]:
+    return set().union(*(evaluation_questions(t, d) for t in tasks for d in difficulties))
+
+
+def verdict(problem: Problem, text: str, truncated: bool, tokens: int, max_tokens: int,
+            min_language: float) -> str | None:
+    """Why a sample is rejected, or None to keep it."""
+    completion = Completion(problem, text, tokens, max_tokens, truncated)
+    if truncated:
+        return "truncated"
+    if not format_reward(completion):
+        return "format"
+    if not problem.check_reply(text):
+        return "wrong"
+    if language_consistency(completion) < min_language:
+        return "language"
+    return None
+
+
+def rejection_sample(llm: LLM, problems: list[Problem], samples: int, params: SamplingParams,
+                     banned: set[str], keep_per_prompt: int, min_language: float = 1.0
+                     ) -> tuple[list[list[dict]], RejectionStats]:
+    """Conversations of verified samples, and the statistics of what was kept and why the rest was not."""
+    stats = RejectionStats()
+    clean = [p for p in problems if p.question not in banned]
+    stats.contaminated_prompts = len(problems) - len(clean)
+    params = dataclasses.replace(params, n=samples)
+    outputs = llm.generate([prompt_for(llm, p) for p in clean], params)
+    conversations = []
+    for problem, output in zip(clean, outputs, strict=True):
+        stats.prompts += 1
+        seen: set[str] = set()
+        for completion in output.outputs:
+            stats.samples += 1
+            reason = verdict(problem, completion.text, completion.finish_reason == "length",
+                             len(completion.token_ids), params.max_tokens, min_language)
+            key = " ".join(completion.text.split())
+            if reason is None and key in seen:
+                reason = "duplicate"
+            if reason is None and len(seen) >= keep_per_prompt:
+                reason = "prompt_quota"
+            if reason is not None:
+                stats.rejected[reason] += 1
+                continue
+            seen.add(key)
+            stats.kept += 1
+            stats.kept_per_task[problem.task] += 1
+            # the prompt opened the think block; the stored reply carries it, as SFT data does
+            reply = completion.text if completion.text.lstrip().startswith(THINK_OPEN) else \
+                f"{THINK_OPEN}\n{completion.text}"
+            conversations.append([{"role": "user", "content": problem.question},
+                                  {"role": "assistant", "content": reply.strip()}])
+    return conversations, stats
+
+
+def write_jsonl(conversations: list[list[dict]], path: Path) -> None:
+    """All rows or nothing: written to a temporary file in the same directory, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            for messages in conversations:
+                out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the checkpoint to sample (R1: the reasoning-RL one)")
+    parser.add_argument("--out", default="runs/rejection.jsonl", help="SFT JSONL to write")
+    parser.add_argument("--tasks", default="arithmetic")
+    parser.add_argument("--difficulties", default="1,2")
+    parser.add_argument("--prompts", type=int, default=500, help="training prompts per task and difficulty")
+    parser.add_argument("--samples", type=int, default=4, help="k samples per prompt")
+    parser.add_argument("--keep-per-prompt", type=int, default=2, help="verified samples kept per prompt at most")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--min-language", type=float, default=1.0, help="share of reasoning words in the target "
+                        "language a kept sample needs")
+    parser.add_argument("--mix", help="JSONL conversations of non-reasoning data to mix in")
+    parser.add_argument("--mix-ratio", type=float, default=0.25, help="mixed conversations per kept sample")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = parse_tasks(args.tasks)
+    try:
+        difficulties = [int(d) for d in args.difficulties.split(",")]
+    except ValueError as exc:
+        raise ValueError(f"--difficulties {args.difficulties!r}: comma-separated integers") from exc
+    for name in ("prompts", "samples", "keep_per_prompt", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
+    if args.mix_ratio < 0:
+        raise ValueError(f"--mix-ratio = {args.mix_ratio}: must be >= 0")
+    mixed = read_conversations(Path(args.mix)) if args.mix else []
+    llm = LLM(args.model, device=args.device, max_num_seqs=64, seed=args.seed)
+    problems = [training_problem(t, args.seed * 1_000_003 + i, d) for t in tasks for d in difficulties
+                for i in range(args.prompts)]
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    conversations, stats = rejection_sample(llm, problems, args.samples, params,
+                                            held_out_questions(tasks, difficulties), args.keep_per_prompt,
+                                            args.min_language)
+    if mixed:
+        rng = random.Random(args.seed)
+        chosen = rng.sample(mixed, min(len(mixed), round(args.mix_ratio * len(conversations))))
+        stats.mixed_conversations = len(chosen)
+        conversations = conversations + chosen
+        rng.shuffle(conversations)
+    out = Path(args.out)
+    write_jsonl(conversations, out)
+    stats_path = out.with_suffix(".stats.json")
+    stats_path.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+    print(f"rejection sampling: kept {stats.kept} of {stats.samples} samples from {stats.prompts} prompts "
+          f"({100 * stats.as_dict()['acceptance']:.1f}%); rejected {dict(stats.rejected)}; "
+          f"{stats.contaminated_prompts} prompts dropped as evaluation problems; wrote {out} and {stats_path}")
+    return 0
