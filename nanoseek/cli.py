@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import eval as eval_module
     from . import serve
-    from .train import grpo, pretrain, rejection, sft
+    from .train import distill, grpo, pretrain, rejection, sft
 
     for name, module, summary in (
             ("pretrain", pretrain, "train a model from scratch (built-in corpus by default)"),
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("grpo", grpo, "reinforcement learning with GRPO and rule-based rewards on verifiable tasks"),
             ("eval", eval_module, "held-out pass@1 over k samples, cons@k and pass@k, per task"),
             ("rejection-sample", rejection, "verified samples of a checkpoint as SFT data (R1's second SFT set)"),
+            ("distill", distill, "train a dense student (Qwen2/Llama layout) on a teacher's traces, optionally its "
+             "logits"),
             ("serve", serve, "OpenAI/DeepSeek-compatible HTTP server with a web chat page")):
         command = sub.add_parser(name, help=summary)
         module.add_arguments(command)

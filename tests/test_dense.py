@@ -103,3 +103,50 @@ def test_the_training_loop_trains_a_dense_student(tmp_path):
     trainer = Trainer(student, tokenizer, data, config, tmp_path / "student")
     losses = [trainer.train_step()["loss"] for _ in range(30)]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_distillation_lowers_the_students_loss_on_teacher_traces(tmp_path):
+    """SFT on the teacher's traces plus the forward KL to its logits: both fall for the dense student."""
+    import json
+    import subprocess
+    import sys
+
+    from nanoseek.data import ChatSequences, generate_corpus
+    from nanoseek.model.dense import DenseConfig
+    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.train import TrainConfig, Trainer
+    from nanoseek.train.distill import DistillTrainer
+    from nanoseek.train.sft import cold_start
+
+    tokenizer = train_tokenizer(generate_corpus(300, seed=1), 320)
+    torch.manual_seed(0)
+    teacher = nanoseek.CausalLM(nanoseek.preset("tiny", vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0))
+    traces = cold_start(["arithmetic"], 200, 1, 0)
+    data = ChatSequences(traces, tokenizer, 64, 0)
+    config = TrainConfig(max_steps=25, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=3, eval_every=1000,
+                         mtp_lambda=0.0, bias_gamma=0.0)
+    teaching = Trainer(teacher, tokenizer, data, config, tmp_path / "teaching")  # a teacher that knows the traces
+    for _ in range(25):
+        teaching.train_step()
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save(tmp_path / "teacher")
+    (tmp_path / "traces.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in traces))
+    student = DenseLM(DenseConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True))
+    trainer = DistillTrainer(student, tokenizer, data, config, tmp_path / "student", teacher, kd_weight=0.5)
+    first = trainer.train_step()
+    for _ in range(23):
+        trainer.train_step()
+    last = trainer.train_step()
+    assert last["ce"] < 0.6 * first["ce"] and last["kd"] < 0.6 * first["kd"]
+    with pytest.raises(ValueError, match="one tokenizer"):
+        wide = DenseLM(DenseConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+        DistillTrainer(wide, tokenizer, data, config, tmp_path / "wide", teacher, kd_weight=0.5)
+    result = subprocess.run([sys.executable, "-m", "nanoseek", "distill", "--student", "nano-dense", "--teacher",
+                             str(tmp_path / "teacher"), "--data", str(tmp_path / "traces.jsonl"), "--out",
+                             str(tmp_path / "cli"), "--max-steps", "2", "--batch-size", "2", "--seq-len", "64",
+                             "--kd-weight", "0.5", "--save-every", "2"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert isinstance(nanoseek.load_model(tmp_path / "cli" / "latest"), DenseLM)

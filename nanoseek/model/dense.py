@@ -28,6 +28,12 @@ from .rope import apply_rope
 from .transformer import ModelOutput, _select
 
 DENSE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Students for the built-in pipeline, in R1-Distill-Qwen's layout (the vocabulary comes from the teacher).
+DENSE_PRESETS = {
+    "nano-dense": dict(model_type="qwen2", hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=True, rope_theta=10000.0),
+}
 _IGNORED_KEYS = frozenset({"architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
                            "model_type", "use_cache", "pretraining_tp", "auto_map", "use_sliding_window",
                            "sliding_window", "max_window_layers", "layer_types", "mlp_bias", "rope_parameters"})
