@@ -49,7 +49,7 @@ class LLM:
                  tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if isinstance(model, CausalLM):
+        if isinstance(model, torch.nn.Module):  # a CausalLM or a dense student
             self.model = model.to(device=device, dtype=dtype).eval()
         elif isinstance(model, str) and model in PRESETS and not Path(model).exists():
             torch.manual_seed(seed)

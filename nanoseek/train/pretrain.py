@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import read_config
 from ..config import PRESETS, ModelConfig, preset
 from ..data import PackedSequences, TokenStream, build_shards, generate_corpus, load_manifest, read_documents, resolve
 from ..data.shards import tokenizer_fingerprint
 from ..model import CausalLM
+from ..model.dense import DenseConfig, DenseLM
 from ..tasks import TASKS, parse_tasks
 from ..tokenizer import Tokenizer, train_tokenizer
 from .loop import TrainConfig, Trainer, add_train_arguments, train_config_from
@@ -43,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
 
 
-def _model_config(args: argparse.Namespace) -> ModelConfig:
-    config = ModelConfig.from_json_file(args.config) if args.config else preset(args.preset or "nano")
+def _model_config(args: argparse.Namespace) -> ModelConfig | DenseConfig:
+    """A preset, or a config.json of either family (a dense one pretrains a student for distillation)."""
+    config = read_config(Path(args.config)) if args.config else preset(args.preset or "nano")
     return config.replace(vocab_size=args.vocab_size) if args.vocab_size else config
 
 
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config: ModelConfig, rank: int,
+def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config: ModelConfig | DenseConfig, rank: int,
          device: torch.device) -> int:
     documents, source = _documents(args)
     shards = out / "data"
@@ -124,7 +127,7 @@ def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config:
                            source=f"{manifest['source']}|{manifest['tokenizer']}")
     torch.manual_seed(train_config.seed)
     with torch.device(device):
-        model = CausalLM(config)
+        model = DenseLM(config) if isinstance(config, DenseConfig) else CausalLM(config)
     model.generation_config = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     trainer = Trainer(model, tokenizer, data, train_config, out, resume=args.resume, parallel=args.parallel)
     if rank != 0:
