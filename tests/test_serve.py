@@ -77,7 +77,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    server = Server(checkpoint, "--api-key", KEY, "--max-num-seqs", "8", "--max-model-len", "256")
+    server = Server(checkpoint, "--api-key", KEY, "--max-num-seqs", "8", "--max-model-len", "2048")
     yield server
     server.stop()
 
@@ -85,7 +85,7 @@ def server(checkpoint):
 @pytest.fixture(scope="module")
 def engine(checkpoint) -> LLM:
     """The same checkpoint in-process: the reference for what the server must return."""
-    return LLM(checkpoint, device="cpu", max_num_seqs=8, max_model_len=256)
+    return LLM(checkpoint, device="cpu", max_num_seqs=8, max_model_len=2048)
 
 
 def chat_prompt(engine: LLM, messages=MESSAGES) -> list[int]:
@@ -280,7 +280,7 @@ def test_error_statuses(server):
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)
     assert unknown.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError) as long:
-        client.completions.create(model=MODEL, prompt=list(range(3, 300)), max_tokens=4)
+        client.completions.create(model=MODEL, prompt=list(range(3, 300)) * 7, max_tokens=4)
     assert long.value.body["code"] == "context_length_exceeded"
     garbage = httpx.post(server.base + "/v1/chat/completions", content=b"{not json",
                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
@@ -302,6 +302,18 @@ def test_cancelled_stream_frees_its_slot(server):
         if server.metric("nanoseek_requests_aborted_total") == aborted + 1 and \
                 server.metric("nanoseek_cache_slots_used") == 0:
             break
+        time.sleep(0.05)
+    assert server.metric("nanoseek_requests_aborted_total") == aborted + 1
+    assert server.metric("nanoseek_cache_slots_used") == 0
+
+
+def test_non_streaming_request_is_cancelled_when_its_client_leaves(server):
+    aborted = server.metric("nanoseek_requests_aborted_total")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                   json={"model": MODEL, "prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "n": 4})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.metric("nanoseek_requests_aborted_total") == aborted:
         time.sleep(0.05)
     assert server.metric("nanoseek_requests_aborted_total") == aborted + 1
     assert server.metric("nanoseek_cache_slots_used") == 0
