@@ -25,7 +25,7 @@ from ..config import ConfigError
 from .attention import CacheContext, LatentCache
 from .layers import MLP, RMSNorm, apply_keeping_fp32
 from .rope import apply_rope
-from .transformer import ModelOutput, _select
+from .transformer import LanguageModel, ModelOutput, _select
 
 DENSE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Students for the built-in pipeline, in R1-Distill-Qwen's layout (the vocabulary comes from the teacher).
@@ -222,7 +222,7 @@ class DenseModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class DenseLM(nn.Module):
+class DenseLM(LanguageModel):
     """A Llama / Qwen2 causal LM with the interface of `CausalLM` (no MTP, no routers)."""
 
     def __init__(self, config: DenseConfig):
@@ -270,20 +270,6 @@ class DenseLM(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
-
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
-        """Write an HF checkpoint directory that transformers' LlamaForCausalLM / Qwen2ForCausalLM loads."""
-        from ..checkpoint import save_model
-
-        save_model(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
         """A key/value cache: per layer, slot and position the token's keys and values."""

@@ -95,7 +95,28 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class CausalLM(nn.Module):
+class LanguageModel(nn.Module):
+    """What every model family shares: an HF checkpoint writer and the device and dtype of its weights."""
+
+    lm_head: nn.Linear
+
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+        """Write an HF checkpoint directory that transformers loads (DeepseekV3ForCausalLM, or the dense
+        family's LlamaForCausalLM / Qwen2ForCausalLM)."""
+        from ..checkpoint import save_model
+
+        save_model(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+
+class CausalLM(LanguageModel):
     """DeepSeek-V3 for causal language modelling: `model(input_ids)` returns logits [B, T, vocab].
 
     `num_mtp_modules` defaults to the config's `num_nextn_predict_layers`; a checkpoint without MTP weights
@@ -198,20 +219,6 @@ class CausalLM(nn.Module):
                 module.gate.e_score_correction_bias.zero_()
                 module.experts.w_gate_up.normal_(0.0, std)
                 module.experts.w_down.normal_(0.0, std)
-
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
-        """Write an HF checkpoint directory that transformers' DeepseekV3ForCausalLM loads."""
-        from ..checkpoint import save_model
-
-        save_model(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
         """A latent cache for the main layers (or, with `mtp`, for the MTP modules) on the model's device."""
