@@ -34,8 +34,9 @@ def evaluate(llm: LLM, problems: list[tuple[Problem, int]], samples: int = 4, te
              top_p: float = 0.95, max_tokens: int = 256, seed: int = 0) -> dict:
     """problems: (problem, difficulty) pairs. Returns overall and per task/difficulty pass@1, cons@k, pass@k."""
     greedy = temperature == 0
-    params = SamplingParams(n=1 if greedy else samples, temperature=temperature, top_p=1.0 if greedy else top_p,
-                            max_tokens=max_tokens, seed=seed)
+    params = [SamplingParams(n=1 if greedy else samples, temperature=temperature, top_p=1.0 if greedy else top_p,
+                             max_tokens=max_tokens, seed=seed * 1_000_003 + i)  # independent draws per problem
+              for i in range(len(problems))]
     outputs = llm.generate([prompt_for(llm, p) for p, _ in problems], params)
     groups: dict[str, list[tuple[int, int, bool]]] = defaultdict(list)
     for (problem, difficulty), output in zip(problems, outputs, strict=True):
@@ -45,8 +46,8 @@ def evaluate(llm: LLM, problems: list[tuple[Problem, int]], samples: int = 4, te
         majority = problem.check(votes.most_common(1)[0][0]) if votes else False
         for key in ("all", problem.task, f"{problem.task}/difficulty-{difficulty}"):
             groups[key].append((len(answers), correct, majority))
-    k = params.n
-    report = {"samples": k, "temperature": temperature, "top_p": params.top_p, "max_tokens": max_tokens}
+    k = params[0].n if params else samples
+    report = {"samples": k, "temperature": temperature, "top_p": 1.0 if greedy else top_p, "max_tokens": max_tokens}
     for key, rows in groups.items():
         report[key] = {
             "problems": len(rows),

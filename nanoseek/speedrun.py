@@ -38,6 +38,8 @@ class Plan:
     sft_lr: float = 5e-4
     grpo_steps: int = 40
     grpo_prompts: int = 16  # prompts per GRPO step (micro-batches of 8)
+    grpo_seeds: int = 3  # GRPO runs from the same SFT checkpoint; the first one continues the pipeline
+    grpo_lr: float = 1e-5
     group_size: int = 8
     rejection_prompts: int = 400
     rejection_sft_steps: int = 200
@@ -51,9 +53,9 @@ class Plan:
     @classmethod
     def tiny(cls) -> Plan:
         return cls(preset="tiny", vocab_size=320, corpus_docs=600, pretrain_steps=6, sft_steps=150, sft_lr=3e-3,
-                   grpo_steps=2, grpo_prompts=8, group_size=4, rejection_prompts=64, rejection_sft_steps=3,
-                   distill_steps=3, student_base_steps=4, eval_problems=8, eval_samples=2, max_tokens=48,
-                   seq_len=128)
+                   grpo_steps=2, grpo_prompts=8, grpo_seeds=2, group_size=4, rejection_prompts=64,
+                   rejection_sft_steps=3, distill_steps=3, student_base_steps=4, eval_problems=8, eval_samples=2,
+                   max_tokens=48, seq_len=128)
 
     def scaled(self, factor: float) -> Plan:
         steps = ("pretrain_steps", "sft_steps", "grpo_steps", "rejection_sft_steps", "distill_steps",
@@ -131,6 +133,11 @@ class Speedrun:
             d("sft") / "latest")
         self.stage("grpo", lambda: (self.grpo(d("sft") / "latest", d("grpo"), plan.grpo_steps),
                                     tokens_of("grpo"))[1], d("grpo") / "latest")
+        for seed_index in range(1, plan.grpo_seeds):  # the seed-to-seed spread the gain must exceed
+            name = f"grpo-seed{seed_index}"
+            self.stage(name, lambda n=name, i=seed_index: (
+                self.grpo(d("sft") / "latest", d(n), plan.grpo_steps, self.seed + i), tokens_of(n))[1],
+                d(name) / "latest")
         traces = self.out / "rejection.jsonl"
         self.stage("rejection-sft", lambda: (self.command("rejection-sample", [
             "rejection-sample", "--model", str(d("grpo") / "latest"), "--out", str(traces), "--tasks", TASK,
@@ -155,14 +162,15 @@ class Speedrun:
                                             tokens_of("student-grpo"))[1], d("student-grpo") / "latest")
         return self.write_report()
 
-    def grpo(self, model: Path, out: Path, steps: int) -> None:
+    def grpo(self, model: Path, out: Path, steps: int, seed: int | None = None) -> None:
         plan = self.plan
         self.command("grpo", [
             "grpo", "--model", str(model), "--out", str(out), "--tasks", TASK, "--max-steps", str(steps),
             "--batch-size", "8", "--grad-accum", str(max(1, plan.grpo_prompts // 8)), "--group-size",
-            str(plan.group_size), "--temperature", "0.7", "--lr", "1e-4", "--max-new-tokens", str(plan.max_tokens),
-            "--dynamic-sampling", "--bias-gamma", "0", "--save-every", str(steps), "--eval-every",
-            str(max(1, steps // 4)), "--seq-len", str(plan.seq_len), "--seed", str(self.seed)])
+            str(plan.group_size), "--temperature", "0.7", "--lr", str(plan.grpo_lr), "--warmup-steps", "0",
+            "--max-new-tokens", str(plan.max_tokens), "--bias-gamma", "0", "--save-every", str(steps),
+            "--eval-every", str(max(1, steps // 4)), "--seq-len", str(plan.seq_len),
+            "--seed", str(self.seed if seed is None else seed)])
 
     def equal_compute_steps(self, distill_seconds: float) -> int:
         """GRPO steps that take about as long as the distillation did, from the teacher's GRPO pace."""
@@ -201,11 +209,19 @@ class Speedrun:
                         f"| {speed} | {r.get('wall_s', 0) / 60:.1f} min |")
         plots = self.plots()
         total = sum(r.get("wall_s", 0) for r in self.results.values())
+        runs = [self.results[n]["pass@1"] for n in ["grpo", *(f"grpo-seed{i}" for i in range(1, plan.grpo_seeds))]
+                if n in self.results]
+        spread = max(runs) - min(runs) if runs else float("nan")
+        gain = sum(runs) / len(runs) - self.results.get("sft", {}).get("pass@1", float("nan")) if runs else \
+            float("nan")
+        seeds_line = (f"GRPO from the same SFT checkpoint with {len(runs)} seeds: pass@1 "
+                      f"{' / '.join(f'{r:.1f}' for r in runs)}; mean gain over SFT {gain:+.1f} points, "
+                      f"spread across seeds {spread:.1f} points.")
         lines = ["# nanoseek speedrun", "",
                  f"Held-out {TASK} problems (difficulty 1, {plan.eval_problems} problems, {k} samples each at "
                  "temperature 0.6, top-p 0.95; pass@1 is the mean over samples). Student: a dense Qwen2-layout "
                  "model with the teacher's tokenizer; `student-grpo` ran GRPO for the wall time distillation took.",
-                 "", *rows, "", f"Total wall time: {total / 60:.1f} min.", "",
+                 "", *rows, "", seeds_line, "", f"Total wall time: {total / 60:.1f} min.", "",
                  *[f"![{title}]({path.name})" for title, path in plots], "", self.cost_line(), "",
                  "Chat with the result: `nanoseek chat --model " + str(out / "grpo" / "latest") + "`; serve it: "
                  "`nanoseek serve --model " + str(out / "grpo" / "latest") + "`."]
@@ -221,7 +237,8 @@ class Speedrun:
         if runs:
             made.append(("losses", plot_curves(runs, ["loss", "val_loss", "maxvio"], out / "losses.png",
                                                "training losses and expert load (MaxVio)")))
-        rl = {n: out / n / "metrics.jsonl" for n in ("grpo", "student-grpo") if (out / n / "metrics.jsonl").exists()}
+        names = ["grpo", *(f"grpo-seed{i}" for i in range(1, self.plan.grpo_seeds)), "student-grpo"]
+        rl = {n: out / n / "metrics.jsonl" for n in names if (out / n / "metrics.jsonl").exists()}
         if rl:
             made.append(("grpo", plot_curves(rl, ["reward", "accuracy", "length_correct", "length_wrong", "kl",
                                                   "entropy"], out / "grpo.png", "GRPO")))

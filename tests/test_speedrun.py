@@ -30,4 +30,5 @@ def test_tiny_speedrun_runs_every_stage_and_reports(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [line.split()[1].rstrip(":") for line in again.stdout.splitlines() if "done before, skipped" in line]
-    assert skipped == ["base", "sft", "grpo", "rejection-sft", "student-base", "student-distill"]
+    assert skipped == ["base", "sft", "grpo", "grpo-seed1", "rejection-sft", "student-base", "student-distill"]
+    assert "with 2 seeds: pass@1" in (out / "report.md").read_text()
