@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     from . import eval as eval_module
-    from . import serve, speedrun
+    from . import report, serve, speedrun
     from .train import distill, grpo, pretrain, rejection, sft
 
     for name, module, summary in (
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("distill", distill, "train a dense student (Qwen2/Llama layout) on a teacher's traces, optionally its "
              "logits"),
             ("serve", serve, "OpenAI/DeepSeek-compatible HTTP server with a web chat page"),
-            ("speedrun", speedrun, "the whole R1 pipeline on the built-in corpus, evaluated, with report.md")):
+            ("speedrun", speedrun, "the whole R1 pipeline on the built-in corpus, evaluated, with report.md"),
+            ("plot", report, "training curves of runs (their metrics.jsonl) as a PNG")):
         command = sub.add_parser(name, help=summary)
         module.add_arguments(command)
         command.set_defaults(func=module.run)

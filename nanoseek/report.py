@@ -10,8 +10,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_curves(runs: dict[str, str | Path], keys: list[str], out: str | Path, title: str = "") -> Path:
-    """One panel per metric key, one line per run (label -> metrics.jsonl); steps on the x axis."""
+def plot_curves(runs: dict[str, str | Path], keys: list[str], out: str | Path, title: str = "",
+                smooth: int = 1) -> Path:
+    """One panel per metric key, one line per run (label -> metrics.jsonl); steps on the x axis. With
+    `smooth` > 1 each line is the trailing mean over that many logged points, the raw values faint behind."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -24,8 +26,16 @@ def plot_curves(runs: dict[str, str | Path], keys: list[str], out: str | Path, t
     for axis, key in zip(axes.flat, keys, strict=False):
         for label, metrics in loaded.items():
             points = [(m["step"], m[key]) for m in metrics if key in m]
-            if points:
-                axis.plot(*zip(*points, strict=True), label=label, linewidth=1.2)
+            if not points:
+                continue
+            steps, values = zip(*points, strict=True)
+            if smooth > 1:
+                raw = axis.plot(steps, values, linewidth=0.6, alpha=0.25)[0]
+                means = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
+                         for i in range(len(values))]
+                axis.plot(steps, means, label=label, linewidth=1.4, color=raw.get_color())
+            else:
+                axis.plot(steps, values, label=label, linewidth=1.2)
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -40,3 +50,25 @@ def plot_curves(runs: dict[str, str | Path], keys: list[str], out: str | Path, t
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (or LABEL=metrics.jsonl), one per line in the plots")
+    parser.add_argument("--keys", default="loss,val_loss", help="comma-separated metric names, one panel each")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--title", default="")
+    parser.add_argument("--smooth", type=int, default=1, help="trailing mean over this many points")
+
+
+def run(args) -> int:
+    runs = {}
+    for item in args.runs:
+        label, _, location = item.partition("=")
+        path = Path(location or label)
+        path = path / "metrics.jsonl" if path.is_dir() else path
+        if not path.exists():
+            raise ValueError(f"{item}: no metrics.jsonl at {path}")
+        runs[label if location else path.parent.name] = path
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    print(plot_curves(runs, keys, args.out, args.title, args.smooth))
+    return 0
