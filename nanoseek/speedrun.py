@@ -32,20 +32,20 @@ class Plan:
 
     preset: str = "nano"
     vocab_size: int | None = None  # None: the preset's
-    corpus_docs: int = 30000
-    pretrain_steps: int = 400
-    sft_steps: int = 200
+    corpus_docs: int = 40000
+    pretrain_steps: int = 600
+    sft_steps: int = 300
     sft_lr: float = 5e-4
-    grpo_steps: int = 40
-    grpo_prompts: int = 16  # prompts per GRPO step (micro-batches of 8)
+    grpo_steps: int = 100
+    grpo_prompts: int = 32  # prompts per GRPO step (micro-batches of 8)
     grpo_seeds: int = 3  # GRPO runs from the same SFT checkpoint; the first one continues the pipeline
-    grpo_lr: float = 1e-5
+    grpo_lr: float = 2e-5  # docs/grpo-nano.md: 1e-4 and above destroy the policy, 3e-5 and below barely move it
     group_size: int = 8
     rejection_prompts: int = 400
     rejection_sft_steps: int = 200
     distill_steps: int = 200
     student_base_steps: int = 400
-    eval_problems: int = 200
+    eval_problems: int = 400
     eval_samples: int = 4
     max_tokens: int = 64
     seq_len: int = 256
