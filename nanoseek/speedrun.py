@@ -76,6 +76,9 @@ class Speedrun:
     def command(self, name: str, argv: list[str]) -> None:
         from .cli import build_parser
 
+        out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+        if argv[0] != "rejection-sample" and out is not None and (out / "latest").exists():
+            argv = [*argv, "--resume"]  # an interrupted stage continues from its last checkpoint
         args = build_parser().parse_args(argv + (["--device", self.device] if self.device else []))
         try:
             code = args.func(args)
