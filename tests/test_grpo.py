@@ -157,10 +157,34 @@ def test_grpo_and_sft_commands(tokenizer, tmp_path):
                 "entropy", "clip_low", "clip_high", "zero_variance", "val_accuracy"):
         assert key in metrics[-1], key
     assert nanoseek.load_model(tmp_path / "grpo" / "latest") is not None
+    # data-parallel under torchrun: two ranks, each with its own rows or prompts, one checkpoint
+    def torchrun(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", "-m", "nanoseek", *args], capture_output=True, text=True, timeout=600)
+
+    sft_ddp = torchrun("sft", "--model", str(base), "--out", str(tmp_path / "sft-ddp"), "--examples", "64",
+                       "--max-steps", "2", "--batch-size", "2", "--seq-len", "64", "--save-every", "2")
+    assert sft_ddp.returncode == 0, sft_ddp.stderr[-3000:]
+    grpo_ddp = torchrun("grpo", "--model", str(tmp_path / "sft" / "latest"), "--out", str(tmp_path / "ddp"),
+                        "--max-steps", "2", "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "16",
+                        "--seq-len", "128", "--save-every", "2", "--eval-every", "2")
+    assert grpo_ddp.returncode == 0, grpo_ddp.stderr[-3000:]
+    for run_dir in (tmp_path / "sft-ddp", tmp_path / "ddp"):
+        assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+        assert nanoseek.load_model(run_dir / "latest") is not None
     bad = run("grpo", "--model", str(tmp_path / "sft" / "latest"), "--out", str(tmp_path / "bad"), "--group-size", "1")
     assert bad.returncode == 2 and "--group-size = 1: GRPO needs G >= 2" in bad.stderr
     bad = run("grpo", "--model", str(tmp_path / "sft" / "latest"), "--out", str(tmp_path / "bad"), "--tasks", ",")
     assert bad.returncode == 2 and "--tasks" in bad.stderr
+
+
+def test_ranks_draw_different_prompts():
+    from nanoseek.train.grpo import PromptSource
+
+    ranks = [PromptSource(["arithmetic", "sorting"], seed=3, rank=r, world=2).next(16) for r in (0, 1)]
+    assert not {p.question for p in ranks[0]} & {p.question for p in ranks[1]}
+    assert [p.question for p in PromptSource(["arithmetic"], seed=3).next(4)] == \
+        [p.question for p in PromptSource(["arithmetic"], seed=3, rank=0, world=1).next(4)]
 
 
 def test_pass_at_k_estimator():

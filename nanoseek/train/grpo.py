@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..checkpoint import load_model
@@ -24,7 +25,7 @@ from ..model import CausalLM
 from ..rewards import Completion, RewardSet
 from ..tasks import Problem, make_problem, parse_tasks, training_problem
 from ..tokenizer import Tokenizer
-from .loop import TrainConfig, Trainer, add_train_arguments, train_config_from
+from .loop import TrainConfig, Trainer, add_train_arguments, init_distributed, train_config_from
 from .losses import IGNORE
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -108,6 +109,8 @@ class PromptSource:
     low: float = 0.2
     high: float = 0.8
     index: int = 0
+    rank: int = 0  # under torchrun each rank draws its own problems: index * world + rank
+    world: int = 1
 
     def __post_init__(self) -> None:
         for task in self.tasks:
@@ -117,7 +120,8 @@ class PromptSource:
         problems = []
         for _ in range(count):  # task by task in turn; held-out questions are skipped
             task = self.tasks[self.index % len(self.tasks)]
-            problem = training_problem(task, self.seed * 1_000_003 + self.index, self.difficulty[task])
+            number = self.index * self.world + self.rank
+            problem = training_problem(task, self.seed * 1_000_003 + number, self.difficulty[task])
             problems.append(problem)
             self.index += 1
         return problems
@@ -193,6 +197,7 @@ class GRPOTrainer(Trainer):
         self._rollouts: list[Rollouts] = []
         self._served = 0
         super().__init__(model, tokenizer, prompts, config, out, resume=resume)
+        prompts.rank, prompts.world = self.rank, self.world
         self.objective, self.rewards, self.group_size = objective, rewards, group_size
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.overlong_filter, self.dynamic_sampling = overlong_filter, dynamic_sampling
@@ -252,9 +257,9 @@ class GRPOTrainer(Trainer):
 
     def _sample_groups(self, problems: list[Problem]) -> list[Group]:
         first = self.data.index - len(problems)  # each problem's own seed: independent draws across prompts
+        base = self.config.seed * 1_000_003 + 7_919 * self.step + 104_729 * self.rank
         params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
-                                 seed=self.config.seed * 1_000_003 + first + i + 7_919 * self.step)
-                  for i in range(len(problems))]
+                                 seed=base + first + i) for i in range(len(problems))]
         outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
         groups = []
         for problem, output in zip(problems, outputs, strict=True):
@@ -359,6 +364,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or one per rank under torchrun (data-parallel updates, each rank its own prompts)."""
+    rank, device = init_distributed(args.device)
+    try:
+        return _run(args, rank, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
     out = Path(args.out)
     config = train_config_from(args)
     tasks = parse_tasks(args.tasks)
@@ -371,7 +386,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--reward-weights: {item!r} is not name=number") from exc
     objective = GRPOObjective(args.loss_type, args.epsilon_low, args.epsilon_high, args.beta,
                               not args.no_scale_rewards)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.model, device=device, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(args.model)
     if tokenizer is None or not tokenizer.chat_template:
@@ -380,9 +394,12 @@ def run(args: argparse.Namespace) -> int:
                           RewardSet(weights), args.group_size, args.max_new_tokens, args.temperature,
                           args.overlong_filter, args.dynamic_sampling, args.updates_per_batch, resume=args.resume,
                           resample_rounds=args.resample_rounds)
-    print(f"grpo ({args.loss_type}): {config.max_steps} steps of {config.batch_size} prompts x G = {args.group_size} "
-          f"on {', '.join(tasks)} from {args.model}")
+    if rank == 0:
+        print(f"grpo ({args.loss_type}): {config.max_steps} steps of {config.batch_size * config.grad_accum} prompts "
+              f"x G = {args.group_size}" + (f" on each of {trainer.world} ranks" if trainer.world > 1 else "")
+              + f" on {', '.join(tasks)} from {args.model}")
     last = trainer.run()
-    print(f"done: reward {last.get('reward', float('nan')):.3f}, accuracy {last.get('accuracy', float('nan')):.2f},"
-          f" held-out greedy accuracy {last.get('val_accuracy', float('nan')):.2f}; checkpoint {out / 'latest'}")
+    if rank == 0:
+        print(f"done: reward {last.get('reward', float('nan')):.3f}, accuracy {last.get('accuracy', float('nan')):.2f},"
+              f" held-out greedy accuracy {last.get('val_accuracy', float('nan')):.2f}; checkpoint {out / 'latest'}")
     return 0

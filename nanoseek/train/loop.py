@@ -111,6 +111,18 @@ def add_train_arguments(parser, **defaults) -> None:
             parser.add_argument("--" + option.name.replace("_", "-"), type=type(default), default=default, **extra)
 
 
+def init_distributed(device: str | None) -> tuple[int, torch.device]:
+    """Under torchrun: join the process group (gloo on CPU, NCCL on GPU); returns (rank, device)."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, torch.device(device or ("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
 def train_config_from(args) -> TrainConfig:
     """The TrainConfig the flags of `add_train_arguments` describe, checked; refuses to overwrite a run."""
     out = Path(args.out)

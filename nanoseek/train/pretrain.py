@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ..model import CausalLM
 from ..model.dense import DenseConfig, DenseLM
 from ..tasks import TASKS, parse_tasks
 from ..tokenizer import Tokenizer, train_tokenizer
-from .loop import TrainConfig, Trainer, add_train_arguments, train_config_from
+from .loop import TrainConfig, Trainer, add_train_arguments, init_distributed, train_config_from
 
 TOKENIZER_SAMPLE_DOCUMENTS = 20_000
 
@@ -81,23 +80,11 @@ def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documen
     return tokenizer
 
 
-def _init_distributed(device: str | None) -> tuple[int, torch.device]:
-    """Under torchrun: join the process group (gloo on CPU, NCCL on GPU); returns (rank, device)."""
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, torch.device(device or ("cuda" if cuda else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     train_config = train_config_from(args)
     config = _model_config(args)
-    rank, device = _init_distributed(args.device)
+    rank, device = init_distributed(args.device)
     try:
         return _run(args, out, train_config, config, rank, device)
     finally:

@@ -8,12 +8,13 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import load_model
 from ..data import ChatSequences, read_conversations
 from ..tasks import Problem, parse_tasks, training_problem
 from ..tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
-from .loop import Trainer, add_train_arguments, train_config_from
+from .loop import Trainer, add_train_arguments, init_distributed, train_config_from
 
 
 def r1_reply(problem: Problem) -> str:
@@ -46,10 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or data-parallel under torchrun (each rank its own rows of every batch)."""
+    rank, device = init_distributed(args.device)
+    try:
+        return _run(args, rank, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
     out = Path(args.out)
     config = train_config_from(args)
     tasks = parse_tasks(args.tasks)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.model, device=device, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(args.model)
     if tokenizer is None or not tokenizer.chat_template:
@@ -58,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
         cold_start(tasks, args.examples, args.max_difficulty, config.seed)
     data = ChatSequences(conversations, tokenizer, config.seq_len, config.seed)
     trainer = Trainer(model, tokenizer, data, config, out, resume=args.resume)
-    print(f"sft: {len(conversations)} conversations, {config.max_steps} steps of {config.batch_size} x "
-          f"{config.seq_len} tokens from {args.model}")
+    if rank == 0:
+        print(f"sft: {len(conversations)} conversations, {config.max_steps} steps of {config.batch_size} x "
+              f"{config.seq_len} tokens from {args.model}")
     last = trainer.run()
-    print(f"done: loss {last.get('loss', float('nan')):.3f}, validation loss {last.get('val_loss', float('nan')):.3f};"
-          f" checkpoint {out / 'latest'}")
+    if rank == 0:
+        print(f"done: loss {last.get('loss', float('nan')):.3f}, validation loss "
+              f"{last.get('val_loss', float('nan')):.3f}; checkpoint {out / 'latest'}")
     return 0
