@@ -344,3 +344,18 @@ def test_balance_loss_is_one_per_layer_when_perfectly_balanced():
     out = ModelOutput(torch.zeros(1, steps, 3), torch.zeros(1, steps, 3),
                       router_stats=[RouterStats(peaked, skewed, torch.ones(experts))])
     assert sequence_balance_loss(out, batch=1, top_k=top_k).item() > 2.0
+
+
+def test_padding_is_not_counted_as_expert_load():
+    """SFT and GRPO batches are padded: the routed counts that drive the bias update cover real tokens only."""
+    from nanoseek.model import ModelOutput, RouterStats
+    from nanoseek.train.losses import add_routed_counts
+
+    indices = torch.tensor([[0, 1], [1, 2], [3, 3], [3, 3]])  # four tokens: two real, two padding
+    out = ModelOutput(torch.zeros(1), torch.zeros(1), router_stats=[RouterStats(torch.zeros(4, 4), indices,
+                                                                                torch.tensor([1., 2., 1., 4.]))])
+    counts = [torch.zeros(4)]
+    add_routed_counts(counts, out, torch.tensor([[True, True, False, False]]))
+    assert counts[0].tolist() == [1, 2, 1, 0]
+    add_routed_counts(counts, out, None)
+    assert counts[0].tolist() == [2, 4, 2, 4]

@@ -63,7 +63,7 @@ class ChatSequences(ShuffledBatches):
     def __init__(self, conversations: Iterable[list[dict[str, str]]], tokenizer: Tokenizer, seq_len: int, seed: int,
                  val_fraction: float = 0.05):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        inputs, targets = [], []
+        inputs, targets, lengths = [], [], []
         for messages in conversations:
             ids, learn = tokenize_conversation(tokenizer, messages)
             ids, learn = ids[: seq_len + 1], learn[: seq_len + 1]
@@ -71,9 +71,11 @@ class ChatSequences(ShuffledBatches):
             padding = seq_len - len(row)
             inputs.append(ids[:-1] + [pad] * padding)
             targets.append(row + [IGNORE] * padding)
+            lengths.append(len(row))
         self.inputs, self.targets = torch.tensor(inputs), torch.tensor(targets)
+        self.real = torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]
         super().__init__(len(inputs), seq_len, seed, val_fraction)
 
     def _take(self, rows: list[int]) -> Batch:
         index = torch.tensor(rows, dtype=torch.long)
-        return Batch(self.inputs[index], self.targets[index])
+        return Batch(self.inputs[index], self.targets[index], self.real[index])

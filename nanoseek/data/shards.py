@@ -107,6 +107,7 @@ class TokenStream:
 class Batch:
     inputs: torch.Tensor  # [B, T]
     targets: torch.Tensor  # [B, T], -100 where no loss is taken
+    real: torch.Tensor | None = None  # [B, T] bool, False at padding (which must not count as expert load)
 
 
 class ShuffledBatches:

@@ -26,7 +26,7 @@ from ..rewards import Completion, RewardSet
 from ..tasks import Problem, make_problem, parse_tasks, training_problem
 from ..tokenizer import Tokenizer
 from .loop import TrainConfig, Trainer, add_train_arguments, init_distributed, train_config_from
-from .losses import IGNORE
+from .losses import IGNORE, add_routed_counts
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
@@ -170,6 +170,7 @@ class Group:
 class Rollouts:
     inputs: Tensor  # [N, T] prompt + completion, right-padded
     targets: Tensor  # [N, T] next tokens, IGNORE outside completions
+    real: Tensor  # [N, T] False at padding
     advantages: Tensor  # [N]
     old_logp: Tensor | None  # [N, T]; None on policy (one update per rollout batch: the current log-probs)
     ref_logp: Tensor | None
@@ -245,14 +246,14 @@ class GRPOTrainer(Trainer):
         zero = zero_variance_groups(rewards)
         if self.dynamic_sampling:
             advantages = advantages.masked_fill(zero[:, None], 0.0)
-        inputs, targets = self._pack([row for g in batch for row in g.rows])
+        inputs, targets, real = self._pack([row for g in batch for row in g.rows])
         device = self.model.device
         inputs, targets = inputs.to(device), targets.to(device)
         with torch.no_grad():
             # with one update per batch the sampling policy is the one being trained: no extra forward needed
             old_logp = self._token_logp(self.model(inputs), targets) if self.updates_per_batch > 1 else None
             ref_logp = self._token_logp(self.reference(inputs), targets) if self.reference is not None else None
-        return Rollouts(inputs, targets, advantages.flatten().to(device), old_logp, ref_logp,
+        return Rollouts(inputs, targets, real.to(device), advantages.flatten().to(device), old_logp, ref_logp,
                         self._rollout_metrics(groups, zero))
 
     def _sample_groups(self, problems: list[Problem]) -> list[Group]:
@@ -291,16 +292,18 @@ class GRPOTrainer(Trainer):
                 "length_wrong": statistics.mean(wrong) if wrong else 0.0,
                 **{f"reward_{name}": statistics.mean(p[name] for p in parts) for name in parts[0]}}
 
-    def _pack(self, rows: list[tuple[list[int], list[int], bool]]) -> tuple[Tensor, Tensor]:
+    def _pack(self, rows: list[tuple[list[int], list[int], bool]]) -> tuple[Tensor, Tensor, Tensor]:
         width = max(len(p) + len(c) for p, c, _ in rows) - 1
         inputs = torch.zeros(len(rows), width, dtype=torch.long)
         targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        real = torch.zeros(len(rows), width, dtype=torch.bool)
         for i, (prompt, completion, truncated) in enumerate(rows):
             sequence = prompt + completion
             inputs[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+            real[i, : len(sequence) - 1] = True
             if completion and not (truncated and self.overlong_filter):  # DAPO's overlong filtering
                 targets[i, len(prompt) - 1: len(sequence) - 1] = torch.tensor(completion)
-        return inputs, targets
+        return inputs, targets, real
 
     def loss(self, batch: Rollouts, counts: list[Tensor] | None = None) -> tuple[Tensor, dict, int]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_type == "cuda"):
@@ -314,8 +317,7 @@ class GRPOTrainer(Trainer):
             entropy = -(log_probs.exp() * log_probs).sum(-1)
             stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp_min(1))
         if counts is not None:
-            for total, router in zip(counts, out.router_stats, strict=False):
-                total += router.counts
+            add_routed_counts(counts, out, batch.real)
         return loss, {"loss": loss.item(), **stats, **batch.metrics}, int(mask.sum())
 
     def _log_softmax(self, logits: Tensor) -> Tensor:

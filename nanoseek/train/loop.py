@@ -28,6 +28,7 @@ from ..sizing import parameter_counts
 from ..tokenizer import Tokenizer
 from .losses import (
     IGNORE,
+    add_routed_counts,
     max_violation,
     mtp_loss,
     sequence_balance_loss,
@@ -235,8 +236,7 @@ class Trainer:
             loss = loss + config.balance_alpha * balance
             parts["balance"] = balance.item()
         if counts is not None:
-            for total, stats in zip(counts, out.router_stats, strict=False):
-                total += stats.counts
+            add_routed_counts(counts, out, batch.real)
         parts["loss"] = loss.item()
         return loss, parts, int(denominator)
 

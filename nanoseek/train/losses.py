@@ -55,3 +55,15 @@ def update_router_biases(routers: list[MoE], counts: list[Tensor], gamma: float)
 def max_violation(counts: list[Tensor]) -> list[float]:
     """MaxVio per layer: max load / mean load - 1 (V3 §4.5.2); 0 is perfect balance."""
     return [float(c.max() / c.float().mean() - 1) if c.sum() > 0 else 0.0 for c in counts]
+
+
+def add_routed_counts(counts: list[Tensor], out: ModelOutput, real: Tensor | None) -> None:
+    """Add each layer's tokens per expert to `counts`; with `real` [B, T], padding positions are left out."""
+    for total, stats in zip(counts, out.router_stats, strict=False):
+        if real is None:
+            total += stats.counts
+        else:
+            rows, width = real.shape
+            depth = width - stats.indices.shape[0] // rows  # MTP module k routes positions k.. of each row
+            chosen = stats.indices[real[:, depth:].reshape(-1).to(stats.indices.device)]
+            total += torch.bincount(chosen.reshape(-1), minlength=total.numel()).to(total.dtype)
