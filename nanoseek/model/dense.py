@@ -260,17 +260,6 @@ class DenseLM(LanguageModel):
             out.mtp_logits = []
         return out
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-
     def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
         """A key/value cache: per layer, slot and position the token's keys and values."""
         if mtp:

@@ -100,6 +100,18 @@ class LanguageModel(nn.Module):
 
     lm_head: nn.Linear
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for every nn.Linear and nn.Embedding weight, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
         """Write an HF checkpoint directory that transformers loads (DeepseekV3ForCausalLM, or the dense
         family's LlamaForCausalLM / Qwen2ForCausalLM)."""
@@ -206,15 +218,10 @@ class CausalLM(LanguageModel):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norms, zero correction biases."""
+        super().init_weights()
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, MoE):
+            if isinstance(module, MoE):
                 module.gate.weight.normal_(0.0, std)
                 module.gate.e_score_correction_bias.zero_()
                 module.experts.w_gate_up.normal_(0.0, std)

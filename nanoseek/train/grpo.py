@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..checkpoint import load_model
@@ -25,7 +24,7 @@ from ..model import CausalLM
 from ..rewards import Completion, RewardSet
 from ..tasks import Problem, make_problem, parse_tasks, training_problem
 from ..tokenizer import Tokenizer
-from .loop import TrainConfig, Trainer, add_train_arguments, init_distributed, train_config_from
+from .loop import TrainConfig, Trainer, add_train_arguments, run_distributed, train_config_from
 from .losses import IGNORE, add_routed_counts
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -367,12 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """One process, or one per rank under torchrun (data-parallel updates, each rank its own prompts)."""
-    rank, device = init_distributed(args.device)
-    try:
-        return _run(args, rank, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed(_run, args)
 
 
 def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:

@@ -124,6 +124,17 @@ def init_distributed(device: str | None) -> tuple[int, torch.device]:
     return dist.get_rank(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
+def run_distributed(body, args, *extra):
+    """Call body(args, *extra, rank, device) in one process or, under torchrun, in each rank's process group
+    (left cleanly whatever happens)."""
+    rank, device = init_distributed(args.device)
+    try:
+        return body(args, *extra, rank, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def train_config_from(args) -> TrainConfig:
     """The TrainConfig the flags of `add_train_arguments` describe, checked; refuses to overwrite a run."""
     out = Path(args.out)

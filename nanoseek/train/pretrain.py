@@ -19,7 +19,7 @@ from ..model import CausalLM
 from ..model.dense import DenseConfig, DenseLM
 from ..tasks import TASKS, parse_tasks
 from ..tokenizer import Tokenizer, train_tokenizer
-from .loop import TrainConfig, Trainer, add_train_arguments, init_distributed, train_config_from
+from .loop import TrainConfig, Trainer, add_train_arguments, run_distributed, train_config_from
 
 TOKENIZER_SAMPLE_DOCUMENTS = 20_000
 
@@ -84,12 +84,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     train_config = train_config_from(args)
     config = _model_config(args)
-    rank, device = init_distributed(args.device)
-    try:
-        return _run(args, out, train_config, config, rank, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed(_run, args, out, train_config, config)
 
 
 def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config: ModelConfig | DenseConfig, rank: int,

@@ -8,13 +8,12 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..checkpoint import load_model
 from ..data import ChatSequences, read_conversations
 from ..tasks import Problem, parse_tasks, training_problem
 from ..tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
-from .loop import Trainer, add_train_arguments, init_distributed, train_config_from
+from .loop import Trainer, add_train_arguments, run_distributed, train_config_from
 
 
 def r1_reply(problem: Problem) -> str:
@@ -48,12 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """One process, or data-parallel under torchrun (each rank its own rows of every batch)."""
-    rank, device = init_distributed(args.device)
-    try:
-        return _run(args, rank, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed(_run, args)
 
 
 def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
