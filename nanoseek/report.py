@@ -13,7 +13,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 def plot_curves(runs: dict[str, str | Path], keys: list[str], out: str | Path, title: str = "",
                 smooth: int = 1) -> Path:
     """One panel per metric key, one line per run (label -> metrics.jsonl); steps on the x axis. With
-    `smooth` > 1 each line is the trailing mean over that many logged points, the raw values faint behind."""
+    `smooth` > 1 each line with enough points is the trailing mean over that many, the raw values faint behind."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -29,7 +29,7 @@ def plot_curves(runs: dict[str, str | Path], keys: list[str], out: str | Path, t
             if not points:
                 continue
             steps, values = zip(*points, strict=True)
-            if smooth > 1:
+            if smooth > 1 and len(values) >= 3 * smooth:  # sparse series (validation) are drawn as they are
                 raw = axis.plot(steps, values, linewidth=0.6, alpha=0.25)[0]
                 means = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
                          for i in range(len(values))]

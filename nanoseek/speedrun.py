@@ -239,12 +239,13 @@ class Speedrun:
                                                        "student-distill") if (out / n / "metrics.jsonl").exists()}
         if runs:
             made.append(("losses", plot_curves(runs, ["loss", "val_loss", "maxvio"], out / "losses.png",
-                                               "training losses and expert load (MaxVio)")))
+                                               "training losses and expert load (MaxVio)", smooth=10)))
         names = ["grpo", *(f"grpo-seed{i}" for i in range(1, self.plan.grpo_seeds)), "student-grpo"]
         rl = {n: out / n / "metrics.jsonl" for n in names if (out / n / "metrics.jsonl").exists()}
         if rl:
-            made.append(("grpo", plot_curves(rl, ["reward", "accuracy", "length_correct", "length_wrong", "kl",
-                                                  "entropy"], out / "grpo.png", "GRPO")))
+            made.append(("grpo", plot_curves(rl, ["reward", "accuracy", "length_correct", "length_wrong", "entropy",
+                                                  "zero_variance"], out / "grpo.png",
+                                             "GRPO (trailing mean of 10 steps over the raw values)", smooth=10)))
         return made
 
     def cost_line(self) -> str:
