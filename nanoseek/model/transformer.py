@@ -102,15 +102,18 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, initializer_range) for every nn.Linear and nn.Embedding weight, zero biases, unit norms."""
-        std = self.config.initializer_range
+        """Normal(0, initializer_range) for every matrix, zero biases, unit norms: module by module, in order
+        (the order of the random draws is what makes a seed give the same model)."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+            self.init_module(module, self.config.initializer_range)
+
+    def init_module(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
         """Write an HF checkpoint directory that transformers loads (DeepseekV3ForCausalLM, or the dense
@@ -215,17 +218,14 @@ class CausalLM(LanguageModel):
         return self.lm_head(_select(normed, logits_index)), h
 
     # ---- weights ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zero correction biases."""
-        super().init_weights()
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.gate.weight.normal_(0.0, std)
-                module.gate.e_score_correction_bias.zero_()
-                module.experts.w_gate_up.normal_(0.0, std)
-                module.experts.w_down.normal_(0.0, std)
+    def init_module(self, module: nn.Module, std: float) -> None:
+        """The shared rule, plus the router and the stacked experts (zero correction biases)."""
+        if not isinstance(module, MoE):
+            return super().init_module(module, std)
+        module.gate.weight.normal_(0.0, std)
+        module.gate.e_score_correction_bias.zero_()
+        module.experts.w_gate_up.normal_(0.0, std)
+        module.experts.w_down.normal_(0.0, std)
 
     def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
         """A latent cache for the main layers (or, with `mtp`, for the MTP modules) on the model's device."""
