@@ -87,8 +87,8 @@ class Speedrun:
         if code:
             raise StageFailed(f"stage {name}: `nanoseek {' '.join(argv)}` exited with {code}")
 
-    def stage(self, name: str, run, checkpoint: Path | None) -> dict:
-        """Run a stage unless a previous run finished it; evaluate its checkpoint; record the result."""
+    def stage(self, name: str, run, evaluated: bool = True) -> dict:
+        """Run a stage (its output in OUT/name) unless a previous run finished it; evaluate its checkpoint."""
         record = self.out / f"{name}.json"
         if record.exists():
             result = json.loads(record.read_text())
@@ -96,11 +96,12 @@ class Speedrun:
         else:
             print(f"[speedrun] {name} ...", flush=True)
             started = time.perf_counter()
-            tokens = run() or 0
+            run()
             wall = time.perf_counter() - started
+            tokens = self.tokens_trained(name)
             result = {"wall_s": wall, "tokens_per_s": tokens / wall if tokens else None}
-            if checkpoint is not None:
-                result.update(self.evaluate(checkpoint))
+            if evaluated:
+                result.update(self.evaluate(self.out / name / "latest"))
             record.write_text(json.dumps(result, indent=2) + "\n")
         self.results[name] = result
         return result
@@ -113,56 +114,48 @@ class Speedrun:
         report = evaluate(llm, problems, plan.eval_samples, max_tokens=plan.max_tokens, seed=self.seed)["all"]
         return {"pass@1": report["pass@1"], f"cons@{plan.eval_samples}": report[f"cons@{plan.eval_samples}"]}
 
-    def run_dir(self, name: str) -> Path:
-        return self.out / name
-
     # ---- the pipeline --------------------------------------------------------------------------
     def run(self) -> Path:
         plan, seed = self.plan, str(self.seed)
         self.out.mkdir(parents=True, exist_ok=True)
-        d = self.run_dir
-        tokens_of = self.tokens_trained
-        common = ["--seed", seed, "--seq-len", str(plan.seq_len)]
-        self.stage("base", lambda: (self.command("pretrain", [
-            "pretrain", "--preset", plan.preset, "--out", str(d("base")), "--corpus-tasks", TASK,
-            "--corpus-max-difficulty", "2", "--corpus-docs", str(plan.corpus_docs), "--max-steps",
-            str(plan.pretrain_steps), "--save-every", str(plan.pretrain_steps), *common,
-            *(["--vocab-size", str(plan.vocab_size)] if plan.vocab_size else [])]), tokens_of("base"))[1],
-            d("base") / "latest")
-        self.stage("sft", lambda: (self.command("sft", [
-            "sft", "--model", str(d("base") / "latest"), "--out", str(d("sft")), "--tasks", TASK,
-            "--max-difficulty", "2", "--max-steps", str(plan.sft_steps), "--batch-size", "16", "--lr", str(plan.sft_lr),
-            "--save-every", str(plan.sft_steps), "--seed", seed, "--seq-len", "96"]), tokens_of("sft"))[1],
-            d("sft") / "latest")
-        self.stage("grpo", lambda: (self.grpo(d("sft") / "latest", d("grpo"), plan.grpo_steps),
-                                    tokens_of("grpo"))[1], d("grpo") / "latest")
-        for seed_index in range(1, plan.grpo_seeds):  # the seed-to-seed spread the gain must exceed
-            name = f"grpo-seed{seed_index}"
-            self.stage(name, lambda n=name, i=seed_index: (
-                self.grpo(d("sft") / "latest", d(n), plan.grpo_steps, self.seed + i), tokens_of(n))[1],
-                d(name) / "latest")
-        traces = self.out / "rejection.jsonl"
-        self.stage("rejection-sft", lambda: (self.command("rejection-sample", [
-            "rejection-sample", "--model", str(d("grpo") / "latest"), "--out", str(traces), "--tasks", TASK,
-            "--difficulties", "1,2", "--prompts", str(plan.rejection_prompts), "--samples", "4",
-            "--max-tokens", str(plan.max_tokens), "--seed", seed]), self.command("sft", [
-                "sft", "--model", str(d("base") / "latest"), "--data", str(traces), "--out", str(d("rejection-sft")),
-                "--max-steps", str(plan.rejection_sft_steps), "--batch-size", "16", "--seq-len", "96",
-                "--save-every", str(plan.rejection_sft_steps), "--seed", seed]), tokens_of("rejection-sft"))[2],
-            d("rejection-sft") / "latest")
-        self.stage("student-base", lambda: (self.command("student pretrain", [
-            "pretrain", "--config", str(self.student_config()), "--tokenizer", str(d("base") / "latest"),
-            "--out", str(d("student-base")), "--corpus-tasks", TASK, "--corpus-max-difficulty", "2",
-            "--corpus-docs", str(plan.corpus_docs), "--max-steps", str(plan.student_base_steps), "--save-every",
-            str(plan.student_base_steps), *common]), tokens_of("student-base"))[1], None)
-        distill = self.stage("student-distill", lambda: (self.command("distill", [
-            "distill", "--student", str(d("student-base") / "latest"), "--data", str(traces), "--out",
-            str(d("student-distill")), "--max-steps", str(plan.distill_steps), "--batch-size", "16", "--seq-len",
-            "96", "--save-every", str(plan.distill_steps), "--seed", seed]), tokens_of("student-distill"))[1],
-            d("student-distill") / "latest")
-        self.stage("student-grpo", lambda: (self.grpo(d("student-base") / "latest", d("student-grpo"),
-                                                      self.equal_compute_steps(distill["wall_s"])),
-                                            tokens_of("student-grpo"))[1], d("student-grpo") / "latest")
+        d = self.out.joinpath
+        base, sft, grpo = d("base", "latest"), d("sft", "latest"), d("grpo", "latest")
+        student, traces = d("student-base", "latest"), d("rejection.jsonl")
+        corpus = ["--corpus-tasks", TASK, "--corpus-max-difficulty", "2", "--corpus-docs", str(plan.corpus_docs),
+                  "--seed", seed, "--seq-len", str(plan.seq_len)]
+        chat = ["--batch-size", "16", "--seq-len", "96", "--seed", seed]
+        self.stage("base", lambda: self.command("pretrain", [
+            "pretrain", "--preset", plan.preset, "--out", str(d("base")), "--max-steps", str(plan.pretrain_steps),
+            "--save-every", str(plan.pretrain_steps), *corpus,
+            *(["--vocab-size", str(plan.vocab_size)] if plan.vocab_size else [])]))
+        self.stage("sft", lambda: self.command("sft", [
+            "sft", "--model", str(base), "--out", str(d("sft")), "--tasks", TASK, "--max-difficulty", "2",
+            "--max-steps", str(plan.sft_steps), "--lr", str(plan.sft_lr), "--save-every", str(plan.sft_steps),
+            *chat]))
+        self.stage("grpo", lambda: self.grpo(sft, d("grpo"), plan.grpo_steps))
+        for index in range(1, plan.grpo_seeds):  # the seed-to-seed spread the gain must exceed
+            self.stage(f"grpo-seed{index}", lambda i=index: self.grpo(sft, d(f"grpo-seed{i}"), plan.grpo_steps,
+                                                                      self.seed + i))
+
+        def rejection_sft() -> None:
+            self.command("rejection-sample", [
+                "rejection-sample", "--model", str(grpo), "--out", str(traces), "--tasks", TASK, "--difficulties",
+                "1,2", "--prompts", str(plan.rejection_prompts), "--samples", "4", "--max-tokens",
+                str(plan.max_tokens), "--seed", seed])
+            self.command("sft", ["sft", "--model", str(base), "--data", str(traces), "--out", str(d("rejection-sft")),
+                                 "--max-steps", str(plan.rejection_sft_steps), "--save-every",
+                                 str(plan.rejection_sft_steps), *chat])
+
+        self.stage("rejection-sft", rejection_sft)
+        self.stage("student-base", lambda: self.command("student pretrain", [
+            "pretrain", "--config", str(self.student_config()), "--tokenizer", str(base), "--out",
+            str(d("student-base")), "--max-steps", str(plan.student_base_steps), "--save-every",
+            str(plan.student_base_steps), *corpus]), evaluated=False)
+        distill = self.stage("student-distill", lambda: self.command("distill", [
+            "distill", "--student", str(student), "--data", str(traces), "--out", str(d("student-distill")),
+            "--max-steps", str(plan.distill_steps), "--save-every", str(plan.distill_steps), *chat]))
+        self.stage("student-grpo", lambda: self.grpo(student, d("student-grpo"),
+                                                     self.equal_compute_steps(distill["wall_s"])))
         return self.write_report()
 
     def grpo(self, model: Path, out: Path, steps: int, seed: int | None = None) -> None:
@@ -249,10 +242,11 @@ class Speedrun:
         return made
 
     def cost_line(self) -> str:
+        from .checkpoint import read_config
         from .sizing import parameter_counts
         from .train.loop import GPU_PEAK, V3_MFU
 
-        counts = parameter_counts(LLM(self.out / "base" / "latest", device="cpu", max_num_seqs=1).model.config)
+        counts = parameter_counts(read_config(self.out / "base" / "latest" / "config.json"))
         tokens = sum(self.tokens_trained(n) for n in ("base", "sft", "grpo", "rejection-sft"))
         flops = 6 * counts.activated * tokens
         hours = flops / (GPU_PEAK["h800"] * V3_MFU) / 3600

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, read_config
 from ..data import Batch, ChatSequences, read_conversations
 from ..model import CausalLM
 from ..model.dense import DENSE_PRESETS, DenseConfig, DenseLM
@@ -63,7 +63,7 @@ def new_student(name: str, teacher_dir: Path) -> DenseLM:
     """A randomly initialised student from a preset, with the teacher's vocabulary and special token ids."""
     if name not in DENSE_PRESETS:
         raise ValueError(f"--student {name!r}: a checkpoint directory or a preset ({', '.join(DENSE_PRESETS)})")
-    teacher = load_model(teacher_dir, dtype=torch.float32).config
+    teacher = read_config(teacher_dir / "config.json")
     config = DenseConfig(**DENSE_PRESETS[name], vocab_size=teacher.vocab_size, bos_token_id=teacher.bos_token_id,
                          eos_token_id=teacher.eos_token_id)
     return DenseLM(config)
