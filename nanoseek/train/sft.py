@@ -5,6 +5,7 @@ from the verifiable tasks (spec grpo-r1.md §2.5: a small SFT before reasoning R
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
 
 import torch
@@ -37,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="JSONL of {\"messages\": [...]} conversations (default: cold-start data "
                         "generated from --tasks)")
     parser.add_argument("--tasks", default="arithmetic,linear_equation,sorting,countdown")
-    parser.add_argument("--examples", type=int, default=4000, help="cold-start conversations to generate")
+    parser.add_argument("--examples", type=int, default=None, help="cold-start conversations to generate "
+                        "(default 4000; with --data 0: more mixes them into it)")
     parser.add_argument("--max-difficulty", type=int, default=2)
     parser.add_argument("--out", default="runs/sft")
     parser.add_argument("--resume", action="store_true")
@@ -58,8 +60,15 @@ def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
     tokenizer = Tokenizer.from_dir(args.model)
     if tokenizer is None or not tokenizer.chat_template:
         raise ValueError(f"--model {args.model}: SFT needs a tokenizer with a chat_template in the checkpoint")
-    conversations = read_conversations(Path(args.data)) if args.data else \
-        cold_start(tasks, args.examples, args.max_difficulty, config.seed)
+    examples = args.examples if args.examples is not None else 0 if args.data else 4000
+    if examples < 0:
+        raise ValueError(f"--examples = {examples}: must be >= 0")
+    conversations = read_conversations(Path(args.data)) if args.data else []
+    conversations += cold_start(tasks, examples, args.max_difficulty, config.seed) if examples else []
+    if args.data and examples:  # a mix: shuffled, so that the validation rows (the last ones) hold both kinds
+        random.Random(config.seed).shuffle(conversations)
+    if not conversations:
+        raise ValueError("--examples 0 without --data: no conversations to train on")
     data = ChatSequences(conversations, tokenizer, config.seq_len, config.seed)
     trainer = Trainer(model, tokenizer, data, config, out, resume=args.resume)
     if rank == 0:
