@@ -229,6 +229,25 @@ def test_mu_updates_reuse_one_batch_of_rollouts(tokenizer, tmp_path):
     assert trainer.data.index == 4  # two rollout batches of 2 prompts
 
 
+def test_a_steps_micro_batches_are_sampled_together(tokenizer, tmp_path):
+    from nanoseek.rewards import RewardSet
+    from nanoseek.train import TrainConfig
+    from nanoseek.train.grpo import GRPOTrainer, PromptSource
+
+    model = _sft_primed(tokenizer, 10, tmp_path)
+    config = TrainConfig(max_steps=2, batch_size=2, grad_accum=3, seq_len=96, lr=1e-3, warmup_steps=0,
+                         eval_every=1000)
+    trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo", GRPOObjective(),
+                          RewardSet(), group_size=4, max_new_tokens=16)
+    assert trainer.engine.max_num_seqs == 24  # 3 micro-batches x 2 prompts x 4 samples in one engine call
+    first = trainer.next_batch()
+    assert trainer.data.index == 6  # the step's three micro-batches were drawn at once
+    batches = [first, trainer.next_batch(), trainer.next_batch()]
+    assert len({id(b) for b in batches}) == 3 and trainer.data.index == 6
+    trainer.next_batch()
+    assert trainer.data.index == 12  # the next step draws its own
+
+
 def test_corpus_of_chosen_tasks_and_difficulties():
     from nanoseek.data import generate_corpus
 

@@ -201,8 +201,10 @@ class GRPOTrainer(Trainer):
         self.objective, self.rewards, self.group_size = objective, rewards, group_size
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.overlong_filter, self.dynamic_sampling = overlong_filter, dynamic_sampling
-        self.engine = LLM(model, device=model.device, dtype=model.dtype, max_num_seqs=config.batch_size * group_size,
-                          max_model_len=config.seq_len, tokenizer=tokenizer)
+        rows = config.batch_size * group_size  # a step's sequences decode together, up to 512 (see _rollout_step)
+        self.engine = LLM(model, device=model.device, dtype=model.dtype,
+                          max_num_seqs=max(rows, min(512, rows * config.grad_accum)), max_model_len=config.seq_len,
+                          tokenizer=tokenizer)
         self.reference = None
         if objective.beta:  # a frozen copy of the starting policy
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -217,18 +219,25 @@ class GRPOTrainer(Trainer):
         per_batch = self.config.grad_accum
         if self._served == per_batch * self.updates_per_batch:
             self._rollouts, self._served = [], 0
-        if len(self._rollouts) < per_batch:
-            self._rollouts.append(self._rollout())
+        if not self._rollouts:
+            self._rollouts = self._rollout_step(per_batch)
         batch = self._rollouts[self._served % per_batch]
         self._served += 1
         return batch
 
-    def _rollout(self) -> Rollouts:
-        """One batch of groups. With DAPO's dynamic sampling, more prompts are drawn (up to `resample_rounds`
-        extra batches) until the batch holds `batch_size` groups whose rewards differ; any shortfall is filled
-        with zero-variance groups, whose advantages are zero."""
+    def _rollout_step(self, count: int) -> list[Rollouts]:
+        """A step's `count` micro-batches from one engine call: decoding all their sequences together keeps a
+        small model's matrices wide (at 8 prompts x G = 8 x 8 micro-batches, 512 rows instead of 64)."""
         size = self.config.batch_size
-        groups = self._sample_groups(self.data.next(size))
+        groups = self._sample_groups(self.data.next(size * count))
+        return [self._rollout(groups[i * size:(i + 1) * size]) for i in range(count)]
+
+    def _rollout(self, groups: list[Group] | None = None) -> Rollouts:
+        """One batch of groups (sampled here unless given). With DAPO's dynamic sampling, more prompts are drawn
+        (up to `resample_rounds` extra batches) until the batch holds `batch_size` groups whose rewards differ;
+        any shortfall is filled with zero-variance groups, whose advantages are zero."""
+        size = self.config.batch_size
+        groups = self._sample_groups(self.data.next(size)) if groups is None else groups
         batch = groups
         if self.dynamic_sampling:
             informative = [g for g in groups if not g.zero_variance]
