@@ -5,10 +5,9 @@ PIP := $(VENV)/bin/pip install -q -c constraints-cpu.txt
 
 .PHONY: run test lint clean chromium
 
+# The main job: the whole R1 pipeline, offline, with runs/speedrun/report.md (a rerun skips finished stages).
 run: $(VENV)/.runtime
-	rm -rf runs/quickstart
-	$(VENV)/bin/nanoseek pretrain --out runs/quickstart
-	$(VENV)/bin/nanoseek generate --model runs/quickstart/latest --prompt "What is 7 * 6 + 5?" --temperature 0 --max-tokens 80
+	$(VENV)/bin/nanoseek speedrun --out runs/speedrun
 
 test: $(VENV)/.dev chromium
 	$(VENV)/bin/ruff check nanoseek tests

@@ -25,10 +25,24 @@ def test_tiny_speedrun_runs_every_stage_and_reports(tmp_path):
     assert "Cost projection" in report and "nanoseek serve --model" in first.stdout
     traces = (out / "rejection.jsonl").read_text().splitlines()
     assert traces and json.loads((out / "rejection.stats.json").read_text())["kept"] == len(traces)
-    (out / "student-grpo.json").unlink()  # as if the run had stopped before its last stage
+    assert "$ nanoseek eval" in (out / "sft.log").read_text()
+
+    # A stage that fails stops the run with a message naming it and keeps every finished stage.
+    (out / "student-grpo.json").unlink()
+    config = out / "student-base" / "latest" / "config.json"
+    good = config.read_text()
+    config.write_text("{not json")
+    failed = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--tiny", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert failed.returncode == 1
+    assert "stopped: stage student-grpo: `nanoseek grpo" in failed.stdout and "config.json" in failed.stdout
+    assert not (out / "student-grpo.json").exists() and (out / "student-distill.json").exists()
+
+    config.write_text(good)  # a rerun skips the finished stages and completes the rest
     again = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--tiny", "--out", str(out)],
                            capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     skipped = [line.split()[1].rstrip(":") for line in again.stdout.splitlines() if "done before, skipped" in line]
-    assert skipped == ["base", "sft", "grpo", "grpo-seed1", "rejection-sft", "student-base", "student-distill"]
+    assert skipped == ["base", "sft", "student-base", "grpo", "rejection", "rejection-sft", "student-distill",
+                       "grpo-seed1"]
     assert "with 2 seeds: pass@1" in (out / "report.md").read_text()
