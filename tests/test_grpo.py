@@ -246,6 +246,11 @@ def test_a_steps_micro_batches_are_sampled_together(tokenizer, tmp_path):
     assert len({id(b) for b in batches}) == 3 and trainer.data.index == 6
     trainer.next_batch()
     assert trainer.data.index == 12  # the next step draws its own
+    # the head runs at the completions' positions only: position p predicts input p + 1
+    length = first.real.sum(1, keepdim=True)
+    inside = (first.targets != -100) & (first.positions + 1 < length)  # a row's last token is not an input
+    following = first.inputs.gather(1, (first.positions + 1).clamp_max(first.inputs.shape[1] - 1))
+    assert inside.any() and torch.equal(following[inside], first.targets[inside])
 
 
 def test_corpus_of_chosen_tasks_and_difficulties():

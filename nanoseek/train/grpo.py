@@ -168,10 +168,11 @@ class Group:
 @dataclass
 class Rollouts:
     inputs: Tensor  # [N, T] prompt + completion, right-padded
-    targets: Tensor  # [N, T] next tokens, IGNORE outside completions
     real: Tensor  # [N, T] False at padding
+    positions: Tensor  # [N, C] the positions that predict the completion's tokens (C: the longest completion)
+    targets: Tensor  # [N, C] the completion's tokens, IGNORE past its end
     advantages: Tensor  # [N]
-    old_logp: Tensor | None  # [N, T]; None on policy (one update per rollout batch: the current log-probs)
+    old_logp: Tensor | None  # [N, C]; None on policy (one update per rollout batch: the current log-probs)
     ref_logp: Tensor | None
     metrics: dict[str, float]
 
@@ -254,14 +255,15 @@ class GRPOTrainer(Trainer):
         zero = zero_variance_groups(rewards)
         if self.dynamic_sampling:
             advantages = advantages.masked_fill(zero[:, None], 0.0)
-        inputs, targets, real = self._pack([row for g in batch for row in g.rows])
         device = self.model.device
-        inputs, targets = inputs.to(device), targets.to(device)
+        inputs, real, positions, targets = (t.to(device) for t in self._pack([row for g in batch for row in g.rows]))
         with torch.no_grad():
             # with one update per batch the sampling policy is the one being trained: no extra forward needed
-            old_logp = self._token_logp(self.model(inputs), targets) if self.updates_per_batch > 1 else None
-            ref_logp = self._token_logp(self.reference(inputs), targets) if self.reference is not None else None
-        return Rollouts(inputs, targets, real.to(device), advantages.flatten().to(device), old_logp, ref_logp,
+            old_logp = self._token_logp(self.model(inputs, logits_index=positions), targets) \
+                if self.updates_per_batch > 1 else None
+            ref_logp = self._token_logp(self.reference(inputs, logits_index=positions), targets) \
+                if self.reference is not None else None
+        return Rollouts(inputs, real, positions, targets, advantages.flatten().to(device), old_logp, ref_logp,
                         self._rollout_metrics(groups, zero))
 
     def _sample_groups(self, problems: list[Problem]) -> list[Group]:
@@ -300,22 +302,28 @@ class GRPOTrainer(Trainer):
                 "length_wrong": statistics.mean(wrong) if wrong else 0.0,
                 **{f"reward_{name}": statistics.mean(p[name] for p in parts) for name in parts[0]}}
 
-    def _pack(self, rows: list[tuple[list[int], list[int], bool]]) -> tuple[Tensor, Tensor, Tensor]:
+    def _pack(self, rows: list[tuple[list[int], list[int], bool]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Inputs [N, T] (prompt + completion, right-padded) and their real positions, and for the completions
+        only, the positions [N, C] that predict them and their tokens: the head and the log-softmax, 40% of this
+        small model's work, run at those positions alone (the prompts take a third of a row here)."""
         width = max(len(p) + len(c) for p, c, _ in rows) - 1
+        span = max(1, max(len(c) for _, c, _ in rows))
         inputs = torch.zeros(len(rows), width, dtype=torch.long)
-        targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         real = torch.zeros(len(rows), width, dtype=torch.bool)
+        positions = torch.zeros(len(rows), span, dtype=torch.long)
+        targets = torch.full((len(rows), span), IGNORE, dtype=torch.long)
         for i, (prompt, completion, truncated) in enumerate(rows):
             sequence = prompt + completion
             inputs[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
             real[i, : len(sequence) - 1] = True
+            positions[i] = (torch.arange(span) + len(prompt) - 1).clamp_max(width - 1)
             if completion and not (truncated and self.overlong_filter):  # DAPO's overlong filtering
-                targets[i, len(prompt) - 1: len(sequence) - 1] = torch.tensor(completion)
-        return inputs, targets, real
+                targets[i, : len(completion)] = torch.tensor(completion)
+        return inputs, real, positions, targets
 
     def loss(self, batch: Rollouts, counts: list[Tensor] | None = None) -> tuple[Tensor, dict, int]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_type == "cuda"):
-            out = self.module(batch.inputs, router_stats=True)
+            out = self.module(batch.inputs, router_stats=True, logits_index=batch.positions)
         log_probs = self._log_softmax(out.logits)
         mask = batch.targets != IGNORE
         logp = log_probs.gather(-1, batch.targets.clamp_min(0)[..., None])[..., 0].masked_fill(~mask, 0.0)
