@@ -7,7 +7,7 @@ beta = 0, one update per rollout batch, loss over completion tokens, reward = ac
 prompt and completion tokens a step processes (rollout plus update) per second, median over the timed steps
 after a warm-up step. TRL is not a nanoseek dependency: `pip install trl` to run this.
 
-Run: `python bench/grpo.py [--prompts 8] [--group 8] [--new-tokens 64] [--steps 3]`.
+Run: `python bench/grpo.py [--prompts 8] [--group 8] [--new-tokens 64] [--steps 3] [--grad-accum 1]`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --prompts per step (both sides "
+                        "sample a step's micro-batches together)")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -57,15 +59,17 @@ def main() -> None:
     model.save_pretrained(model_dir)
     tokenizer.save(model_dir)
     steps = args.steps + 1  # the first is a warm-up
-    problems = [make_problem("arithmetic", i) for i in range(args.prompts * steps)]
+    per_step = args.prompts * args.grad_accum
+    problems = [make_problem("arithmetic", i) for i in range(per_step * steps)]
 
     # nanoseek: the real GRPO stage of the training loop
     ours = nanoseek.load_model(model_dir)
-    config = TrainConfig(max_steps=steps, batch_size=args.prompts, seq_len=args.new_tokens + 64, lr=1e-5,
+    config = TrainConfig(max_steps=steps, batch_size=args.prompts, grad_accum=args.grad_accum,
+                         seq_len=args.new_tokens + 64, lr=1e-5,
                          warmup_steps=0, eval_every=10**6, save_every=10**6, mtp_lambda=0.0, bias_gamma=0.0)
     trainer = GRPOTrainer(ours, tokenizer, PromptSource(["arithmetic"]), config, tmp / "ours",
                           GRPOObjective(loss_type="dapo"), RewardSet({"accuracy": 1.0}), args.group, args.new_tokens)
-    prompt_tokens = sum(len(trainer.prompt_ids(p)) for p in problems[: args.prompts]) * args.group
+    prompt_tokens = sum(len(trainer.prompt_ids(p)) for p in problems[:per_step]) * args.group
     ours_rates = []
     for step in range(steps):
         start = time.perf_counter()
@@ -83,19 +87,21 @@ def main() -> None:
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}]} for p in problems])
     trl_args = GRPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=args.prompts * args.group,
                           num_generations=args.group, max_completion_length=args.new_tokens, temperature=1.0,
-                          beta=0.0, learning_rate=1e-5, max_steps=steps, logging_steps=1, report_to="none",
-                          use_cpu=True, bf16=False, save_strategy="no", loss_type="dapo", shuffle_dataset=False)
+                          gradient_accumulation_steps=args.grad_accum, beta=0.0, learning_rate=1e-5, max_steps=steps,
+                          logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no",
+                          loss_type="dapo", shuffle_dataset=False)
     timer = _StepTimer()
     theirs = TRLGRPOTrainer(model=str(model_dir), reward_funcs=accuracy, args=trl_args, train_dataset=dataset,
                             processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
     theirs.train()
     lengths = [log["completions/mean_length"] for log in theirs.state.log_history if "completions/mean_length" in log]
-    theirs_rates = [(args.prompts * args.group * length + prompt_tokens) / seconds
+    theirs_rates = [(per_step * args.group * length + prompt_tokens) / seconds
                     for length, seconds in zip(lengths[1:], timer.durations[1:], strict=False)]
 
     ours_rate, theirs_rate = statistics.median(ours_rates), statistics.median(theirs_rates)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, cpu, fp32, torch {torch.__version__}")
-    print(f"GRPO on arithmetic: {args.prompts} prompts x G = {args.group}, up to {args.new_tokens} new tokens, "
+    print(f"GRPO on arithmetic: {args.grad_accum} x {args.prompts} prompts x G = {args.group}, "
+          f"up to {args.new_tokens} new tokens, "
           f"preset {args.preset}, {args.steps} timed steps")
     print(f"{'':14}{'TRL tok/s':>12}{'nanoseek tok/s':>16}{'ratio':>8}")
     print(f"{'rollout+update':14}{theirs_rate:>12.0f}{ours_rate:>16.0f}{ours_rate / theirs_rate:>7.2f}x")
