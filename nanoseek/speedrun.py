@@ -49,8 +49,10 @@ class Plan:
     rejection_mix: int = 2000  # cold-start conversations added to the sampled set (R1's stage 3 trains on a mix,
                                # spec grpo-r1.md §2.5)
     eval_problems: int = 400
-    seed_eval_problems: int = 2000  # sft and the GRPO seeds: every held-out problem, so that the gain and the
-    eval_samples: int = 4           # seed spread are not sampling noise (about 0.4 points here, 1 at 400)
+    # sft and the GRPO seeds are evaluated on every held-out problem: the gain and the seed spread are a point or
+    # two, and the sampling noise of 2000 problems is half that of 400
+    seed_eval_problems: int = 2000
+    eval_samples: int = 4
     max_tokens: int = 64
     seq_len: int = 256
 

@@ -25,6 +25,7 @@ def test_tiny_speedrun_runs_every_stage_and_reports(tmp_path):
     assert "Cost projection" in report and "nanoseek serve --model" in first.stdout
     traces = (out / "rejection.jsonl").read_text().splitlines()
     assert traces and json.loads((out / "rejection.stats.json").read_text())["kept"] == len(traces)
+    assert f"sft: {len(traces) + 32} conversations" in (out / "rejection-sft.log").read_text()  # traces + the mix
     assert "$ nanoseek eval" in (out / "sft.log").read_text()
 
     # A stage that fails stops the run with a message naming it and keeps every finished stage.
