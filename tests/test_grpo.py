@@ -278,12 +278,12 @@ def test_dynamic_sampling_draws_more_prompts_for_groups_with_signal(tokenizer, t
     rewards = RewardSet({"odd": 1.0}, {"odd": lambda c: float(asked[c.problem.question] and len(c.text) % 2 == 1)})
     trainer = GRPOTrainer(model, tokenizer, prompts, config, tmp_path / "grpo", GRPOObjective(), rewards,
                           group_size=8, max_new_tokens=9, dynamic_sampling=True, resample_rounds=3)
-    batch = trainer._rollout()
+    batch = trainer.next_batch()  # one micro-batch a step: a fresh rollout each call
     assert batch.metrics["prompts_sampled"] == 8  # half the first 4 had signal: one more batch of 4 filled it
     assert batch.metrics["zero_variance_trained"] == 0 and batch.advantages.abs().sum() > 0
     never = RewardSet({"zero": 1.0}, {"zero": lambda c: 0.0})
     trainer.rewards = never
-    batch = trainer._rollout()
+    batch = trainer.next_batch()  # one micro-batch a step: a fresh rollout each call
     assert batch.metrics["prompts_sampled"] == 16 and batch.metrics["zero_variance_trained"] == 1
     assert batch.advantages.abs().sum() == 0
 

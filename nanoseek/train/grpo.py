@@ -233,12 +233,11 @@ class GRPOTrainer(Trainer):
         groups = self._sample_groups(self.data.next(size * count))
         return [self._rollout(groups[i * size:(i + 1) * size]) for i in range(count)]
 
-    def _rollout(self, groups: list[Group] | None = None) -> Rollouts:
-        """One batch of groups (sampled here unless given). With DAPO's dynamic sampling, more prompts are drawn
+    def _rollout(self, groups: list[Group]) -> Rollouts:
+        """One micro-batch from `batch_size` sampled groups. With DAPO's dynamic sampling, more prompts are drawn
         (up to `resample_rounds` extra batches) until the batch holds `batch_size` groups whose rewards differ;
         any shortfall is filled with zero-variance groups, whose advantages are zero."""
         size = self.config.batch_size
-        groups = self._sample_groups(self.data.next(size)) if groups is None else groups
         batch = groups
         if self.dynamic_sampling:
             informative = [g for g in groups if not g.zero_variance]
@@ -311,13 +310,13 @@ class GRPOTrainer(Trainer):
         span = max(1, max(len(c) for _, c, _ in rows))
         inputs = torch.zeros(len(rows), width, dtype=torch.long)
         real = torch.zeros(len(rows), width, dtype=torch.bool)
-        positions = torch.zeros(len(rows), span, dtype=torch.long)
+        prompt_lengths = torch.tensor([len(p) for p, _, _ in rows])
+        positions = (torch.arange(span) + prompt_lengths[:, None] - 1).clamp_max(width - 1)
         targets = torch.full((len(rows), span), IGNORE, dtype=torch.long)
         for i, (prompt, completion, truncated) in enumerate(rows):
             sequence = prompt + completion
             inputs[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
             real[i, : len(sequence) - 1] = True
-            positions[i] = (torch.arange(span) + len(prompt) - 1).clamp_max(width - 1)
             if completion and not (truncated and self.overlong_filter):  # DAPO's overlong filtering
                 targets[i, : len(completion)] = torch.tensor(completion)
         return inputs, real, positions, targets

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "generated from --tasks)")
     parser.add_argument("--tasks", default="arithmetic,linear_equation,sorting,countdown")
     parser.add_argument("--examples", type=int, default=None, help="cold-start conversations to generate "
-                        "(default 4000; with --data 0: more mixes them into it)")
+                        "(default 4000, or 0 with --data; a number with --data mixes that many into it)")
     parser.add_argument("--max-difficulty", type=int, default=2)
     parser.add_argument("--out", default="runs/sft")
     parser.add_argument("--resume", action="store_true")
