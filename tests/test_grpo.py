@@ -187,6 +187,23 @@ def test_ranks_draw_different_prompts():
         [p.question for p in PromptSource(["arithmetic"], seed=3, rank=0, world=1).next(4)]
 
 
+def test_curriculum_moves_on_the_steps_mean_pass_rate():
+    """A model at 50% passes many single groups entirely and fails others: the level follows the step's mean,
+    one level at most per step, within [1, max_difficulty]."""
+    from nanoseek.tasks import training_problem
+    from nanoseek.train.grpo import PromptSource
+
+    source = PromptSource(["arithmetic"], max_difficulty=3)
+    source.update("arithmetic", [0.0, 1.0] * 31 + [1.0, 1.0])
+    assert source.difficulty["arithmetic"] == 1
+    for expected in (2, 3, 3):
+        source.update("arithmetic", [0.75, 1.0, 0.875])
+        assert source.difficulty["arithmetic"] == expected
+    assert source.next(1) == [training_problem("arithmetic", 0, 3)]
+    source.update("arithmetic", [0.125, 0.25, 0.0])
+    assert source.difficulty["arithmetic"] == 2
+
+
 def test_pass_at_k_estimator():
     from nanoseek.eval import pass_at_k
 

@@ -98,8 +98,11 @@ def zero_variance_groups(rewards: Tensor) -> Tensor:
 # ---- the GRPO stage of the training loop ------------------------------------------------------------------
 @dataclass
 class PromptSource:
-    """Which problems come next, and an adaptive curriculum: a task's difficulty rises when its groups pass
-    more than `high` of the time and falls below `low`, keeping pass rates near the edge of competence."""
+    """Which problems come next, and an adaptive curriculum: a task's difficulty rises when a step's groups pass
+    more than `high` of the time on average and falls below `low`, keeping pass rates near the edge of
+    competence (spec grpo-r1.md §4: group pass rates in ~[0.2, 0.8]). The mean over the step matters: single
+    groups of a model at 45% pass all or nothing often, and moving on each of them is a random walk that
+    spends steps on a level the model cannot solve at all."""
 
     tasks: list[str]
     seed: int = 0
@@ -125,7 +128,9 @@ class PromptSource:
             self.index += 1
         return problems
 
-    def update(self, task: str, pass_rate: float) -> None:
+    def update(self, task: str, pass_rates: list[float]) -> None:
+        """One move at most per step, from the mean pass rate of the task's groups in it."""
+        pass_rate = statistics.mean(pass_rates)
         if pass_rate > self.high:
             self.difficulty[task] = min(self.max_difficulty, self.difficulty[task] + 1)
         elif pass_rate < self.low:
@@ -271,7 +276,7 @@ class GRPOTrainer(Trainer):
         params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
                                  seed=base + first + i) for i in range(len(problems))]
         outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
-        groups = []
+        groups, pass_rates = [], {}
         for problem, output in zip(problems, outputs, strict=True):
             group = Group()
             for completion in output.outputs:
@@ -282,8 +287,10 @@ class GRPOTrainer(Trainer):
                 accurate = problem.check_reply(completion.text) and not truncated
                 group.add(total, parts, accurate, len(completion.token_ids),
                           (output.prompt_token_ids, completion.token_ids, truncated))
-            self.data.update(problem.task, group.passed / len(group.rewards))  # the curriculum follows correctness
+            pass_rates.setdefault(problem.task, []).append(group.passed / len(group.rewards))
             groups.append(group)
+        for task, rates in pass_rates.items():
+            self.data.update(task, rates)  # the curriculum follows correctness, not the shaped reward
         return groups
 
     @staticmethod
