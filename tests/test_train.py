@@ -176,6 +176,19 @@ def test_pretrain_writes_a_checkpoint_transformers_loads(tmp_path):
     assert Tokenizer.from_dir(latest).encode("What is 2 + 3?") == ids[0].tolist()
 
 
+def test_pretrain_says_when_its_data_leaves_vocabulary_rows_unused(tmp_path):
+    """A tokenizer trained on narrow data stops short of --vocab-size: the message names the size that fits."""
+    out = tmp_path / "run"
+    result = pretrain("--preset", "tiny", "--vocab-size", "4096", "--corpus-docs", "600", "--seq-len", "32",
+                      "--batch-size", "4", "--max-steps", "1", "--eval-batches", "1", "--out", str(out))
+    learned = Tokenizer.from_dir(out / "latest").vocab_size
+    assert learned < 4096 - 64
+    assert f"the tokenizer learned {learned:,} tokens" in result.stdout
+    assert f"--vocab-size {-(-learned // 64) * 64} avoids that" in result.stdout
+    quiet = pretrain(*SMALL_RUN, "--out", str(tmp_path / "fits"), "--max-steps", "1")
+    assert "never be used" not in quiet.stdout
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run = [*SMALL_RUN, "--max-steps", "40", "--save-every", "2"]

@@ -74,6 +74,11 @@ def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documen
         tokenizer = Tokenizer.from_dir(out / "tokenizer")
     else:
         tokenizer = train_tokenizer(itertools.islice(documents(), TOKENIZER_SAMPLE_DOCUMENTS), config.vocab_size)
+        enough = -(-tokenizer.vocab_size // 64) * 64
+        if enough < config.vocab_size:  # the data ran out of merges: the unused rows still cost FLOPs
+            print(f"note: the tokenizer learned {tokenizer.vocab_size:,} tokens from the data, so "
+                  f"{config.vocab_size - tokenizer.vocab_size:,} of the model's {config.vocab_size:,} embedding and "
+                  f"output rows will never be used; --vocab-size {enough} avoids that", flush=True)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size}")
