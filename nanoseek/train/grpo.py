@@ -129,7 +129,8 @@ class PromptSource:
         return problems
 
     def update(self, task: str, pass_rates: list[float]) -> None:
-        """One move at most per step, from the mean pass rate of the task's groups in it."""
+        """One move at most, from the mean pass rate of the task's groups sampled together (a step's, or one
+        dynamic-sampling round's)."""
         pass_rate = statistics.mean(pass_rates)
         if pass_rate > self.high:
             self.difficulty[task] = min(self.max_difficulty, self.difficulty[task] + 1)
