@@ -127,8 +127,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; model {model if args.model else 'random nano'}")
     print(f"{args.clients} clients x {args.requests} requests x {args.max_tokens} tokens = {total} tokens")
-    print(f"concurrent: {together_s:.1f} s, {total / together_s:.0f} tok/s; TTFT {percentiles([r['ttft'] for r in loaded])};"
-          f" ITL {percentiles([x for r in loaded for x in r['itl']])}")
+    print(f"concurrent: {together_s:.1f} s, {total / together_s:.0f} tok/s; TTFT "
+          f"{percentiles([r['ttft'] for r in loaded])}; ITL {percentiles([x for r in loaded for x in r['itl']])}")
     print(f"one at a time: {alone_s:.1f} s, {total / alone_s:.0f} tok/s; TTFT "
           f"{percentiles([r['ttft'] for r in single])}; ITL {percentiles([x for r in single for x in r['itl']])}")
     print(f"ratio: {alone_s / together_s:.2f}x (target >= 6x)")
