@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek import CausalLM  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
-from nanoseek.data.corpus import generate_corpus  # noqa: E402
+from nanoseek.tasks.corpus import generate_corpus  # noqa: E402
 from nanoseek.tokenizer import train_tokenizer  # noqa: E402
 
 MODEL = "bench"

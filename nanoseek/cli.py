@@ -160,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat: streamed replies, reasoning shown apart from the answer; /reset, /exit."""
-    from .reasoning import REASONING, ReasoningParser
+    from .r1 import REASONING, ReasoningParser, conversation_prompt
 
     llm = _llm(args)
     if llm.tokenizer is None:
@@ -184,11 +184,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        prompt = _render_chat(llm.tokenizer, history)
-        parser = ReasoningParser(in_reasoning=prompt.rstrip().endswith("<think>"))
+        prompt = conversation_prompt(llm.tokenizer, history)
+        parser = ReasoningParser(in_reasoning=prompt.opened)
         answer, mode = [], None
-        # the rendered template already holds its special tokens (BOS): encode it as it is
-        for delta in llm.stream(llm.tokenizer.encode(prompt, add_special_tokens=False), params):
+        for delta in llm.stream(prompt.ids, params):
             for kind, text in parser.feed(delta.text) + (parser.finish() if delta.finish_reason else []):
                 if kind != mode:
                     print(f"{dim}[thinking]{reset} " if kind == REASONING else f"\n{bold}[answer]{reset} ",
@@ -199,13 +198,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     answer.append(text)
         print(flush=True)
         history.append({"role": "assistant", "content": "".join(answer).strip()})  # reasoning is not resent
-
-
-def _render_chat(tokenizer, history: list[dict[str, str]]) -> str:
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(history, add_generation_prompt=True)
-    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in history]
-    return "\n".join(turns) + "\nAssistant:"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,45 +16,30 @@ from typing import Any
 
 from tokenizers import Tokenizer as _RustTokenizer
 
+from .r1 import ASSISTANT, CHAT_TEMPLATE, SYSTEM, TAGS, USER
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
-SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
-# Single tokens that decoding keeps (not "special"), as in DeepSeek-R1's tokenizer: replies show their reasoning.
-REASONING_TOKENS = [THINK_OPEN, THINK_CLOSE]
-
-# The R1 layout (spec grpo-r1.md §2.3): the assistant turn opens a think block that the model closes before
-# answering. Earlier assistant turns carry only their answers (DeepSeek drops reasoning from history).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}" + SYSTEM + "{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}" + ASSISTANT + THINK_OPEN + "\n{% endif %}"
-)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE over `texts` with nanoseek's special tokens and chat template; BOS added on encode."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
-    reserved = len(SPECIAL_TOKENS) + len(REASONING_TOKENS)
+    reserved = len(SPECIAL_TOKENS) + len(TAGS)
     if vocab_size < 256 + reserved:
         raise ValueError(f"vocab_size = {vocab_size}: a byte-level BPE needs at least {256 + reserved} "
                          f"(256 bytes and {reserved} special tokens)")
     backend = _RustTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(REASONING_TOKENS), special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(TAGS), special_tokens=SPECIAL_TOKENS,
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer)
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, backend.token_to_id(BOS))])
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,

@@ -314,7 +314,7 @@ def test_prefix_cache_evicts_least_recently_used_blocks(tiny_checkpoint):
 
 def test_text_ends_with_held_back_bytes_flushed(tmp_path):
     """A reply cut mid-character ends with the replacement character, not silently short (as decode does)."""
-    from nanoseek.data.corpus import generate_corpus
+    from nanoseek.tasks.corpus import generate_corpus
     from nanoseek.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(generate_corpus(200), vocab_size=320)  # byte-level: pieces of characters

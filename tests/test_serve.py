@@ -18,9 +18,10 @@ import openai
 import pytest
 from conftest import nanoseek_model
 
-from nanoseek.data.corpus import generate_corpus
 from nanoseek.engine import LLM, SamplingParams
-from nanoseek.tokenizer import THINK_CLOSE, train_tokenizer
+from nanoseek.r1 import THINK_CLOSE
+from nanoseek.tasks.corpus import generate_corpus
+from nanoseek.tokenizer import train_tokenizer
 
 KEY = "sk-test"
 MODEL = "tiny-r1"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..r1 import THINK_OPEN
 from ..tokenizer import Tokenizer
 from .shards import Batch, ShuffledBatches
 from .sources import DataError, iter_jsonl
@@ -15,7 +16,7 @@ from .sources import DataError, iter_jsonl
 IGNORE = -100
 
 
-def read_conversations(file: Path, field: str = "messages") -> list[list[dict[str, str]]]:
+def read_conversations(file: Path, field: str = "messages", allow_empty: bool = False) -> list[list[dict[str, str]]]:
     """JSONL with one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}."""
     conversations = []
     for number, record in iter_jsonl(file):
@@ -27,7 +28,7 @@ def read_conversations(file: Path, field: str = "messages") -> list[list[dict[st
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{file}:{number}: the conversation has no assistant message to learn from")
         conversations.append(messages)
-    if not conversations:
+    if not conversations and not allow_empty:
         raise DataError(f"{file}: no conversations")
     return conversations
 
@@ -46,7 +47,7 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]) 
         if message["role"] == "assistant":
             prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
             # the template opens the think block in the prompt; the data's reply carries its own
-            prompt = prompt.removesuffix("<think>\n")
+            prompt = prompt.removesuffix(THINK_OPEN + "\n")
             prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
             full = tokenizer.encode(text, add_special_tokens=False)
             learn += [False] * (len(prompt_ids) - len(ids)) + [True] * (len(full) - len(prompt_ids))

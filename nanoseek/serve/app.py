@@ -37,8 +37,8 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import LLM, SamplingParams
-from ..reasoning import CONTENT, ReasoningParser
-from ..tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, THINK_CLOSE, THINK_OPEN
+from ..r1 import CONTENT, THINK_CLOSE, ReasoningParser, opens_think
+from ..tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from . import COMPAT_MODES
 from .engine import AsyncEngine, Delta, Finished, next_event
 from .engine import Request as EngineRequest
@@ -95,7 +95,7 @@ class Server:
             role = "system" if message.role == "developer" else message.role
             messages.append({"role": role, "content": message.text()})  # reasoning never enters the prompt
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        in_reasoning = text.rstrip().endswith(THINK_OPEN)
+        in_reasoning = opens_think(text)
         if in_reasoning and (body.thinking or {}).get("type") == "disabled":
             text, in_reasoning = text + THINK_CLOSE + "\n", False
         ids = self.tokenizer.encode(text + prefix, add_special_tokens=False)
