@@ -9,6 +9,7 @@ an interrupted save never leaves a half-written checkpoint. Only safetensors: no
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -107,6 +108,16 @@ def checkpoint_slots(model: CausalLM | DenseLM) -> dict[str, TensorSlot]:
 
 
 # ---- reading ---------------------------------------------------------------------------------
+def weights_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint's weight files (in name order): equal for the same weights, byte for byte."""
+    digest = hashlib.sha256()
+    for file in sorted(set(_weight_files(Path(path)).values())):
+        with open(file, "rb") as stream:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Map each tensor name to the file holding it."""
     index = path / INDEX_FILE

@@ -129,5 +129,5 @@ def test_presets_are_valid(name):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="unknown preset 'huge'; presets: tiny, nano, small"):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; presets: tiny, micro, nano, small"):
         preset("huge")

@@ -86,8 +86,9 @@ def test_dense_config_errors_name_the_field(tmp_path):
 
 def test_the_training_loop_trains_a_dense_student(tmp_path):
     """The one training loop runs the dense family too (SFT on R1-format traces here): the loss falls."""
-    from nanoseek.data import ChatSequences, generate_corpus
+    from nanoseek.data import ChatSequences
     from nanoseek.model.dense import DenseConfig
+    from nanoseek.tasks.corpus import generate_corpus
     from nanoseek.tokenizer import train_tokenizer
     from nanoseek.train import TrainConfig, Trainer
     from nanoseek.train.sft import cold_start
@@ -111,8 +112,9 @@ def test_distillation_lowers_the_students_loss_on_teacher_traces(tmp_path):
     import subprocess
     import sys
 
-    from nanoseek.data import ChatSequences, generate_corpus
+    from nanoseek.data import ChatSequences
     from nanoseek.model.dense import DenseConfig
+    from nanoseek.tasks.corpus import generate_corpus
     from nanoseek.tokenizer import train_tokenizer
     from nanoseek.train import TrainConfig, Trainer
     from nanoseek.train.distill import DistillTrainer

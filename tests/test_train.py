@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import nanoseek
-from nanoseek.data import DataError, PackedSequences, TokenStream, build_shards, generate_corpus, read_documents
+from nanoseek.data import DataError, PackedSequences, TokenStream, build_shards, read_documents
 from nanoseek.data import resolve as resolve_files
+from nanoseek.tasks.corpus import generate_corpus
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train import TrainConfig, Trainer
 
@@ -53,7 +54,12 @@ def test_tokenizer_and_chat_template_match_transformers(corpus_tokenizer, tmp_pa
 def test_corpus_is_seeded():
     assert list(generate_corpus(5, seed=3)) == list(generate_corpus(5, seed=3))
     assert list(generate_corpus(5, seed=3)) != list(generate_corpus(5, seed=4))
-    assert all("<think>" in doc and "</think>" in doc for doc in generate_corpus(20))
+    docs = list(generate_corpus(200))
+    answers = [doc for doc in docs if doc.count("<answer>") == doc.count("</answer>") == 1]
+    assert len(answers) == len(docs)  # every document ends in one answer
+    assert any("\nAssistant:<think>\n" in doc for doc in docs)  # the assistant reasons, some of the time
+    assert any("\nAssistant:<answer>" in doc for doc in docs)  # and answers directly the rest
+    assert all("<think>" not in doc for doc in docs if "\nTeacher:" in doc)  # R1 tags: the assistant's alone
 
 
 def test_shards_keep_document_boundaries_and_batches_are_deterministic(corpus_tokenizer, tmp_path):

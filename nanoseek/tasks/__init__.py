@@ -1,16 +1,23 @@
 """Procedurally generated, verifiable tasks: each problem has a question, an exact answer and a worked
-solution, from a seeded generator with a difficulty knob. Training and evaluation draw from disjoint seed
-ranges, so evaluation problems are never trained on."""
+solution, from a seeded generator with a difficulty knob. Evaluation problems come from a seed range of their
+own, and every training draw skips every held-out question of its task (at any difficulty), so evaluation
+problems are never trained on; `question_space` says how many distinct questions a level has."""
 
 from __future__ import annotations
 
 import functools
+import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .check import answers_match, evaluate_countdown, extract_answer
+from ..data.sources import DataError, iter_jsonl
+from .check import answers_match, evaluate_countdown
+
+_TRACE_ANSWER = re.compile(r"^a\s*=\s*(\d)\s*,\s*b\s*=\s*(\d)\s*,\s*c\s*=\s*(\d)$")
 
 
 @dataclass(frozen=True)
@@ -18,8 +25,9 @@ class Problem:
     task: str
     question: str
     answer: str
-    reasoning: str  # the worked solution, step by step
+    reasoning: str  # the worked solution, one step per line
     numbers: tuple[int, ...] = field(default=())  # Countdown's numbers: its answers are expressions over them
+    fields: dict[str, Any] = field(default_factory=dict, compare=False)  # a user problem's other JSONL fields
 
     def check(self, answer: str | None) -> bool:
         """Is `answer` (an extracted final answer) right?"""
@@ -30,10 +38,20 @@ class Problem:
             return value is not None and value == evaluate_countdown(self.answer, list(self.numbers))
         if self.task == "sorting":
             return [p.strip() for p in answer.split(",")] == [p.strip() for p in self.answer.split(",")]
+        if self.task == "trace":
+            given = _TRACE_ANSWER.match(answer.strip())
+            return given is not None and given.groups() == _TRACE_ANSWER.match(self.answer).groups()
         return answers_match(answer, self.answer)
 
-    def check_reply(self, reply: str, opened: bool = True) -> bool:
-        return self.check(extract_answer(reply, opened))
+    def reasons(self, reasoning: str | None) -> bool:
+        """Does this think block hold real reasoning: at least all but one of the worked solution's steps as
+        well-formed step lines of the task (right or wrong)? A bare or padded tag does not count."""
+        if reasoning is None:
+            return False
+        pattern = STEP_LINES.get(self.task)
+        lines = [line.strip() for line in reasoning.splitlines() if line.strip()]
+        valid = sum(bool(pattern.fullmatch(line)) if pattern else 1 for line in lines)
+        return valid >= max(1, len(self.reasoning.splitlines()) - 1)
 
 
 def arithmetic(rng: random.Random, difficulty: int = 1) -> Problem:
@@ -103,13 +121,70 @@ def countdown(rng: random.Random, difficulty: int = 1) -> Problem:
     return Problem("countdown", question, expression, "\n".join(steps), tuple(numbers))
 
 
+_REGISTERS = "abc"
+_TRACE_OPS = ["a<>b", "b<>c", "a+=1", "a-=1"]  # bijections of the 1,000 states that reach them all
+
+
+def trace(rng: random.Random, difficulty: int = 1) -> Problem:
+    """Run a program of difficulty + 5 operations on three registers of digits: swaps of neighbours (`a<>b`,
+    `b<>c`) and steps of `a` up or down mod 10. Each operation is a bijection of the 1,000 states, so the
+    final state is uniform: a guess is right 0.1% of the time, and a direct answer has to compose every
+    operation in one pass.
+
+    The worked solution writes the state before and after each operation, one `a b c` line each. Every
+    operation in the question and every state line is four tokens, so each fact a step needs (the previous
+    state, the operation) sits at a fixed distance from the token being written: retrieval at a fixed offset
+    is what a small model learns within a few hundred steps, while retrieval by content (an induction head)
+    takes far longer. A step then copies a digit from the same register or a neighbour, or adds one."""
+    values = {r: rng.randrange(10) for r in _REGISTERS}
+    start = ", ".join(f"{r}={values[r]}" for r in _REGISTERS)
+    states = [" ".join(str(values[r]) for r in _REGISTERS)]
+    program = [rng.choice(_TRACE_OPS) for _ in range(difficulty + 5)]
+    for op in program:
+        if op[1:3] == "<>":
+            values[op[0]], values[op[3]] = values[op[3]], values[op[0]]
+        else:
+            values[op[0]] = (values[op[0]] + (1 if op[1] == "+" else -1)) % 10
+        states.append(" ".join(str(values[r]) for r in _REGISTERS))
+    answer = ", ".join(f"{r}={values[r]}" for r in _REGISTERS)
+    return Problem("trace", f"{start}. {'; '.join(program)}.", answer, "\n".join(states))
+
+
 TASKS: dict[str, Callable[[random.Random, int], Problem]] = {
     "arithmetic": arithmetic, "linear_equation": linear_equation, "sorting": sorting, "countdown": countdown,
+    "trace": trace,
 }
+# Well-formed lines of each task's worked solutions (what `Problem.reasons` counts).
+STEP_LINES = {
+    "arithmetic": re.compile(r"-?\d+ [+*-] -?\d+ = -?\d+"),
+    "linear_equation": re.compile(r"(Subtract|Divide) .* = -?\d+"),
+    "sorting": re.compile(r"smallest of the rest is \d+: \d+(, \d+)*"),
+    "countdown": re.compile(r"\d+ [+*/-] \d+ = \d+"),
+    "trace": re.compile(r"\d \d \d"),
+}
+MAX_DIFFICULTY = 8
 EVAL_SEED_OFFSET = 1 << 40  # evaluation problems come from seeds no training run reaches
 # Held-out problems per task and difficulty. Small problem spaces repeat questions across seeds (arithmetic
-# at difficulty 1 has 6,561), so training draws skip any question among these; evaluation uses no more.
+# at difficulty 1 has 6,561), so training draws skip any of these questions; evaluation uses no others.
 HELD_OUT_PROBLEMS = 2000
+
+
+def question_space(task: str, difficulty: int) -> int:
+    """Distinct questions a task's generator can ask at a difficulty (Countdown: an upper bound, counting
+    every ordering of its numbers and every operation sequence)."""
+    n = difficulty
+    if task == "arithmetic":
+        largest = 9 * 10 ** (n > 2)
+        return largest ** (n + 2) * 3 ** (n + 1)
+    if task == "linear_equation":
+        return 18 * (2 * 10 ** n + 1) ** 2
+    if task == "sorting":
+        return (10 * 10 ** n + 1) ** (n + 3)
+    if task == "countdown":
+        return (9 + 3 * n) ** (n + 2) * 4 ** (n + 1) * math.factorial(n + 2)
+    if task == "trace":
+        return 1000 * len(_TRACE_OPS) ** (n + 5)
+    raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -127,6 +202,9 @@ def make_problem(task: str, index: int, difficulty: int = 1, split: str = "train
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     if split not in ("train", "eval"):
         raise ValueError(f"split = {split!r}: must be 'train' or 'eval'")
+    if not 1 <= difficulty <= MAX_DIFFICULTY:
+        raise ValueError(f"difficulty = {difficulty}: must be in [1, {MAX_DIFFICULTY}] (the levels with held-out "
+                         "problems)")
     seed = index + (EVAL_SEED_OFFSET if split == "eval" else 0)
     return TASKS[task](random.Random(f"{task}:{seed}:{difficulty}"), difficulty)
 
@@ -137,20 +215,42 @@ def evaluation_questions(task: str, difficulty: int) -> frozenset[str]:
     return frozenset(make_problem(task, i, difficulty, "eval").question for i in range(HELD_OUT_PROBLEMS))
 
 
+@functools.lru_cache(maxsize=16)
+def held_out_questions(task: str) -> frozenset[str]:
+    """Every held-out question of a task, at every difficulty: a question of one level can be asked at
+    another (a linear equation's numbers at difficulty 1 are in range at 2), and training skips them all."""
+    return frozenset().union(*(evaluation_questions(task, d) for d in range(1, MAX_DIFFICULTY + 1)))
+
+
+@functools.lru_cache(maxsize=1)
+def _every_held_out_question() -> frozenset[str]:
+    return frozenset().union(*map(held_out_questions, TASKS))
+
+
+def without_held_out(conversations: list[list[dict[str, str]]]) -> tuple[list[list[dict[str, str]]], int]:
+    """A user's conversations (SFT, distillation or rejection-sampling mix data) less those in which a user
+    turn asks a held-out question of any task, and how many were dropped: the evaluation stays held out
+    whatever file trains the model."""
+    banned = _every_held_out_question()
+    kept = [c for c in conversations
+            if not any(m.get("role") == "user" and str(m.get("content", "")).strip() in banned for m in c)]
+    return kept, len(conversations) - len(kept)
+
+
 def training_problem(task: str, index: int, difficulty: int = 1) -> Problem:
     """Training problem `index`: a held-out question is replaced by a draw from a seed range of its own."""
+    banned = held_out_questions(task)
     for attempt in range(1000):
         problem = make_problem(task, index + attempt * (1 << 32), difficulty)
-        if problem.question not in evaluation_questions(task, difficulty):
+        if problem.question not in banned:
             return problem
     raise ValueError(f"task {task!r} at difficulty {difficulty}: no training problem outside the held-out set")
 
 
 def load_problems(path: str | Path) -> list[Problem]:
     """User problems from JSONL in GSM8K/MATH style: {"question": ..., "answer": ...} (a GSM8K answer's final
-    value after "####" is used)."""
-    from ..data.sources import DataError, iter_jsonl  # the data package imports the tasks for its corpus
-
+    value after "####" is used). Every other field of a record is kept in `Problem.fields` (a user reward
+    function receives them, as TRL passes a data set's columns)."""
     problems = []
     for number, record in iter_jsonl(Path(path)):
         if not isinstance(record, dict):
@@ -160,7 +260,9 @@ def load_problems(path: str | Path) -> list[Problem]:
                 raise DataError(f"{path}:{number}: missing or non-text field {key!r}")
         answer = str(record["answer"])
         final = answer.split("####")[-1].strip()
-        problems.append(Problem("user", str(record["question"]), final, answer if "####" in answer else ""))
+        others = {k: v for k, v in record.items() if k not in ("question", "answer")}
+        problems.append(Problem("user", str(record["question"]), final, answer if "####" in answer else "",
+                                fields=others))
     if not problems:
         raise DataError(f"{path}: no problems")
     return problems

@@ -1,57 +1,13 @@
-"""Reading a reply's final answer and checking it: exact, numeric, LaTeX (math-verify), and Countdown
-expressions evaluated on a parsed syntax tree (never `eval`)."""
+"""Checking a final answer: exact, numeric, LaTeX (math-verify), and Countdown expressions evaluated on a
+parsed syntax tree (never `eval`). Reading the answer out of a reply is the R1 format's job (`nanoseek.r1`)."""
 
 from __future__ import annotations
 
 import ast
-import re
 from collections import Counter
 from fractions import Fraction
 
-from ..tokenizer import THINK_CLOSE, THINK_OPEN
-
-MAX_ANSWER_CHARS = 200  # a longer "answer" is a list of guesses, not an answer
-_LEADS = re.compile(r"^(so\s+)?(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", re.IGNORECASE)
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_BOXED = re.compile(r"\\boxed\{(.*)\}")
-
-
-def split_reply(reply: str, opened: bool = True) -> tuple[str, str] | None:
-    """(reasoning, answer part) of an R1-format reply, or None when the format is broken.
-
-    `opened`: the prompt already opened the think block (the template ends with `<think>`). Exactly one
-    closing tag is required and no further think tags: a second block or tags left open are format errors.
-    """
-    body = reply if opened else reply.lstrip()
-    if not opened:
-        if not body.startswith(THINK_OPEN):
-            return None
-        body = body[len(THINK_OPEN):]
-    if body.count(THINK_CLOSE) != 1 or THINK_OPEN in body:
-        return None
-    reasoning, answer = body.split(THINK_CLOSE)
-    return reasoning, answer
-
-
-def extract_answer(reply: str, opened: bool = True) -> str | None:
-    """The final answer after the think block: `<answer>` tags, a `\\boxed{}`, or the text with its
-    "The answer is" stripped; None when there is no single short answer."""
-    parts = split_reply(reply, opened)
-    if parts is None:
-        return None
-    text = parts[1].strip()
-    tagged = _ANSWER_TAG.findall(text)
-    if len(tagged) > 1:
-        return None
-    if tagged:
-        text = tagged[0].strip()
-    boxed = _BOXED.findall(text)
-    if boxed:
-        text = boxed[-1].strip()
-    text = _LEADS.sub("", text).strip().rstrip(".").strip()
-    if not text or len(text) > MAX_ANSWER_CHARS or "\n" in text:
-        return None
-    return text
+MAX_EXPRESSION_CHARS = 200  # a longer expression is a list of guesses, not an answer
 
 
 def _number(text: str) -> Fraction | None:
@@ -84,7 +40,7 @@ def evaluate_countdown(expression: str, numbers: list[int]) -> Fraction | None:
 
     Only integers from the list, + - * / and parentheses are allowed; the tree is walked, never executed.
     """
-    if len(expression) > MAX_ANSWER_CHARS:
+    if len(expression) > MAX_EXPRESSION_CHARS:
         return None
     try:
         tree = ast.parse(expression.replace("×", "*").replace("÷", "/"), mode="eval")

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import read_config
+from ..checkpoint import load_model, read_config
 from ..config import PRESETS, ModelConfig, preset
-from ..data import PackedSequences, TokenStream, build_shards, generate_corpus, load_manifest, read_documents, resolve
+from ..data import PackedSequences, TokenStream, build_shards, load_manifest, read_documents, resolve
 from ..data.shards import tokenizer_fingerprint
 from ..model import CausalLM
 from ..model.dense import DenseConfig, DenseLM
-from ..tasks import TASKS, parse_tasks
+from ..tasks import MAX_DIFFICULTY, TASKS, parse_tasks
+from ..tasks.corpus import CorpusMix, generate_corpus
 from ..tokenizer import Tokenizer, train_tokenizer
 from .loop import TrainConfig, Trainer, add_train_arguments, run_distributed, train_config_from
 
@@ -28,13 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", choices=list(PRESETS), default=None, help="model config (default: nano)")
     model.add_argument("--config", help="a config.json for the model")
+    model.add_argument("--init", help="continue from this checkpoint's weights and tokenizer on this run's data, "
+                       "with a fresh optimizer and schedule (e.g. the decay phase of a WSD schedule on a new mix)")
     parser.add_argument("--data", nargs="+", help="text/JSONL/Parquet files, directories or globs "
                         "(default: the built-in generated corpus)")
     parser.add_argument("--vocab-size", type=int, help="override the config's vocab_size (and the tokenizer's)")
     parser.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text")
     parser.add_argument("--corpus-docs", type=int, default=20_000, help="documents of the built-in corpus")
     parser.add_argument("--corpus-tasks", default=",".join(TASKS), help="tasks of the built-in corpus")
+    parser.add_argument("--corpus-min-difficulty", type=int, default=1, help="easiest problems of the corpus")
     parser.add_argument("--corpus-max-difficulty", type=int, default=3, help="hardest problems of the corpus")
+    parser.add_argument("--corpus-template-share", type=float, default=CorpusMix.template_share,
+                        help="share of corpus documents in the zero prompt layout (User: ... Assistant: reply)")
+    parser.add_argument("--corpus-think-share", type=float, default=CorpusMix.think_share,
+                        help="share of those replies that reason in a think block (the others answer directly)")
     parser.add_argument("--out", default="runs/pretrain", help="run directory")
     parser.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the data)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/latest")
@@ -45,7 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig | DenseConfig:
-    """A preset, or a config.json of either family (a dense one pretrains a student for distillation)."""
+    """A preset, or a config.json of either family (a dense one pretrains a student for distillation), or the
+    config of the --init checkpoint."""
+    if args.init:
+        if args.vocab_size:
+            raise ValueError("--vocab-size with --init: the checkpoint fixes the vocabulary")
+        return read_config(Path(args.init) / "config.json")
     config = read_config(Path(args.config)) if args.config else preset(args.preset or "nano")
     return config.replace(vocab_size=args.vocab_size) if args.vocab_size else config
 
@@ -54,11 +67,16 @@ def _documents(args: argparse.Namespace):
     """(documents iterator factory, a string naming the source for the shard manifest)."""
     if not args.data:
         tasks = parse_tasks(args.corpus_tasks)
-        if args.corpus_max_difficulty < 1:
-            raise ValueError(f"--corpus-max-difficulty = {args.corpus_max_difficulty}: must be >= 1")
+        if not 1 <= args.corpus_min_difficulty <= args.corpus_max_difficulty <= MAX_DIFFICULTY:
+            raise ValueError(f"--corpus-min-difficulty = {args.corpus_min_difficulty}, --corpus-max-difficulty = "
+                             f"{args.corpus_max_difficulty}: need 1 <= min <= max <= {MAX_DIFFICULTY}")
+        mix = CorpusMix(args.corpus_template_share, args.corpus_think_share)
         source = (f"builtin-corpus:documents={args.corpus_docs},seed={args.seed},tasks={','.join(tasks)},"
-                  f"max_difficulty={args.corpus_max_difficulty}")
-        return (lambda: generate_corpus(args.corpus_docs, args.seed, args.corpus_max_difficulty, tasks)), source
+                  f"difficulties={args.corpus_min_difficulty}-{args.corpus_max_difficulty},"
+                  f"template_share={mix.template_share},think_share={mix.think_share}")
+        return (lambda: generate_corpus(args.corpus_docs, args.seed, args.corpus_max_difficulty, tasks, mix,
+                                        args.corpus_min_difficulty)), \
+            source
     files = resolve(args.data)
     source = json.dumps([[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files] + [args.field])
     return (lambda: read_documents(files, args.field)), source
@@ -66,10 +84,11 @@ def _documents(args: argparse.Namespace):
 
 def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documents) -> Tokenizer:
     """The given tokenizer, the run's own (saved once its data was tokenised), or a new one trained on the data."""
-    if args.tokenizer:
-        tokenizer = Tokenizer.from_dir(args.tokenizer)
+    if args.tokenizer or args.init:
+        tokenizer = Tokenizer.from_dir(args.tokenizer or args.init)
         if tokenizer is None:
-            raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+            raise ValueError(f"{'--tokenizer ' + args.tokenizer if args.tokenizer else '--init ' + args.init}: no "
+                             "tokenizer.json there")
     elif (out / "tokenizer" / "tokenizer.json").exists():
         tokenizer = Tokenizer.from_dir(out / "tokenizer")
     else:
@@ -113,14 +132,18 @@ def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config:
     data = PackedSequences(TokenStream(shards, manifest), train_config.seq_len, train_config.seed,
                            source=f"{manifest['source']}|{manifest['tokenizer']}")
     torch.manual_seed(train_config.seed)
-    with torch.device(device):
-        model = DenseLM(config) if isinstance(config, DenseConfig) else CausalLM(config)
+    if args.init:
+        model = load_model(args.init, device=device, dtype=torch.float32)
+    else:
+        with torch.device(device):
+            model = DenseLM(config) if isinstance(config, DenseConfig) else CausalLM(config)
     model.generation_config = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     trainer = Trainer(model, tokenizer, data, train_config, out, resume=args.resume, parallel=args.parallel)
     if rank != 0:
         trainer.run()
         return 0
-    print(f"pretraining {args.preset or args.config or 'nano'}: {manifest['tokens']:,} tokens in "
+    what = args.preset or args.config or (f"from {args.init}" if args.init else "nano")
+    print(f"pretraining {what}: {manifest['tokens']:,} tokens in "
           f"{manifest['documents']:,} documents, {trainer.config.max_steps} steps of "
           f"{train_config.batch_size * train_config.grad_accum * trainer.world} x {train_config.seq_len} tokens, on "
           f"{device}" + (f" x {trainer.world} ({trainer.parallel})" if trainer.world > 1 else ""))
