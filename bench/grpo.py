@@ -25,13 +25,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanoseek  # noqa: E402
-from nanoseek.data import generate_corpus  # noqa: E402
+from nanoseek.r1 import ChatLayout  # noqa: E402
 from nanoseek.rewards import RewardSet  # noqa: E402
 from nanoseek.tasks import make_problem  # noqa: E402
-from nanoseek.tasks.check import extract_answer  # noqa: E402
+from nanoseek.tasks.corpus import generate_corpus  # noqa: E402
 from nanoseek.tokenizer import train_tokenizer  # noqa: E402
 from nanoseek.train import TrainConfig  # noqa: E402
 from nanoseek.train.grpo import GRPOObjective, GRPOTrainer, PromptSource  # noqa: E402
+
+CHAT = ChatLayout()  # TRL renders the same chat template; its replies are parsed as ours are
 
 
 def main() -> None:
@@ -69,7 +71,8 @@ def main() -> None:
                          warmup_steps=0, eval_every=10**6, save_every=10**6, mtp_lambda=0.0, bias_gamma=0.0)
     trainer = GRPOTrainer(ours, tokenizer, PromptSource(["arithmetic"]), config, tmp / "ours",
                           GRPOObjective(loss_type="dapo"), RewardSet({"accuracy": 1.0}), args.group, args.new_tokens)
-    prompt_tokens = sum(len(trainer.prompt_ids(p)) for p in problems[:per_step]) * args.group
+    prompt = trainer.template.prompt
+    prompt_tokens = args.group * sum(len(prompt(tokenizer, q.question).ids) for q in problems[:per_step])
     ours_rates = []
     for step in range(steps):
         start = time.perf_counter()
@@ -81,8 +84,8 @@ def main() -> None:
     answers = {p.question: p for p in problems}
 
     def accuracy(prompts, completions, **kwargs) -> list[float]:
-        return [float(answers[_question(p)].check(extract_answer(c))) for p, c in zip(prompts, completions,
-                                                                                       strict=True)]
+        return [float(answers[_question(p)].check(CHAT.parse(c, True).answer)) for p, c in zip(prompts, completions,
+                                                                                                strict=True)]
 
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}]} for p in problems])
     trl_args = GRPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=args.prompts * args.group,

@@ -88,7 +88,7 @@ def test_clipping_stops_the_gradient_past_the_bounds():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from nanoseek.data import generate_corpus
+    from nanoseek.tasks.corpus import generate_corpus
     from nanoseek.tokenizer import train_tokenizer
 
     return train_tokenizer(generate_corpus(300, seed=1), 320)
@@ -118,8 +118,8 @@ def test_grpo_raises_the_reward_of_an_sft_primed_model(tokenizer, tmp_path):
     from nanoseek.train import TrainConfig
     from nanoseek.train.grpo import GRPOTrainer, PromptSource
 
-    model = _sft_primed(tokenizer, 80, tmp_path)  # the R1 format half learned
-    config = TrainConfig(max_steps=30, batch_size=4, seq_len=96, lr=3e-4, warmup_steps=0, eval_every=1000,
+    model = _sft_primed(tokenizer, 60, tmp_path)  # the R1 format half learned
+    config = TrainConfig(max_steps=30, batch_size=4, seq_len=96, lr=1e-3, warmup_steps=0, eval_every=1000,
                          mtp_lambda=0.0)
     rewards = RewardSet({"short": 1.0}, {"short": lambda c: float(format_reward(c) and c.tokens <= 20)})
     trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo", GRPOObjective(),
@@ -154,7 +154,8 @@ def test_grpo_and_sft_commands(tokenizer, tmp_path):
     assert grpo.returncode == 0, grpo.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     for key in ("reward", "reward_accuracy", "reward_format", "accuracy", "length_correct", "length_wrong", "kl",
-                "entropy", "clip_low", "clip_high", "zero_variance", "val_accuracy"):
+                "entropy", "clip_low", "clip_high", "zero_variance", "val_pass1", "val_reasoning_share",
+                "reasoning_share", "length_reasoning", "length_direct", "first_token_entropy", "truncated"):
         assert key in metrics[-1], key
     assert nanoseek.load_model(tmp_path / "grpo" / "latest") is not None
     # data-parallel under torchrun: two ranks, each with its own rows or prompts, one checkpoint
@@ -271,7 +272,7 @@ def test_a_steps_micro_batches_are_sampled_together(tokenizer, tmp_path):
 
 
 def test_corpus_of_chosen_tasks_and_difficulties():
-    from nanoseek.data import generate_corpus
+    from nanoseek.tasks.corpus import generate_corpus
 
     documents = list(generate_corpus(40, seed=2, max_difficulty=1, tasks=["sorting"]))
     assert len(documents) == 40 and all("Sort ascending" in d for d in documents)
@@ -306,6 +307,7 @@ def test_dynamic_sampling_draws_more_prompts_for_groups_with_signal(tokenizer, t
 
 
 def test_rejection_verdicts():
+    from nanoseek.r1 import layout
     from nanoseek.tasks import make_problem
     from nanoseek.train.rejection import verdict
 
@@ -317,6 +319,10 @@ def test_rejection_verdicts():
     assert verdict(problem, good.replace(f"is {problem.answer}.", f"is {problem.answer}1."), False, 20, 64,
                    1.0) == "wrong"
     assert verdict(problem, "计算 " + good, False, 20, 64, 1.0) == "language"
+    zero = layout("zero")  # the zero layout's direct answers are right but no trace for the chat SFT
+    assert verdict(problem, f"<answer>{problem.answer}</answer>", False, 3, 64, 1.0, zero, False) == "direct"
+    assert verdict(problem, f"<think>\n{problem.reasoning}\n</think>\n<answer>{problem.answer}</answer>", False,
+                   20, 64, 1.0, zero, False) is None
 
 
 def test_rejection_sampling_keeps_only_verified_samples_and_no_evaluation_prompt(tokenizer, tmp_path):
@@ -325,8 +331,9 @@ def test_rejection_sampling_keeps_only_verified_samples_and_no_evaluation_prompt
     import sys
 
     from nanoseek import LLM, SamplingParams
-    from nanoseek.tasks import make_problem
-    from nanoseek.train.rejection import held_out_questions, rejection_sample
+    from nanoseek.r1 import ChatLayout
+    from nanoseek.tasks import held_out_questions, make_problem
+    from nanoseek.train.rejection import rejection_sample
 
     model = _sft_primed(tokenizer, 150, tmp_path)
     model.save_pretrained(tmp_path / "model")
@@ -334,7 +341,7 @@ def test_rejection_sampling_keeps_only_verified_samples_and_no_evaluation_prompt
     llm = LLM(model, device="cpu", max_num_seqs=64, tokenizer=tokenizer)
     problems = [make_problem("arithmetic", i, 1) for i in range(48)] + \
         [make_problem("arithmetic", i, 1, "eval") for i in range(8)]
-    banned = held_out_questions(["arithmetic"], [1])
+    banned = held_out_questions("arithmetic")
     contaminated = sum(p.question in banned for p in problems)
     assert contaminated >= 8  # the eval problems, and training seeds that drew a held-out question
     conversations, stats = rejection_sample(llm, problems, 8, SamplingParams(temperature=1.0, max_tokens=48, seed=3),
@@ -345,7 +352,8 @@ def test_rejection_sampling_keeps_only_verified_samples_and_no_evaluation_prompt
     for user, assistant in conversations:
         assert user["content"] not in banned
         problem = by_question[user["content"]]
-        assert assistant["content"].startswith("<think>") and problem.check_reply(assistant["content"], opened=False)
+        assert assistant["content"].startswith("<think>")
+        assert problem.check(ChatLayout().parse(assistant["content"], opened=False).answer)
     assert stats.kept == len(conversations) > 0
     out = tmp_path / "traces.jsonl"
     result = subprocess.run([sys.executable, "-m", "nanoseek", "rejection-sample", "--model", str(tmp_path / "model"),
@@ -354,3 +362,68 @@ def test_rejection_sampling_keeps_only_verified_samples_and_no_evaluation_prompt
     assert result.returncode == 0, result.stderr[-2000:]
     stats_file = json.loads(out.with_suffix(".stats.json").read_text())
     assert stats_file["samples"] == 64 and len(out.read_text().splitlines()) == stats_file["kept"]
+
+
+REWARD_MODULE = """
+import math
+
+def good(prompts, completions, answer, **kwargs):
+    # the JSONL's extra field arrives as a column, one value per reply
+    return [float(kwargs["source"][i] == "mine" and answer[i] == "4") for i in range(len(completions))]
+
+def raising(prompts, completions, answer, **kwargs):
+    raise RuntimeError("a bug in the user's reward")
+
+def garbage(prompts, completions, answer, **kwargs):
+    return ["high", math.nan] + [1.0] * (len(completions) - 2)
+
+def short(prompts, completions, answer, **kwargs):
+    return [1.0]
+"""
+
+
+def test_grpo_on_your_own_data_with_your_own_rewards(tokenizer, tmp_path):
+    """`--data` problems and `--reward module:function` rewards (TRL's signature): a good one scores, one
+    that raises or returns garbage is logged and scores 0, and the run goes on."""
+    import json
+    import subprocess
+    import sys
+
+    import nanoseek
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    nanoseek.CausalLM(nanoseek.preset("tiny", vocab_size=tokenizer.vocab_size)).save_pretrained(base)
+    tokenizer.save(base)
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"{i} + {4 - i}?", "answer": "4", "source": "mine"}) + "\n"
+                                for i in range(5)))
+
+    def grpo(out: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nanoseek", "grpo", "--model", str(base), "--out", out,
+                               "--data", str(problems), "--max-steps", "2", "--batch-size", "2", "--group-size", "4",
+                               "--max-new-tokens", "8", "--seq-len", "96", "--template", "zero", *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+    run = grpo("run", "--reward", "my_rewards:good", "--reward", "my_rewards:raising", "--reward",
+               "my_rewards:garbage", "--reward", "my_rewards:short", "--reward-weights", "format=0.1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and "val_pass1" not in metrics[-1]  # user data has no held-out split here
+    last = metrics[-1]
+    assert last["reward_good"] == 1.0 and last["reward_raising"] == 0.0 and last["reward_short"] == 0.0
+    assert last["reward_garbage"] == pytest.approx(0.5)  # 2 of each group's 4 replies scored, the rest 0
+    assert last["reward_errors"] == pytest.approx(1 + 1 + 0.5)  # raising, short and the garbage, per reply
+    assert "reward 'raising' raised" in run.stderr and "a bug in the user's reward" in run.stderr
+    assert "reward 'garbage' returned 2 values that are not finite numbers" in run.stderr
+    assert "reward 'short' returned 1 values for 4 replies" in run.stderr
+    assert json.loads((tmp_path / "run" / "start.json").read_text())["sha256"] == \
+        nanoseek.checkpoint.weights_sha256(base)
+    for args, message in ((["--reward", "nowhere:f"], "cannot import 'nowhere'"),
+                          (["--reward", "my_rewards:absent"], "has no function"),
+                          (["--reward", "my_rewards"], "expected package.module:function"),
+                          (["--reward", "my_rewards:good", "--reward", "my_rewards:good"], "named 'good' is already"),
+                          (["--tasks", "trace"], "drop --tasks and --difficulties")):
+        bad = grpo(f"bad-{len(message)}", *args)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_model, read_config
-from ..data import Batch, ChatSequences, read_conversations
+from ..data import Batch, ChatSequences
 from ..model import CausalLM
 from ..model.dense import DENSE_PRESETS, DenseConfig, DenseLM
 from ..tokenizer import Tokenizer
 from .loop import Trainer, add_train_arguments, train_config_from
 from .losses import IGNORE, token_loss_sum
+from .sft import add_data_arguments, conversations
 
 
 class DistillTrainer(Trainer):
@@ -74,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"from random weights ({', '.join(DENSE_PRESETS)})")
     parser.add_argument("--teacher", help="teacher checkpoint: its tokenizer for a new student, its logits for "
                         "--kd-weight")
-    parser.add_argument("--data", required=True, help="teacher traces: JSONL conversations (nanoseek "
-                        "rejection-sample)")
+    add_data_arguments(parser, "teacher traces: JSONL conversations (nanoseek rejection-sample); R1 distilled on "
+                       "its stage-3 SFT set, the traces and other data, which --examples can mix in")
     parser.add_argument("--kd-weight", type=float, default=0.0, help="weight of the logit-distillation KL")
     parser.add_argument("--kd-temperature", type=float, default=1.0)
     parser.add_argument("--out", default="runs/distill")
@@ -101,11 +102,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{tokenizer_dir}: distillation needs a tokenizer with a chat_template")
     teacher = load_model(args.teacher, device=device, dtype=torch.float32) if args.teacher and args.kd_weight \
         else None
-    conversations = read_conversations(Path(args.data))
-    data = ChatSequences(conversations, tokenizer, config.seq_len, config.seed)
+    if not args.data and args.examples is None:
+        raise ValueError("--data: the teacher's traces to distil (or --examples N generated conversations)")
+    rows = conversations(args, config.seed)
+    data = ChatSequences(rows, tokenizer, config.seq_len, config.seed)
     trainer = DistillTrainer(student, tokenizer, data, config, out, teacher, args.kd_weight, args.kd_temperature,
                              resume=args.resume)
-    print(f"distill: {len(conversations)} teacher traces into a {student.config.model_type} student "
+    print(f"distill: {len(rows)} conversations into a {student.config.model_type} student "
           f"({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters), {config.max_steps} steps"
           + (f", logit KD weight {args.kd_weight}" if teacher is not None else ""))
     last = trainer.run()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, weights_sha256
 from ..engine import LLM, SamplingParams
+from ..eval import evaluate, parse_difficulties
 from ..model import CausalLM
-from ..rewards import Completion, RewardSet
-from ..tasks import Problem, make_problem, parse_tasks, training_problem
+from ..r1 import Layout, layout
+from ..rewards import REWARDS, Completion, RewardSet, accuracy, load_reward
+from ..tasks import MAX_DIFFICULTY, Problem, load_problems, make_problem, parse_tasks, training_problem
 from ..tokenizer import Tokenizer
 from .loop import TrainConfig, Trainer, add_train_arguments, run_distributed, train_config_from
 from .losses import IGNORE, add_routed_counts
@@ -98,11 +102,13 @@ def zero_variance_groups(rewards: Tensor) -> Tensor:
 # ---- the GRPO stage of the training loop ------------------------------------------------------------------
 @dataclass
 class PromptSource:
-    """Which problems come next, and an adaptive curriculum: a task's difficulty rises when a step's groups pass
-    more than `high` of the time on average and falls below `low`, keeping pass rates near the edge of
-    competence (spec grpo-r1.md §4: group pass rates in ~[0.2, 0.8]). The mean over the step matters: single
-    groups of a model at 45% pass all or nothing often, and moving on each of them is a random walk that
-    spends steps on a level the model cannot solve at all."""
+    """Which problems come next. Built-in tasks: task by task in turn, held-out questions skipped, at a fixed
+    band of `levels` (each prompt the next level of the band) or, without one, under an adaptive curriculum:
+    a task's difficulty rises when a step's groups pass more than `high` of the time on average and falls below
+    `low`, keeping pass rates near the edge of competence (spec grpo-r1.md §4: group pass rates in ~[0.2,
+    0.8]). The mean over the step matters: single groups of a model at 45% pass all or nothing often, and
+    moving on each of them is a random walk that spends steps on a level the model cannot solve at all.
+    `problems`: the user's own (`--data`), in a seeded order reshuffled every pass."""
 
     tasks: list[str]
     seed: int = 0
@@ -113,24 +119,44 @@ class PromptSource:
     index: int = 0
     rank: int = 0  # under torchrun each rank draws its own problems: index * world + rank
     world: int = 1
+    levels: list[int] | None = None
+    problems: list[Problem] | None = None
 
     def __post_init__(self) -> None:
+        for level in self.levels or []:
+            if not 1 <= level <= MAX_DIFFICULTY:
+                raise ValueError(f"--difficulties: {level} is not in [1, {MAX_DIFFICULTY}]")
+        if self.problems is not None:
+            self.tasks = ["user"]
         for task in self.tasks:
             self.difficulty.setdefault(task, 1)
 
     def next(self, count: int) -> list[Problem]:
         problems = []
-        for _ in range(count):  # task by task in turn; held-out questions are skipped
-            task = self.tasks[self.index % len(self.tasks)]
+        for _ in range(count):
             number = self.index * self.world + self.rank
-            problem = training_problem(task, self.seed * 1_000_003 + number, self.difficulty[task])
-            problems.append(problem)
+            problems.append(self._user_problem(number) if self.problems is not None else self._task_problem(number))
             self.index += 1
         return problems
 
+    def _task_problem(self, number: int) -> Problem:
+        task = self.tasks[self.index % len(self.tasks)]
+        level = self.levels[(self.index // len(self.tasks)) % len(self.levels)] if self.levels else \
+            self.difficulty[task]
+        return training_problem(task, self.seed * 1_000_003 + number, level)
+
+    def _user_problem(self, number: int) -> Problem:
+        assert self.problems is not None
+        epoch, position = divmod(number, len(self.problems))
+        order = list(range(len(self.problems)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return self.problems[order[position]]
+
     def update(self, task: str, pass_rates: list[float]) -> None:
         """One move at most, from the mean pass rate of the task's groups sampled together (a step's, or one
-        dynamic-sampling round's)."""
+        dynamic-sampling round's); none on a fixed band or on user problems."""
+        if self.levels or self.problems is not None:
+            return
         pass_rate = statistics.mean(pass_rates)
         if pass_rate > self.high:
             self.difficulty[task] = min(self.max_difficulty, self.difficulty[task] + 1)
@@ -145,30 +171,40 @@ class PromptSource:
 
 
 @dataclass
+class Sample:
+    """One scored completion of a group."""
+
+    reward: float
+    parts: dict[str, float]
+    correct: bool
+    reasons: bool  # a think block with the task's step lines
+    length: int
+    truncated: bool
+    row: tuple[list[int], list[int], bool]  # prompt ids, completion ids, truncated
+    reward_errors: int = 0  # reward components that failed on it (each scored 0)
+
+
+@dataclass
 class Group:
-    """The G completions of one prompt: their rewards, reward parts, correctness, lengths and token rows."""
+    """The G completions of one prompt."""
 
-    rewards: list[float] = field(default_factory=list)
-    parts: list[dict[str, float]] = field(default_factory=list)
-    correct: list[bool] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    rows: list[tuple[list[int], list[int], bool]] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
 
-    def add(self, reward: float, parts: dict[str, float], correct: bool, length: int,
-            row: tuple[list[int], list[int], bool]) -> None:
-        self.rewards.append(reward)
-        self.parts.append(parts)
-        self.correct.append(correct)
-        self.lengths.append(length)
-        self.rows.append(row)
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]
+
+    @property
+    def rows(self) -> list[tuple[list[int], list[int], bool]]:
+        return [s.row for s in self.samples]
 
     @property
     def passed(self) -> int:
-        return sum(self.correct)
+        return sum(s.correct for s in self.samples)
 
     @property
     def zero_variance(self) -> bool:
-        return all(r == self.rewards[0] for r in self.rewards)
+        return all(r == self.samples[0].reward for r in self.rewards)
 
 
 @dataclass
@@ -190,7 +226,8 @@ class GRPOTrainer(Trainer):
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, prompts: PromptSource, config: TrainConfig, out: Path,
                  objective: GRPOObjective, rewards: RewardSet, group_size: int = 8, max_new_tokens: int = 128,
                  temperature: float = 1.0, overlong_filter: bool = False, dynamic_sampling: bool = False,
-                 updates_per_batch: int = 1, resume: bool = False, resample_rounds: int = 2):
+                 updates_per_batch: int = 1, resume: bool = False, resample_rounds: int = 2,
+                 template: Layout | None = None, val_problems: int = 32):
         if group_size < 2:
             raise ValueError(f"--group-size = {group_size}: GRPO needs G >= 2 samples per prompt")
         if not temperature > 0:
@@ -203,6 +240,8 @@ class GRPOTrainer(Trainer):
         self.resample_rounds = resample_rounds  # dynamic sampling: extra batches of prompts drawn at most
         self._rollouts: list[Rollouts] = []
         self._served = 0
+        self.template = template or layout("chat")
+        self.val_problems = val_problems  # held-out problems per task at each evaluation
         super().__init__(model, tokenizer, prompts, config, out, resume=resume)
         prompts.rank, prompts.world = self.rank, self.world
         self.objective, self.rewards, self.group_size = objective, rewards, group_size
@@ -215,10 +254,6 @@ class GRPOTrainer(Trainer):
         self.reference = None
         if objective.beta:  # a frozen copy of the starting policy
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def prompt_ids(self, problem: Problem) -> list[int]:
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": problem.question}])
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def next_batch(self) -> Rollouts:
         """Micro-batches of rollouts; every mu optimizer steps reuse the same ones, their old log-probs fixed at
@@ -276,38 +311,44 @@ class GRPOTrainer(Trainer):
         base = self.config.seed * 1_000_003 + 7_919 * self.step + 104_729 * self.rank
         params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
                                  seed=base + first + i) for i in range(len(problems))]
-        outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
+        prompts = [self.template.prompt(self.tokenizer, p.question) for p in problems]
+        outputs = self.engine.generate([p.ids for p in prompts], params)
         groups, pass_rates = [], {}
-        for problem, output in zip(problems, outputs, strict=True):
-            group = Group()
-            for completion in output.outputs:
-                truncated = completion.finish_reason == "length"
-                scored = Completion(problem, completion.text, len(completion.token_ids), self.max_new_tokens,
-                                    truncated)
-                total, parts = self.rewards(scored)
-                accurate = problem.check_reply(completion.text) and not truncated
-                group.add(total, parts, accurate, len(completion.token_ids),
-                          (output.prompt_token_ids, completion.token_ids, truncated))
-            pass_rates.setdefault(problem.task, []).append(group.passed / len(group.rewards))
+        for problem, prompt, output in zip(problems, prompts, outputs, strict=True):
+            completions = [Completion(problem, o.text, len(o.token_ids), self.max_new_tokens,
+                                      o.finish_reason == "length", prompt.opened, self.template)
+                           for o in output.outputs]
+            scores = self.rewards.score(completions)
+            group = Group([Sample(total, parts, bool(accuracy(c)),
+                                  problem.reasons(c.reply.reasoning), c.tokens, c.truncated,
+                                  (output.prompt_token_ids, o.token_ids, c.truncated), errors)
+                           for (total, parts, errors), c, o in zip(scores, completions, output.outputs,
+                                                                   strict=True)])
+            pass_rates.setdefault(problem.task, []).append(group.passed / len(group.samples))
             groups.append(group)
         for task, rates in pass_rates.items():
             self.data.update(task, rates)  # the curriculum follows correctness, not the shaped reward
         return groups
 
-    @staticmethod
-    def _rollout_metrics(groups: list[Group], zero_in_batch: Tensor) -> dict[str, float]:
+    def _rollout_metrics(self, groups: list[Group], zero_in_batch: Tensor) -> dict[str, float]:
         """Metrics of everything sampled (the policy's behaviour), and of the batch trained on."""
-        parts = [p for g in groups for p in g.parts]
-        correct = [n for g in groups for n, ok in zip(g.lengths, g.correct, strict=True) if ok]
-        wrong = [n for g in groups for n, ok in zip(g.lengths, g.correct, strict=True) if not ok]
-        return {"reward": statistics.mean(r for g in groups for r in g.rewards),
-                "accuracy": len(correct) / (len(correct) + len(wrong)),
-                "zero_variance": statistics.mean(g.zero_variance for g in groups),
+        samples = [s for g in groups for s in g.samples]
+        mean = lambda values: statistics.mean(values) if values else 0.0  # noqa: E731
+        subsets = {"correct": [s for s in samples if s.correct], "wrong": [s for s in samples if not s.correct],
+                   "reasoning": [s for s in samples if s.reasons], "direct": [s for s in samples if not s.reasons]}
+        return {"reward": mean([s.reward for s in samples]),
+                "accuracy": mean([s.correct for s in samples]),
+                "reasoning_share": mean([s.reasons for s in samples]),
+                "length": mean([s.length for s in samples]),
+                **{f"length_{name}": mean([s.length for s in subset]) for name, subset in subsets.items()},
+                "accuracy_reasoning": mean([s.correct for s in subsets["reasoning"]]),
+                "accuracy_direct": mean([s.correct for s in subsets["direct"]]),
+                "truncated": mean([s.truncated for s in samples]),
+                "zero_variance": mean([g.zero_variance for g in groups]),
                 "zero_variance_trained": zero_in_batch.float().mean().item(),
                 "prompts_sampled": float(len(groups)),
-                "length_correct": statistics.mean(correct) if correct else 0.0,
-                "length_wrong": statistics.mean(wrong) if wrong else 0.0,
-                **{f"reward_{name}": statistics.mean(p[name] for p in parts) for name in parts[0]}}
+                "reward_errors": mean([s.reward_errors for s in samples]),  # failed components per sample
+                **{f"reward_{name}": mean([s.parts[name] for s in samples]) for name in samples[0].parts}}
 
     def _pack(self, rows: list[tuple[list[int], list[int], bool]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Inputs [N, T] (prompt + completion, right-padded) and their real positions, and for the completions
@@ -340,6 +381,8 @@ class GRPOTrainer(Trainer):
         with torch.no_grad():
             entropy = -(log_probs.exp() * log_probs).sum(-1)
             stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp_min(1))
+            # the first reply token: in the zero layout, the choice between reasoning and a direct answer
+            stats["first_token_entropy"] = float(entropy[:, 0][mask[:, 0]].mean()) if mask[:, 0].any() else 0.0
         if counts is not None:
             add_routed_counts(counts, out, batch.real)
         return loss, {"loss": loss.item(), **stats, **batch.metrics}, int(mask.sum())
@@ -356,19 +399,32 @@ class GRPOTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy on held-out problems of each task at its current difficulty (a debugging view; the
-        R1 protocol is `nanoseek eval`)."""
-        problems = [make_problem(t, i, self.data.difficulty[t], "eval") for t in self.data.tasks for i in range(8)]
-        params = SamplingParams(temperature=0, max_tokens=self.max_new_tokens)
-        outputs = self.engine.generate([self.prompt_ids(p) for p in problems], params)
-        right = [p.check_reply(o.outputs[0].text) for p, o in zip(problems, outputs, strict=True)]
-        return {"val_accuracy": sum(right) / len(right)}
+        """R1's protocol (temperature 0.6, top-p 0.95) on a fixed set of held-out problems of each task at its
+        current level, in the training layout: pass@1, the share of replies that reason and their mean length
+        (`nanoseek eval` is the full evaluation). User problems have no held-out split here: nothing is
+        reported."""
+        if self.data.problems is not None or not self.val_problems:
+            return {}
+        self.model.eval()
+        levels = {t: self.data.levels[0] if self.data.levels else self.data.difficulty[t] for t in self.data.tasks}
+        problems = [(make_problem(t, i, levels[t], "eval"), levels[t]) for t in self.data.tasks
+                    for i in range(self.val_problems)]
+        scores = evaluate(self.engine, problems, samples=2, max_tokens=self.max_new_tokens,
+                          template=self.template.name)
+        return {"val_pass1": scores["all"]["pass@1"], "val_reasoning_share": scores["all"]["reasoning_share"],
+                "val_length": scores["all"]["mean_length"], "val_first_token_entropy": scores["first_token_entropy"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint to train (an SFT-primed one in the R1 recipe)")
     parser.add_argument("--out", default="runs/grpo")
-    parser.add_argument("--tasks", default="arithmetic")
+    parser.add_argument("--tasks", help="built-in tasks, comma-separated (default: arithmetic)")
+    parser.add_argument("--data", help="JSONL problems ({question, answer, ...} per line, GSM8K/MATH style) "
+                        "instead of --tasks")
+    parser.add_argument("--difficulties", help="a fixed band of levels (e.g. 2,3,4), each prompt the next; "
+                        "default: an adaptive curriculum from level 1")
+    parser.add_argument("--template", default="chat", help="prompt layout: chat (the model's chat template, "
+                        "which opens the think block) or zero (User: ... Assistant:, nothing prefilled)")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -382,7 +438,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic-sampling", action="store_true", help="DAPO: replace zero-variance groups by "
                         "groups of newly drawn prompts (up to --resample-rounds extra batches)")
     parser.add_argument("--resample-rounds", type=int, default=2)
-    parser.add_argument("--reward-weights", default="accuracy=1,format=0.1")
+    parser.add_argument("--reward-weights", default="accuracy=1,format=0.1", help="name=weight,...: accuracy, "
+                        "format, language, overlong, random (a coin flip: the control), or a --reward's name")
+    parser.add_argument("--reward", action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="a reward function of your own, f(prompts, completions, answer, **kwargs) -> "
+                        "list[float] (TRL's signature), weight 1 unless --reward-weights names it; repeatable")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--device", default=None)
     add_train_arguments(parser, max_steps=50, batch_size=8, seq_len=256, lr=2e-5, warmup_steps=0, eval_every=10,
@@ -394,33 +454,61 @@ def run(args: argparse.Namespace) -> int:
     return run_distributed(_run, args)
 
 
-def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
-    out = Path(args.out)
-    config = train_config_from(args)
-    tasks = parse_tasks(args.tasks)
+def reward_set(weights_text: str, specs: list[str]) -> RewardSet:
+    """--reward-weights and --reward as a RewardSet."""
     weights = {}
-    for item in args.reward_weights.split(","):
+    for item in filter(None, (i.strip() for i in weights_text.split(","))):
         name, _, value = item.partition("=")
         try:
             weights[name.strip()] = float(value)
         except ValueError as exc:
             raise ValueError(f"--reward-weights: {item!r} is not name=number") from exc
+    functions: dict = {}
+    for spec in specs:
+        name, function = load_reward(spec)
+        if name in functions or name in REWARDS:
+            raise ValueError(f"--reward {spec!r}: a reward named {name!r} is already "
+                             f"{'built in' if name in REWARDS else 'given'}; rename the function")
+        functions[name] = function
+    return RewardSet(weights, batch_functions=functions)
+
+
+def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
+    out = Path(args.out)
+    config = train_config_from(args)
+    template = layout(args.template)
+    rewards = reward_set(args.reward_weights, args.reward)
+    if args.data:
+        if args.tasks or args.difficulties:
+            raise ValueError(f"--data {args.data}: the file is the prompt set; drop --tasks and --difficulties")
+        prompts = PromptSource([], config.seed, problems=load_problems(args.data))
+    else:
+        levels = parse_difficulties(args.difficulties) if args.difficulties else None
+        prompts = PromptSource(parse_tasks(args.tasks or "arithmetic"), config.seed, levels=levels)
     objective = GRPOObjective(args.loss_type, args.epsilon_low, args.epsilon_high, args.beta,
                               not args.no_scale_rewards)
     model = load_model(args.model, device=device, dtype=torch.float32)
+    if rank == 0 and not args.resume:  # which weights this run started from, for the record
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "start.json").write_text(json.dumps({"model": str(args.model),
+                                                    "sha256": weights_sha256(args.model)}, indent=2) + "\n")
     tokenizer = Tokenizer.from_dir(args.model)
-    if tokenizer is None or not tokenizer.chat_template:
-        raise ValueError(f"--model {args.model}: GRPO needs a tokenizer with a chat_template in the checkpoint")
-    trainer = GRPOTrainer(model, tokenizer, PromptSource(tasks, config.seed), config, out, objective,
-                          RewardSet(weights), args.group_size, args.max_new_tokens, args.temperature,
-                          args.overlong_filter, args.dynamic_sampling, args.updates_per_batch, resume=args.resume,
-                          resample_rounds=args.resample_rounds)
+    if tokenizer is None or (template.name == "chat" and not tokenizer.chat_template):
+        raise ValueError(f"--model {args.model}: GRPO with --template {template.name} needs a tokenizer"
+                         + (" with a chat_template" if template.name == "chat" else "") + " in the checkpoint")
+    trainer = GRPOTrainer(model, tokenizer, prompts, config, out, objective, rewards, args.group_size,
+                          args.max_new_tokens, args.temperature, args.overlong_filter, args.dynamic_sampling,
+                          args.updates_per_batch, resume=args.resume, resample_rounds=args.resample_rounds,
+                          template=template)
     if rank == 0:
-        print(f"grpo ({args.loss_type}): {config.max_steps} steps of {config.batch_size * config.grad_accum} prompts "
-              f"x G = {args.group_size}" + (f" on each of {trainer.world} ranks" if trainer.world > 1 else "")
-              + f" on {', '.join(tasks)} from {args.model}")
+        source = args.data or ", ".join(prompts.tasks)
+        print(f"grpo ({args.loss_type}, {template.name} layout): {config.max_steps} steps of "
+              f"{config.batch_size * config.grad_accum} prompts x G = {args.group_size}"
+              + (f" on each of {trainer.world} ranks" if trainer.world > 1 else "")
+              + f" on {source} from {args.model}; rewards {rewards.weights}")
     last = trainer.run()
     if rank == 0:
-        print(f"done: reward {last.get('reward', float('nan')):.3f}, accuracy {last.get('accuracy', float('nan')):.2f},"
-              f" held-out greedy accuracy {last.get('val_accuracy', float('nan')):.2f}; checkpoint {out / 'latest'}")
+        held_out = f", held-out pass@1 {last['val_pass1']:.1f}%" if "val_pass1" in last else ""
+        print(f"done: reward {last.get('reward', float('nan')):.3f}, accuracy {last.get('accuracy', float('nan')):.2f}"
+              f"{held_out}; checkpoint {out / 'latest'}")
     return 0

@@ -1,9 +1,10 @@
 """`nanoseek rejection-sample`: R1's second SFT data set from its RL checkpoint (spec grpo-r1.md §2.5).
 
 k samples per training prompt; a sample is kept only if it is correct, well formatted (a closed think block,
-then one answer), not cut by the length limit, in one language, and not a duplicate of one already kept for
-that prompt. Prompts that match a held-out evaluation problem are dropped (decontamination). Optional
-non-reasoning conversations are mixed in. The result is SFT JSONL (`{"messages": [...]}`), written whole or
+then one answer), reasons (a direct answer of the zero layout is no trace to learn from), not cut by the
+length limit, in one language, and not a duplicate of one already kept for that prompt. Prompts that match a
+held-out evaluation problem are dropped (decontamination), and so are mixed-in conversations that ask one.
+Optional non-reasoning conversations are mixed in. The result is SFT JSONL (`{"messages": [...]}`), written whole or
 not at all, with a statistics file beside it.
 """
 
@@ -21,10 +22,10 @@ from pathlib import Path
 
 from ..data import read_conversations
 from ..engine import LLM, SamplingParams
-from ..eval import prompt_for
+from ..eval import parse_difficulties, prompts_for
+from ..r1 import THINK_OPEN, Layout, layout
 from ..rewards import Completion, format_reward, language_consistency
-from ..tasks import Problem, evaluation_questions, parse_tasks, training_problem
-from ..tokenizer import THINK_OPEN
+from ..tasks import Problem, held_out_questions, parse_tasks, training_problem, without_held_out
 
 
 @dataclass
@@ -36,27 +37,26 @@ class RejectionStats:
     contaminated_prompts: int = 0
     kept_per_task: Counter = field(default_factory=Counter)
     mixed_conversations: int = 0
+    mixed_held_out: int = 0  # --mix conversations dropped: they ask a held-out question
 
     def as_dict(self) -> dict:
         return {"prompts": self.prompts, "samples": self.samples, "kept": self.kept,
                 "acceptance": self.kept / self.samples if self.samples else 0.0, "rejected": dict(self.rejected),
                 "contaminated_prompts": self.contaminated_prompts, "kept_per_task": dict(self.kept_per_task),
-                "mixed_conversations": self.mixed_conversations}
-
-
-def held_out_questions(tasks: list[str], difficulties: list[int]) -> set[str]:
-    return set().union(*(evaluation_questions(t, d) for t in tasks for d in difficulties))
+                "mixed_conversations": self.mixed_conversations, "mixed_held_out": self.mixed_held_out}
 
 
 def verdict(problem: Problem, text: str, truncated: bool, tokens: int, max_tokens: int,
-            min_language: float) -> str | None:
+            min_language: float, form: Layout | None = None, opened: bool = True) -> str | None:
     """Why a sample is rejected, or None to keep it."""
-    completion = Completion(problem, text, tokens, max_tokens, truncated)
+    completion = Completion(problem, text, tokens, max_tokens, truncated, opened, form or layout("chat"))
     if truncated:
         return "truncated"
     if not format_reward(completion):
         return "format"
-    if not problem.check_reply(text):
+    if completion.reply.reasoning is None:  # the zero layout's direct answers: no trace for the chat SFT
+        return "direct"
+    if not problem.check(completion.reply.answer):
         return "wrong"
     if language_consistency(completion) < min_language:
         return "language"
@@ -64,14 +64,16 @@ def verdict(problem: Problem, text: str, truncated: bool, tokens: int, max_token
 
 
 def rejection_sample(llm: LLM, problems: list[Problem], samples: int, params: SamplingParams,
-                     banned: set[str], keep_per_prompt: int, min_language: float = 1.0
-                     ) -> tuple[list[list[dict]], RejectionStats]:
+                     banned: set[str] | frozenset[str], keep_per_prompt: int, min_language: float = 1.0,
+                     template: str = "chat") -> tuple[list[list[dict]], RejectionStats]:
     """Conversations of verified samples, and the statistics of what was kept and why the rest was not."""
     stats = RejectionStats()
+    form = layout(template)
     clean = [p for p in problems if p.question not in banned]
     stats.contaminated_prompts = len(problems) - len(clean)
     params = dataclasses.replace(params, n=samples)
-    outputs = llm.generate([prompt_for(llm, p) for p in clean], params)
+    prompts, opened, _ = prompts_for(llm, clean, form)
+    outputs = llm.generate(prompts, params)
     conversations = []
     for problem, output in zip(clean, outputs, strict=True):
         stats.prompts += 1
@@ -79,7 +81,7 @@ def rejection_sample(llm: LLM, problems: list[Problem], samples: int, params: Sa
         for completion in output.outputs:
             stats.samples += 1
             reason = verdict(problem, completion.text, completion.finish_reason == "length",
-                             len(completion.token_ids), params.max_tokens, min_language)
+                             len(completion.token_ids), params.max_tokens, min_language, form, opened)
             key = " ".join(completion.text.split())
             if reason is None and key in seen:
                 reason = "duplicate"
@@ -91,12 +93,17 @@ def rejection_sample(llm: LLM, problems: list[Problem], samples: int, params: Sa
             seen.add(key)
             stats.kept += 1
             stats.kept_per_task[problem.task] += 1
-            # the prompt opened the think block; the stored reply carries it, as SFT data does
-            reply = completion.text if completion.text.lstrip().startswith(THINK_OPEN) else \
-                f"{THINK_OPEN}\n{completion.text}"
+            # a prompt that opened the think block left it out of the reply; the stored reply carries it, as
+            # SFT data does
+            reply = f"{THINK_OPEN}\n{completion.text}" if opened else completion.text
             conversations.append([{"role": "user", "content": problem.question},
                                   {"role": "assistant", "content": reply.strip()}])
     return conversations, stats
+
+
+def training_prompts(tasks: list[str], difficulties: list[int], per_level: int, seed: int) -> list[Problem]:
+    """The prompts to sample: training draws of every task and difficulty (held-out questions skipped)."""
+    return [training_problem(t, seed * 1_000_003 + i, d) for t in tasks for d in difficulties for i in range(per_level)]
 
 
 def write_jsonl(conversations: list[list[dict]], path: Path) -> None:
@@ -118,6 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/rejection.jsonl", help="SFT JSONL to write")
     parser.add_argument("--tasks", default="arithmetic")
     parser.add_argument("--difficulties", default="1,2")
+    parser.add_argument("--template", default="chat", help="prompt layout: chat or zero")
     parser.add_argument("--prompts", type=int, default=500, help="training prompts per task and difficulty")
     parser.add_argument("--samples", type=int, default=4, help="k samples per prompt")
     parser.add_argument("--keep-per-prompt", type=int, default=2, help="verified samples kept per prompt at most")
@@ -133,36 +141,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks = parse_tasks(args.tasks)
-    try:
-        difficulties = [int(d) for d in args.difficulties.split(",")]
-    except ValueError as exc:
-        raise ValueError(f"--difficulties {args.difficulties!r}: comma-separated integers") from exc
+    tasks, difficulties = parse_tasks(args.tasks), parse_difficulties(args.difficulties)
+    layout(args.template)
     for name in ("prompts", "samples", "keep_per_prompt", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
     if args.mix_ratio < 0:
         raise ValueError(f"--mix-ratio = {args.mix_ratio}: must be >= 0")
-    mixed = read_conversations(Path(args.mix)) if args.mix else []
+    mixed, mixed_held_out = without_held_out(read_conversations(Path(args.mix)) if args.mix else [])
     llm = LLM(args.model, device=args.device, max_num_seqs=64, seed=args.seed)
-    problems = [training_problem(t, args.seed * 1_000_003 + i, d) for t in tasks for d in difficulties
-                for i in range(args.prompts)]
+    problems = training_prompts(tasks, difficulties, args.prompts, args.seed)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     conversations, stats = rejection_sample(llm, problems, args.samples, params,
-                                            held_out_questions(tasks, difficulties), args.keep_per_prompt,
-                                            args.min_language)
+                                            frozenset().union(*map(held_out_questions, tasks)),
+                                            args.keep_per_prompt, args.min_language, args.template)
     if mixed:
         rng = random.Random(args.seed)
         chosen = rng.sample(mixed, min(len(mixed), round(args.mix_ratio * len(conversations))))
         stats.mixed_conversations = len(chosen)
         conversations = conversations + chosen
         rng.shuffle(conversations)
+    stats.mixed_held_out = mixed_held_out
     out = Path(args.out)
     write_jsonl(conversations, out)
     stats_path = out.with_suffix(".stats.json")
     stats_path.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
     print(f"rejection sampling: kept {stats.kept} of {stats.samples} samples from {stats.prompts} prompts "
           f"({100 * stats.as_dict()['acceptance']:.1f}%); rejected {dict(stats.rejected)}; "
-          f"{stats.contaminated_prompts} prompts dropped as evaluation problems; wrote {out} and {stats_path}")
+          f"{stats.contaminated_prompts} prompts and {stats.mixed_held_out} --mix conversations dropped as "
+          f"evaluation problems; wrote {out} and {stats_path}")
     return 0
