@@ -136,10 +136,11 @@ def _spec_prompts(llm: LLM, fallback: list[list[int]]) -> list:
     """In-distribution prompts for a model trained on the built-in corpus (its acceptance is what matters)."""
     if llm.tokenizer is None:
         return fallback
-    from nanoseek.data.corpus import generate_corpus
+    from nanoseek.r1 import ZERO_PROMPT
+    from nanoseek.tasks.corpus import generate_corpus
 
-    questions = [doc.split("\n")[0] for doc in generate_corpus(len(fallback), seed=12345)]
-    return [f"{q}\n<think>\n" for q in questions]
+    questions = [doc.split("\n")[0].removeprefix("User: ") for doc in generate_corpus(len(fallback), seed=12345)]
+    return [ZERO_PROMPT.format(question=q) for q in questions]
 
 
 if __name__ == "__main__":

@@ -44,6 +44,34 @@ def plot_curves(runs: dict[str, str | Path], keys: list[str], out: str | Path, t
     axes.flat[0].legend(fontsize=8)
     if title:
         figure.suptitle(title)
+    return _save(figure, out)
+
+
+def plot_pass_at_k(curves: dict[str, dict[str, float]], out: str | Path, title: str = "") -> Path:
+    """pass@k (percent) against k on a log axis, one line per model (label -> {k: pass@k})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.0, 3.4))
+    for label, curve in curves.items():
+        ks = sorted(curve, key=int)
+        axis.plot([int(k) for k in ks], [curve[k] for k in ks], marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("k")
+    axis.set_ylabel("pass@k (%)")
+    axis.set_ylim(0, 100)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title, fontsize=9)
+    return _save(figure, out)
+
+
+def _save(figure, out: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
