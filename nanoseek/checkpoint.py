@@ -1,8 +1,10 @@
-"""Hugging Face checkpoints: load and save DeepSeek-V3 safetensors by tensor name (spec deepseek-v3.md §8).
+"""Hugging Face checkpoints: load and save DeepSeek-V3 safetensors by tensor name
+(DeepSeek-V3's `README_WEIGHTS.md`; transformers' `modeling_deepseek_v3.py`).
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Tensor names are the checkpoint's (per-expert `experts.{e}.*`, MTP module k
-at `model.layers.{num_hidden_layers + k}`); block-FP8 weights are dequantised on load (spec §6.1). Saving
+at `model.layers.{num_hidden_layers + k}`); block-FP8 weights are dequantised on load (`README_WEIGHTS.md`:
+128x128 blocks, `weight_scale_inv`). Saving
 writes the same names, sharded above a size threshold, into a temporary directory renamed into place, so
 an interrupted save never leaves a half-written checkpoint. Only safetensors: nothing is unpickled.
 """
@@ -99,7 +101,7 @@ def checkpoint_slots(model: CausalLM | DenseLM) -> dict[str, TensorSlot]:
     for k, module in enumerate(model.mtp):
         prefix = f"model.layers.{model.config.num_hidden_layers + k}."
         slots.update(_module_slots(prefix, module))
-        # The checkpoint stores copies of the shared embedding and head in each MTP layer (spec §5.2).
+        # The checkpoint stores copies of the shared embedding and head in each MTP layer (`README_WEIGHTS.md`).
         slots[prefix + "embed_tokens.weight"] = TensorSlot(tuple(embed.shape), lambda: embed.detach().clone(),
                                                            lambda t: None, optional=True)
         slots[prefix + "shared_head.head.weight"] = TensorSlot(tuple(head.shape), lambda: head.detach().clone(),
@@ -158,7 +160,8 @@ def _mtp_layers_present(names: list[str], config: ModelConfig) -> int:
 
 def dequantize_fp8(weight: Tensor, scale_inv: Tensor, block: tuple[int, int], name: str) -> Tensor:
     """W = W_fp8 * scale_inv[i // block_rows, j // block_cols], with ceil-div blocks whose last one may be
-    partial (spec §6.1; transformers 5.23 gets partial blocks wrong, spec D10)."""
+    partial (DeepSeek-V3 `inference/kernel.py` `weight_dequant`; transformers 5.23 infers the block
+    size from the scale grid and gets partial blocks wrong)."""
     rows, cols = weight.shape
     grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     if tuple(scale_inv.shape) != grid:

@@ -113,7 +113,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None)
     parser.add_argument("--model", required=True, help="checkpoint directory or preset name")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--speculative", action="store_true", help="draft with the MTP module (spec §5.4)")
+    parser.add_argument("--speculative", action="store_true", help="draft with the MTP module (V3 paper §5.4.3)")
 
 
 def _sampling_params(args: argparse.Namespace, **changes):

@@ -1,8 +1,9 @@
 """ModelConfig: the fields and JSON of transformers' `DeepseekV3Config`, validation and presets.
 
-The field names, meanings and defaults follow spec deepseek-v3.md §1.1. `config.json` is read in every form
-found in the wild (legacy `rope_scaling` + `rope_theta`, transformers 5.x `rope_parameters`) and written in the
-legacy form that DeepSeek's own releases use, which transformers 4.x and 5.x, vLLM and SGLang all read.
+The field names, meanings and defaults follow transformers' `configuration_deepseek_v3.py`. `config.json` is
+read in every form found in the wild (legacy `rope_scaling` + `rope_theta`, transformers 5.x
+`rope_parameters`) and written in the legacy form that DeepSeek's own releases use, which transformers 4.x and
+5.x, vLLM and SGLang all read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
 
-# Keys of DeepSeek's hub config.json that the native transformers model ignores (spec §1.4, D18). They are
+# Keys of DeepSeek's hub config.json that the native transformers model ignores (it hard-codes sigmoid
+# scoring and bias-corrected top-k). They are
 # kept so that a config survives a load/save round trip, and checked where they would change the model.
 _HUB_ONLY_KEYS = ("topk_method", "scoring_func", "aux_loss_alpha", "seq_aux", "ep_size", "pretraining_tp")
 
@@ -94,7 +96,8 @@ class ModelConfig:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> ModelConfig:
-        """Check the invariants of spec §1.5 (and basic sanity); raise ConfigError naming field and rule."""
+        """Check the shapes transformers' DeepseekV3 modules assume (and basic sanity); raise ConfigError
+        naming field and rule."""
 
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
@@ -147,7 +150,7 @@ class ModelConfig:
         topk_method = self.extra.get("topk_method", "noaux_tc")
         if topk_method != "noaux_tc":
             raise ConfigError(f"config field `topk_method` = {topk_method!r}: must be 'noaux_tc' "
-                              "(bias-corrected group-limited top-k, spec §4.1)")
+                              "(bias-corrected group-limited top-k, V3 paper eqs. 15-16)")
         self._validate_rope_scaling()
         self._validate_quantization()
         return self
@@ -237,7 +240,8 @@ class ModelConfig:
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """Return (rope_theta, legacy rope_scaling dict or None) from either config.json form (spec §1.4).
+    """Return (rope_theta, legacy rope_scaling dict or None) from either config.json form
+    (transformers 4.x `rope_scaling`, 5.x `rope_parameters`).
 
     As in transformers, a legacy `rope_scaling` wins over `rope_parameters` when both are present.
     """
@@ -278,7 +282,7 @@ def _yarn(factor: float, original: int, mscale: float = 1.0) -> dict[str, Any]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tests: spec §1.6, every dimension distinct where a mix-up would hide.
+    # Tests: every dimension distinct where a mix-up would hide.
     "tiny": dict(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
         first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
@@ -338,5 +342,5 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 def yarn_mscale(scale: float, mscale: float) -> float:
-    """YaRN's magnitude correction sqrt(t) = 0.1 * mscale * ln(s) + 1 (spec §1.3; V3 paper §4.3)."""
+    """YaRN's magnitude correction sqrt(t) = 0.1 * mscale * ln(s) + 1 (YaRN, arXiv 2309.00071; V3 paper §4.3)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -83,7 +83,8 @@ def parameter_counts(c: ModelConfig | DenseConfig) -> ParameterCounts:
 
 
 def kv_cache_bytes_per_token(c: ModelConfig, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(latent cache, equivalent expanded multi-head cache) bytes per token over all layers (spec §3.5)."""
+    """(latent cache, equivalent expanded multi-head cache) bytes per token over all layers (DeepSeek-V2
+    Table 1: d_c + d_h^R elements per token and layer)."""
     latent = c.kv_cache_dim * c.num_hidden_layers * dtype_bytes
     expanded = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * c.num_hidden_layers * dtype_bytes
     return latent, expanded

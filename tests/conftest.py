@@ -12,7 +12,7 @@ from nanoseek.config import PRESETS
 
 
 def tiny_config(**overrides) -> dict:
-    """The spec §1.6 tiny config as transformers kwargs (no MTP unless asked)."""
+    """The tiny config (every dimension distinct) as transformers kwargs (no MTP unless asked)."""
     config = {**PRESETS["tiny"], "num_nextn_predict_layers": 0}
     config.update(overrides)
     return config
@@ -20,7 +20,7 @@ def tiny_config(**overrides) -> dict:
 
 @torch.no_grad()
 def perturb(model: torch.nn.Module, seed: int = 0, bias_shift: float = 0.0) -> torch.nn.Module:
-    """Non-trivial norm weights and random correction biases: defaults of 1 and 0 hide bugs (spec §1.6)."""
+    """Non-trivial norm weights and random correction biases: defaults of 1 and 0 hide bugs."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if "norm" in name:

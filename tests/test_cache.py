@@ -1,4 +1,4 @@
-"""Absorbed decode over the latent cache equals the expanded full-sequence forward (spec §3.4, §3.5)."""
+"""Absorbed decode over the latent cache equals the expanded full-sequence forward (V3 paper §2.1.1)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def test_info_reproduces_deepseek_v3_sizes_without_allocating():
     assert round(report["activated_parameters"] / 1e9) == 37
     assert abs(report["mtp_parameters"] / 11.5e9 - 1) < 0.015
     assert abs((report["parameters"] + report["mtp_stored_parameters"]) / 685e9 - 1) < 0.01  # the hub's total
-    assert report["kv_cache_bytes_per_token"] == 576 * 61 * 2  # 70,272 B (spec §3.5)
+    assert report["kv_cache_bytes_per_token"] == 576 * 61 * 2  # 70,272 B (V3 paper §2.1.1)
     assert report["mha_kv_cache_bytes_per_token"] == 40960 * 61 * 2
     text = run("info", "--preset", "deepseek-v3").stdout
     assert "671.03B total, 36.63B activated" in text and "71.1x smaller" in text

@@ -1,4 +1,4 @@
-"""Block-FP8 checkpoints (spec §6.1): 128x128 ceil-div blocks, dequantised on load."""
+"""Block-FP8 checkpoints (DeepSeek-V3 `README_WEIGHTS.md`): 128x128 ceil-div blocks, dequantised on load."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import nanoseek
 E4M3_MAX = 448.0
 # Partial blocks both ways: kv_a_proj_with_mqa has kv_lora_rank + qk_rope_head_dim = 128 + 64 = 192 rows and
 # hidden_size = 320 columns, so its scale grid is [2, 3] with partial last row and column blocks (transformers
-# 5.23 gets such blocks wrong, spec D10).
+# 5.23 gets such blocks wrong).
 FP8_CONFIG = dict(
     vocab_size=256, hidden_size=320, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=2,
     first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=128, kv_lora_rank=128,
@@ -26,7 +26,7 @@ QUANTIZED = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"
 
 
 def quantize(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """The natural quantiser: scale = amax(|block|) / 448 per zero-padded 128x128 block (spec §6.1)."""
+    """The natural quantiser: scale = amax(|block|) / 448 per zero-padded 128x128 block."""
     rows, cols = weight.shape
     grid = (math.ceil(rows / block), math.ceil(cols / block))
     padded = torch.zeros(grid[0] * block, grid[1] * block)

@@ -1,4 +1,4 @@
-"""The GRPO objective against closed forms (spec grpo-r1.md §1.3, §3.1)."""
+"""The GRPO objective against closed forms (DeepSeekMath eqs. 3-4, Dr. GRPO)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_advantages_match_the_worked_examples():
     ("dr_grpo", [0.00073, -0.00024, -0.00024, -0.00024]),
 ])
 def test_per_token_gradient_weights_of_each_aggregation(loss_type, expected):
-    """Spec §3.1's table: G = 4, rewards [1, 0, 0, 0], lengths [100, 50, 200, 400], L = 512."""
+    """A worked case: G = 4, rewards [1, 0, 0, 0], lengths [100, 50, 200, 400], L = 512."""
     objective = GRPOObjective(loss_type=loss_type)
     logp, mask = completions([100, 50, 200, 400])
     advantages = objective.advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))[0]
@@ -61,7 +61,7 @@ def test_on_policy_gradient_is_reinforce_with_the_group_baseline():
 
 
 def test_k3_kl_gradient():
-    """d/dlogp of beta * k3 = beta * (1 - pi_ref / pi) per token (spec §1.3); with zero advantage it is all."""
+    """d/dlogp of beta * k3 = beta * (1 - pi_ref / pi) per token (DeepSeekMath eq. 4); with zero advantage it is all."""
     objective = GRPOObjective(beta=0.04)
     logp, mask = completions([10, 20], width=20, seed=2)
     ref = logp.detach() + torch.randn(2, 20, generator=torch.Generator().manual_seed(3)) * 0.3

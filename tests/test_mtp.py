@@ -1,4 +1,4 @@
-"""Multi-Token Prediction modules (spec §5): checkpoint layout, logits against transformers' MtpModel."""
+"""Multi-Token Prediction modules (V3 paper §2.2): checkpoint layout, logits against transformers' MtpModel."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_mtp_logits_match_transformers_mtp_model(tiny_checkpoint):
     ours = nanoseek.load_model(tiny_checkpoint)
     assert len(ours.mtp) == 1
     hf = DeepseekV3ForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation="eager").eval()
-    # transformers only looks for MTP weights at the literal layer 61 of V3 (spec §5.2); point it at layer 3.
+    # transformers only looks for MTP weights at the literal layer 61 of V3; point it at layer 3.
     hf._keys_to_ignore_on_load_unexpected = [r"model\.layers\.3.*"]
     hf_mtp = MtpModel.from_pretrained(hf).eval()
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))

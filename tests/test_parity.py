@@ -1,4 +1,4 @@
-"""Logit parity with transformers' DeepseekV3ForCausalLM (fp32, eager) over the spec §11 matrix, with weights
+"""Logit parity with transformers' DeepseekV3ForCausalLM (fp32, eager) over a matrix of configs, with weights
 exchanged through safetensors in both directions."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import nanoseek
 TOL = 1e-4
 NO_YARN = {"rope_scaling": None}
 
-# Each case changes the spec §1.6 tiny config (q_lora_rank 24, YaRN with original length 16,
+# Each case changes the tiny config (q_lora_rank 24, YaRN with original length 16,
 # rope_interleave, first_k_dense_replace 1, 8 experts in 4 groups keeping 2, top-3).
 MATRIX = {
     "base": {},
@@ -56,7 +56,8 @@ def test_transformers_checkpoint_loads_with_equal_logits(case, tmp_path):
 
 @pytest.mark.parametrize("shift", [-5.0, 2.0])
 def test_negative_and_positive_correction_biases(shift, tmp_path):
-    # All-negative biases are where masking dropped groups with 0 instead of -inf goes wrong (spec D2).
+    # All-negative biases are where masking dropped groups with 0 instead of -inf goes wrong
+    # (deepseek-ai/DeepSeek-V3#741).
     hf = hf_model(bias_shift=shift)
     hf.save_pretrained(tmp_path)
     ours = nanoseek.load_model(tmp_path)

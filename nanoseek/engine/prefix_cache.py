@@ -3,7 +3,7 @@
 A token's latent (c_kv and k_pe per layer) depends only on the tokens up to it, so the latents of a prompt's
 first k blocks can be copied from any earlier prompt with the same first k blocks. Blocks are `block_size`
 tokens, keyed by a hash chained over all the tokens before and in them (DeepSeek's API caches in 64-token
-units, spec serving.md §1.10); the pool keeps the most recently used `max_tokens` worth and drops the least
+units: its context-caching guide); the pool keeps the most recently used `max_tokens` worth and drops the least
 recently used. MLA latents are small (the nano model: 1.3 KB per token over all layers), so reuse is a copy.
 """
 

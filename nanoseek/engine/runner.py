@@ -2,7 +2,7 @@
 
 Every sequence owns a cache slot (`c_kv` and `k_pe` per layer and position, nothing else). Prefill runs the
 prompts of newly admitted sequences as one padded batch in the expanded MLA path; decode runs one token per
-running sequence in the absorbed path. With MTP speculation (spec §5.4) each decode step verifies the MTP
+running sequence in the absorbed path. With MTP speculation (V3 paper §2.2, §5.4.3) each decode step verifies the MTP
 module's draft together with the last token in one two-token forward, then drafts again.
 """
 

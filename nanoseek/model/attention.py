@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (spec deepseek-v3.md §3) and its latent KV cache.
+"""Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434, §2.1; V3 paper §2.1.1) and its latent KV cache.
 
 Each token is compressed to a latent of `kv_lora_rank + qk_rope_head_dim` values: the normalised `c_kv`
 and the roped, head-shared key `k_pe`. That latent is all the cache holds. Two execution paths run over the
@@ -6,7 +6,8 @@ same weights and the same latents:
 
 * expanded ("MHA mode", training and prefill): `kv_b_proj` expands each latent to per-head keys and values,
   then ordinary attention;
-* absorbed ("MQA mode", decode): `W^UK` is folded into the query and `W^UV` into the output (spec §3.4), so
+* absorbed ("MQA mode", decode): `W^UK` is folded into the query and `W^UV` into the output
+  (DeepSeek-V3 `inference/model.py`, `attn_impl = "absorb"`), so
   every head attends directly over the shared latents, as one multi-query attention of width d_c + d_r.
 """
 
@@ -127,7 +128,7 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.cat((self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.rope_interleave)), dim=-1)
 
     def _expanded(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        """MHA mode (spec §3.2): expand latents to per-head k, v; returns [B, T, H, d_v]."""
+        """MHA mode (V3 paper eqs. 1-11): expand latents to per-head k, v; returns [B, T, H, d_v]."""
         batch, key_len = keys.shape[:2]
         c_kv, k_pe = keys.split([self.latent_dim, self.rope_dim], dim=-1)
         k_nope, v = self.kv_b_proj(c_kv).view(batch, key_len, self.num_heads, self.nope_dim + self.v_dim).split(
@@ -141,7 +142,8 @@ class MultiHeadLatentAttention(nn.Module):
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        """MQA mode (spec §3.4): all heads attend over the shared latents; returns [B, T, H, d_v]."""
+        """MQA mode (the absorbed form of `inference/model.py`): all heads attend over the shared latents;
+        returns [B, T, H, d_v]."""
         batch, steps, heads = q_nope.shape[:3]
         w_kv_b = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
         w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim:]

@@ -1,11 +1,11 @@
 """The dense student family: Llama / Qwen2-style decoders (GQA, RoPE, SwiGLU, RMSNorm).
 
 DeepSeek-R1's distilled models are this family (R1-Distill-Qwen-1.5B/7B/14B/32B are `Qwen2ForCausalLM`,
-R1-Distill-Llama-8B/70B are `LlamaForCausalLM`; spec grpo-r1.md §2.7), so `DenseConfig` reads and writes
-those config.json files and `DenseLM` uses their tensor names. It offers the interface the engine and the
-training loop use (`run`, `new_cache`, `save_pretrained`, ...), so one engine and one loop serve both
-families. The cache holds each token's keys and values (2 x kv heads x head_dim per layer), in the same
-slot layout as the MLA latent cache.
+R1-Distill-Llama-8B/70B are `LlamaForCausalLM`; DeepSeek-R1 §2.4 and the models' config.json), so
+`DenseConfig` reads and writes those config.json files and `DenseLM` uses their tensor names. It offers
+the interface the engine and the training loop use (`run`, `new_cache`, `save_pretrained`, ...), so one engine
+and one loop serve both families. The cache holds each token's keys and values (2 x kv heads x head_dim per
+layer), in the same slot layout as the MLA latent cache.
 """
 
 from __future__ import annotations

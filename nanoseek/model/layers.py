@@ -18,7 +18,8 @@ def apply_keeping_fp32(module: nn.Module, fn, recurse: bool, buffers: tuple[str,
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the weight (spec §2, D14)."""
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the weight (transformers'
+    `DeepseekV3RMSNorm`)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

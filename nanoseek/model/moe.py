@@ -1,4 +1,4 @@
-"""DeepSeekMoE (spec deepseek-v3.md §4): sigmoid router with group-limited, bias-corrected top-k selection,
+"""DeepSeekMoE (V3 paper §2.1.2, eqs. 12-16): sigmoid router with group-limited, bias-corrected top-k selection,
 fine-grained routed experts computed per expert over its own tokens, and always-on shared experts."""
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, d] -> (weights [N, K] fp32, indices [N, K], scores [N, E] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # router in fp32 (spec D5)
-        biased = scores.detach() + self.e_score_correction_bias  # the bias steers selection only (§4.1)
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # router in fp32, as transformers
+        biased = scores.detach() + self.e_score_correction_bias  # the bias steers selection only (V3 eq. 16)
         grouped = biased.view(x.shape[0], self.num_groups, -1)
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # a group's score: its top-2 experts
         keep = group_scores.topk(self.topk_groups, dim=-1).indices
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-        # -inf, not 0: a 0 would beat selected experts whose biased score is negative (spec D2)
+        # -inf, not 0: a 0 would beat selected experts whose biased score is negative
+        # (deepseek-ai/DeepSeek-V3#741)
         biased = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
         indices = biased.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)  # gating values come from the unbiased scores (V3 eq. 16)
@@ -133,7 +134,7 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """y = sum of the K selected routed experts, weighted, + the shared experts (spec §4.2; no token dropping)."""
+    """y = sum of the K selected routed experts, weighted, + the shared experts (V3 paper eq. 12; no token dropping)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

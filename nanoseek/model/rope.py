@@ -1,4 +1,5 @@
-"""Rotary position embedding with YaRN, exactly as spec deepseek-v3.md §1.3.
+"""Rotary position embedding with YaRN, as transformers computes it (`modeling_rope_utils.py`,
+`_compute_yarn_parameters`; YaRN, arXiv 2309.00071).
 
 RoPE acts only on the decoupled `qk_rope_head_dim` parts of queries and keys. YaRN changes three things:
 the inverse frequencies (a ramp between interpolation and extrapolation), a multiplier on cos/sin
@@ -17,7 +18,7 @@ from .layers import apply_keeping_fp32
 
 
 def inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
-    """Return (inv_freq [d_r/2] fp32, cos/sin multiplier) for the config's RoPE (spec §1.3)."""
+    """Return (inv_freq [d_r/2] fp32, cos/sin multiplier) for the config's RoPE (YaRN §3)."""
     dim, base = config.qk_rope_head_dim, config.rope_theta
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     rs = config.rope_scaling
@@ -44,12 +45,13 @@ def inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
     elif mscale and mscale_all_dim:
         factor = yarn_mscale(scale, mscale) / yarn_mscale(scale, mscale_all_dim)
     else:
-        factor = yarn_mscale(scale, 1.0)  # transformers' default when the pair is absent (spec §1.3 caveat)
+        factor = yarn_mscale(scale, 1.0)  # transformers' default when the pair is absent (`_compute_yarn_parameters`)
     return inv_freq.float(), factor
 
 
 def softmax_scale(config: ModelConfig) -> float:
-    """d_qk^-1/2, times yarn_mscale(factor, mscale_all_dim)^2 when YaRN sets mscale_all_dim (spec §1.3)."""
+    """d_qk^-1/2, times yarn_mscale(factor, mscale_all_dim)^2 when YaRN sets mscale_all_dim
+    (DeepSeek-V3 `inference/model.py`, `MLA.__init__`)."""
     scale = config.qk_head_dim**-0.5
     rs = config.rope_scaling
     if rs is not None and rs.get("mscale_all_dim"):
@@ -79,8 +81,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor
 
     `interleaved=True` treats (x[2i], x[2i+1]) as the pairs, as DeepSeek's released weights are laid out;
     `False` pairs x[i] with x[i + d_r/2] (the rotate-half convention). Either way the rotated pairs are
-    returned as [first elements, second elements], which is transformers' layout (spec §3.3): q and k get the
-    same permutation, so attention scores are those of the official interleaved rotation.
+    returned as [first elements, second elements], which is transformers' layout
+    (`apply_rotary_pos_emb_interleave`): q and k get the same permutation, so attention scores are those of
+    the official interleaved rotation.
     """
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]

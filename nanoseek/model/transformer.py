@@ -1,4 +1,4 @@
-"""The DeepSeek-V3 decoder (spec deepseek-v3.md §2) with its Multi-Token Prediction modules (§5).
+"""The DeepSeek-V3 decoder (V3 paper §2) with its Multi-Token Prediction modules (§2.2).
 
 One model serves training (expanded attention, MTP logits, router statistics), RL log-probs and
 inference (latent cache, absorbed attention).
@@ -19,7 +19,8 @@ from .rope import RotaryEmbedding
 
 
 def absorbed_is_cheaper(config: ModelConfig, steps: int, key_len: int) -> bool:
-    """Compare MLA's two paths by multiply-adds for `steps` new queries over `key_len` keys per row (§3.4).
+    """Compare MLA's two paths by multiply-adds for `steps` new queries over `key_len` keys per row
+    (`inference/model.py`'s `attn_impl` choice).
 
     Expanding re-projects every key's latent to per-head keys and values, then attends in d_qk + d_v;
     absorbing projects each query and output once but attends in the latent width 2 d_c + d_r. Decoding over a
@@ -63,8 +64,9 @@ class DecoderLayer(nn.Module):
 
 
 class MTPLayer(DecoderLayer):
-    """MTP module k (spec §5.1): h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]) -- embedding first
-    (spec D9) -- then a full MoE block; its logits are lm_head(shared_head.norm(h^k)) with the shared head."""
+    """MTP module k (V3 paper eq. 21): h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]) -- embedding first
+    (as the released eh_proj weights expect, the reverse of eq. 21's order) -- then a full MoE block; its
+    logits are lm_head(shared_head.norm(h^k)) with the shared head."""
 
     def __init__(self, config: ModelConfig, depth_idx: int):
         super().__init__(config, depth_idx, moe=True)  # the MTP block is always MoE, as in V3's layer 61
@@ -189,7 +191,7 @@ class CausalLM(LanguageModel):
 
     def mtp_logits(self, input_ids: Tensor, hidden: Tensor, positions: Tensor,
                    stats: list[RouterStats] | None = None) -> list[Tensor]:
-        """Training-time MTP over full sequences (spec §5.1, §5.3): depth k predicts token i+k+1 from
+        """Training-time MTP over full sequences (V3 paper eqs. 21-25): depth k predicts token i+k+1 from
         h^{k-1}_i and Emb(t_{i+k}); returns one [B, T-k, V] tensor per depth."""
         logits, previous = [], hidden
         for k, module in enumerate(self.mtp, start=1):
@@ -205,7 +207,7 @@ class CausalLM(LanguageModel):
 
     def mtp_step(self, input_ids: Tensor, previous: Tensor, positions: Tensor, cache: LatentCache,
                  slots: Tensor | None = None, logits_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Run MTP module 1 over new entries with its own latent cache (speculative drafting, spec §5.4).
+        """Run MTP module 1 over new entries with its own latent cache (speculative drafting, V3 paper §5.4.3).
 
         Entry i pairs the main model's hidden state h_{i-1} (`previous`, after the final norm) with the token
         at position i (`input_ids`, `positions`); returns (logits for position i + 1, the module's hidden).

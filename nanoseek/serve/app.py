@@ -1,11 +1,12 @@
-"""`nanoseek serve`: an OpenAI- and DeepSeek-compatible HTTP server over the engine (spec serving.md).
+"""`nanoseek serve`: an OpenAI- and DeepSeek-compatible HTTP server over the engine.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
 GET /metrics (Prometheus), GET / (the chat page). Requests join the engine's running batch at every step
 (continuous batching, `AsyncEngine`); each response reports DeepSeek's cache fields, and chat responses
 split an R1-style reply into `reasoning_content` and `content`.
 
-Documented behaviour where the API families differ (spec §1.2, §1.4, §1.5, §6):
+Documented behaviour where the API families differ (DeepSeek's API docs: models and
+pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
 * `max_tokens` / `max_completion_tokens` (the smaller when both are given) cap all completion tokens,
   reasoning included (DeepSeek's V3.1+ semantics); a cap past the context is lowered to what fits. A prompt
   that does not fit is refused with 400 `context_length_exceeded`, never truncated.
@@ -45,7 +46,7 @@ from .engine import Request as EngineRequest
 from .protocol import APIError, ChatRequest, CompletionRequest, SamplingFields
 
 STATIC = Path(__file__).parent / "static"
-R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1 model card's recommendation (spec §1.13)
+R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1 model card's recommendation
 
 
 @dataclass
@@ -202,7 +203,7 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def _collect(server: Server, requests: list[EngineRequest], http: Request) -> list[Finished]:
-    """The final outputs of `requests`; cancels them all if the client disconnects first (spec §6 item 24)."""
+    """The final outputs of `requests`; cancels them all if the client disconnects first."""
     async def finish(request: EngineRequest) -> Finished:
         while not isinstance(event := await next_event(request), Finished):
             pass
@@ -354,7 +355,7 @@ async def _chat(server: Server, body: ChatRequest, http: Request):
 async def _chat_stream(server: Server, request: EngineRequest, meta: dict, ids: list[int], in_reasoning: bool,
                        n: int, include_usage: bool, top: int | None) -> AsyncIterator[str]:
     """SSE chunks: the role first, then reasoning_content deltas, then content deltas, one finish_reason per
-    choice, an optional usage chunk, then [DONE] (spec §2.3, §6 items 17-21)."""
+    choice, an optional usage chunk, then [DONE] (OpenAI's streaming format)."""
     base = {**meta, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
@@ -386,7 +387,7 @@ async def _chat_stream(server: Server, request: EngineRequest, meta: dict, ids: 
             yield _sse({**base, "choices": [],
                         "usage": server.usage(len(ids), output.outputs, output.num_cached_tokens, reasoning)})
         yield _sse("[DONE]")
-    except APIError as exc:  # after the first byte an error can only travel in the stream (spec §2.3)
+    except APIError as exc:  # after the first byte an error can only travel in the stream
         yield _sse(exc.body())
     finally:
         server.engine.release(request)

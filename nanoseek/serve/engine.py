@@ -3,7 +3,7 @@
 Handlers submit requests and read their output as events from an asyncio queue; the engine thread adds
 requests, runs `LLM.step` while anything is queued or running, and posts each completion's new text and
 tokens after every step. An abort is applied before the next step, so a disconnected client's cache slot
-is free within one step (spec serving.md §6 item 24).
+is free within one step.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class AsyncEngine:
 
     # ---- the event-loop side -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a checked request, or refuse it with 429 when the queue is full (spec §7.8)."""
+        """Queue a checked request, or refuse it with 429 when the queue is full."""
         if not self.healthy:
             raise APIError(503, "the engine has stopped; see the server log", code="engine_dead")
         if self.outstanding >= self.llm.max_num_seqs + self.max_queue:

@@ -1,6 +1,7 @@
-"""Request bodies of the OpenAI-compatible API (spec serving.md §2.1, §2.4, §6), checked by pydantic.
+"""Request bodies of the OpenAI-compatible API (OpenAI's API reference: chat and legacy completions),
+checked by pydantic.
 
-Unknown fields are accepted and ignored (SDKs send vendor extras through `extra_body`, §2.1); values out of
+Unknown fields are accepted and ignored (SDKs send vendor extras through `extra_body`); values out of
 range fail with a 400 whose `param` names the field. Responses are plain dicts built in `app.py`.
 """
 
@@ -10,11 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_STOPS = 16  # DeepSeek's limit (§1.2)
+MAX_STOPS = 16  # DeepSeek's API limit on `stop`
 
 
 class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}} (§2.5)."""
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str | None = None, headers: dict[str, str] | None = None):
@@ -41,7 +42,7 @@ class Message(Open):
     content: str | list[TextPart] | None = None
     name: str | None = None
     reasoning_content: str | None = None
-    reasoning: str | None = None  # the name vLLM and Ollama use (§7.2)
+    reasoning: str | None = None  # the name vLLM and Ollama use
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -231,6 +231,8 @@ def without_held_out(conversations: list[list[dict[str, str]]]) -> tuple[list[li
     """A user's conversations (SFT, distillation or rejection-sampling mix data) less those in which a user
     turn asks a held-out question of any task, and how many were dropped: the evaluation stays held out
     whatever file trains the model."""
+    if not conversations:
+        return [], 0
     banned = _every_held_out_question()
     kept = [c for c in conversations
             if not any(m.get("role") == "user" and str(m.get("content", "")).strip() in banned for m in c)]

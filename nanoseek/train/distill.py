@@ -1,4 +1,4 @@
-"""`nanoseek distill`: a dense student learns the teacher's reasoning (spec grpo-r1.md §2.7).
+"""`nanoseek distill`: a dense student learns the teacher's reasoning (DeepSeek-R1 §2.4, Table 6).
 
 DeepSeek-R1 distilled by plain SFT on ~800k samples the teacher wrote (rejection-sampled, verified); the
 student here is trained the same way on the teacher's traces (`--data`, from `nanoseek rejection-sample`,

@@ -1,4 +1,5 @@
-"""The GRPO objective and its published variants, as switches (spec grpo-r1.md §1.2-1.3, §3.1-3.2).
+"""The GRPO objective and its published variants, as switches (DeepSeekMath, arXiv 2402.03300,
+§4.1; Dr. GRPO, arXiv 2503.20783; DAPO, arXiv 2503.14476).
 
 * DeepSeekMath/R1 GRPO: group advantages (r - mean) / std, clipped ratio, k3 KL to a reference in the loss,
   each sequence's token mean, then the mean over sequences.
@@ -75,7 +76,7 @@ class GRPOObjective:
             if ref_logp is None:
                 raise ValueError("beta > 0 needs the reference model's log-probs")
             delta = ref_logp - logp
-            kl = torch.exp(delta) - delta - 1  # k3: unbiased, >= 0 (spec §1.3)
+            kl = torch.exp(delta) - delta - 1  # k3: unbiased, >= 0 (DeepSeekMath eq. 4)
             per_token = per_token + self.beta * kl
         lengths = mask.sum(dim=-1)
         if self.loss_type == "grpo":
@@ -105,9 +106,9 @@ class PromptSource:
     """Which problems come next. Built-in tasks: task by task in turn, held-out questions skipped, at a fixed
     band of `levels` (each prompt the next level of the band) or, without one, under an adaptive curriculum:
     a task's difficulty rises when a step's groups pass more than `high` of the time on average and falls below
-    `low`, keeping pass rates near the edge of competence (spec grpo-r1.md §4: group pass rates in ~[0.2,
-    0.8]). The mean over the step matters: single groups of a model at 45% pass all or nothing often, and
-    moving on each of them is a random walk that spends steps on a level the model cannot solve at all.
+    `low`, keeping pass rates near the edge of competence (a group all right or all wrong teaches nothing:
+    DAPO §3.2). The mean over the step matters: single groups of a model at 45% pass all or nothing often,
+    and moving on each of them is a random walk that spends steps on a level the model cannot solve at all.
     `problems`: the user's own (`--data`), in a seeded order reshuffled every pass."""
 
     tasks: list[str]

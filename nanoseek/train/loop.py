@@ -57,9 +57,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    mtp_lambda: float = 0.3  # V3: 0.3, then 0.1 (§5.3)
-    balance_alpha: float = 0.0  # V3: 0.0001 (§4.3); 0 = off
-    bias_gamma: float = 0.001  # V3: 0.001 (§4.3); 0 = no auxiliary-loss-free update
+    mtp_lambda: float = 0.3  # V3: 0.3, then 0.1 (V3 paper §4.2)
+    balance_alpha: float = 0.0  # V3: 0.0001 (V3 paper §4.2); 0 = off
+    bias_gamma: float = 0.001  # V3: 0.001 (V3 paper §4.2); 0 = no auxiliary-loss-free update
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 50
@@ -206,7 +206,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.world > 1:  # routed counts summed across ranks (§4.3: the load of the whole step), mean losses
+        if self.world > 1:  # routed counts summed across ranks (V3 §2.1.2: the load of the whole batch), mean losses
             flat = torch.cat(counts) if counts else torch.zeros(0, device=model.device)
             dist.all_reduce(flat)
             counts = list(flat.split([c.numel() for c in counts]))

@@ -1,4 +1,4 @@
-"""The pretraining objective and DeepSeek-V3's load balancing (spec deepseek-v3.md §4.3, §5.3)."""
+"""The pretraining objective and DeepSeek-V3's load balancing (V3 paper §2.1.2, §2.2)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def sequence_balance_loss(out: ModelOutput, batch: int, top_k: int) -> Tensor:
 
     f_i = N_r / (K T) * (tokens of the sequence routed to expert i), P_i = mean over the sequence of the
     normalised affinity s_i / sum_j s_j. Routed counts use the experts actually selected (with the bias); the
-    paper's eq. 18 counts the unbiased top-K, a distinction it leaves open (spec §4.3).
+    paper's eq. 18 counts the unbiased top-K, a distinction it leaves open.
     """
     losses = []
     for stats in out.router_stats:

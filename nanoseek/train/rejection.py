@@ -1,4 +1,4 @@
-"""`nanoseek rejection-sample`: R1's second SFT data set from its RL checkpoint (spec grpo-r1.md §2.5).
+"""`nanoseek rejection-sample`: R1's second SFT data set from its RL checkpoint (DeepSeek-R1 §2.3.3).
 
 k samples per training prompt; a sample is kept only if it is correct, well formatted (a closed think block,
 then one answer), reasons (a direct answer of the zero layout is no trace to learn from), not cut by the

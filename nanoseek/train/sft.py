@@ -1,6 +1,7 @@
 """`nanoseek sft`: supervised fine-tuning on conversations, loss on the assistant's tokens only; the same
 training loop as pretraining with chat data. Without `--data`, cold-start data in the R1 format is generated
-from the verifiable tasks (spec grpo-r1.md §2.5: a small SFT before reasoning RL)."""
+from the verifiable tasks (DeepSeek-R1 §2.3.1: a small cold-start SFT before
+reasoning RL)."""
 
 from __future__ import annotations
 
