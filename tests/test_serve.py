@@ -18,7 +18,7 @@ import openai
 import pytest
 from conftest import nanoseek_model
 
-from nanoseek.engine import LLM, SamplingParams
+from nanoseek.engine import LLM, EngineError, SamplingParams
 from nanoseek.r1 import THINK_CLOSE
 from nanoseek.tasks.corpus import generate_corpus
 from nanoseek.tokenizer import train_tokenizer
@@ -290,6 +290,35 @@ def test_error_statuses(server):
     assert httpx.get(server.base + "/health").json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize(("path", "body", "param", "code", "message"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 1500}]}, "messages",
+     "context_length_exceeded", "do not fit max_model_len = 2048"),
+    ("/v1/completions", {"prompt": [[5, 6], list(range(3, 300)) * 7]}, "prompt[1]", "context_length_exceeded",
+     "2079 tokens do not fit"),
+    ("/v1/completions", {"prompt": [5, 320]}, "prompt", "invalid_value", "token id 320 is outside the vocabulary"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 9}, "n", "invalid_value",
+     r"SamplingParams.n = 9: must be <= max_num_seqs \(8\)"),
+])
+def test_engine_refusals_reach_the_client(server, path, body, param, code, message):
+    """The engine's typed errors arrive as 400s with their param (renamed to the request's field) and code."""
+    response = httpx.post(server.base + path, json={"model": MODEL, "max_tokens": 4, **body},
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert re.search(message, error["message"]), error["message"]
+
+
+def test_engine_errors_are_typed_value_errors(engine):
+    with pytest.raises(EngineError) as too_long:
+        engine.encode(list(range(3, 300)) * 7)
+    assert (too_long.value.param, too_long.value.code) == ("prompt", "context_length_exceeded")
+    with pytest.raises(ValueError) as bad_value:  # callers that catch ValueError still do
+        SamplingParams(top_p=1.5)
+    assert isinstance(bad_value.value, EngineError)
+    assert (bad_value.value.param, bad_value.value.code) == ("top_p", "invalid_value")
+
+
 def test_cancelled_stream_frees_its_slot(server):
     aborted = server.metric("nanoseek_requests_aborted_total")
     with httpx.stream("POST", server.base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
@@ -356,6 +385,29 @@ def test_queue_full_is_429(checkpoint):
                 client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
             assert refused.value.response.headers["retry-after"] == "1"
         assert small.metric("nanoseek_requests_rejected_total") == 1
+    finally:
+        small.stop()
+
+
+def test_a_refused_multi_prompt_request_holds_no_capacity(checkpoint):
+    """Room for two: with one stream running, a request of two prompts gets the second refused (429); the first,
+    already queued, must be released, or the server stays full after the stream ends."""
+    small = Server(checkpoint, "--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "2048")
+    try:
+        client = small.client(max_retries=0)
+        with httpx.stream("POST", small.base + "/v1/completions",
+                          json={"model": MODEL, "prompt": "hi", "max_tokens": 2000, "stream": True,
+                                "ignore_eos": True}) as busy:
+            lines = busy.iter_lines()
+            assert busy.status_code == 200, next(lines)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=MODEL, prompt=["hello", "there"], max_tokens=2)
+        for _ in range(100):  # the closed stream's request leaves the batch
+            if small.metric("nanoseek_num_requests_running") == 0:
+                break
+            time.sleep(0.05)
+        both = client.completions.create(model=MODEL, prompt=["hello", "there"], max_tokens=2)
+        assert len(both.choices) == 2
     finally:
         small.stop()
 

@@ -1,8 +1,10 @@
-"""SamplingParams, with vLLM's names and meanings; bad values raise a ValueError naming the parameter."""
+"""SamplingParams, with vLLM's names and meanings; bad values raise an EngineError naming the parameter."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .errors import EngineError
 
 MAX_LOGPROBS = 20
 
@@ -35,7 +37,7 @@ class SamplingParams:
     def validate(self) -> SamplingParams:
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"SamplingParams.{name} = {getattr(self, name)!r}: {rule}")
+                raise EngineError(f"SamplingParams.{name} = {getattr(self, name)!r}: {rule}", name)
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)

@@ -1,5 +1,16 @@
-"""`nanoseek serve`: the OpenAI/DeepSeek-compatible server (`app.py`). The web framework is imported only
-when the command runs, so the rest of the command line starts fast."""
+"""`nanoseek serve`: the OpenAI/DeepSeek-compatible server. The web framework is imported only when the
+command runs, so the rest of the command line starts fast.
+
+Each file imports only those listed after it:
+* `app.py`: the FastAPI app (routes, authorization, error handlers, lifespan) and the command; its docstring
+  documents the API's behaviour.
+* `chat.py`, `completions.py`: the two generating endpoints, each with its stream.
+* `streaming.py`: SSE framing, and collecting a non-streaming request's outputs.
+* `server.py`: the state the handlers share: prompts, checks and sampling parameters (the engine's refusals
+  become 400s there), usage and log-probabilities.
+* `bridge.py`: the engine loop on its own thread, fed by the asyncio handlers, and its Prometheus metrics.
+* `protocol.py`: the request bodies (pydantic) and `APIError`.
+"""
 
 from __future__ import annotations
 

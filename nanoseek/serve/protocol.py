@@ -2,7 +2,7 @@
 checked by pydantic.
 
 Unknown fields are accepted and ignored (SDKs send vendor extras through `extra_body`); values out of
-range fail with a 400 whose `param` names the field. Responses are plain dicts built in `app.py`.
+range fail with a 400 whose `param` names the field. Responses are plain dicts built by the handlers.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""AsyncEngine: the engine's continuous-batching loop on its own thread, fed by asyncio request handlers.
+"""The bridge between asyncio handlers and the engine: `AsyncEngine` runs the engine's continuous-batching loop
+on its own thread; `Request`, `Delta` and `Finished` carry work to it and output back; `Metrics` holds the
+Prometheus series it updates.
 
-Handlers submit requests and read their output as events from an asyncio queue; the engine thread adds
+Handlers submit checked requests and read their output as events from an asyncio queue; the engine thread adds
 requests, runs `LLM.step` while anything is queued or running, and posts each completion's new text and
 tokens after every step. An abort is applied before the next step, so a disconnected client's cache slot
 is free within one step.
@@ -110,7 +112,8 @@ class AsyncEngine:
 
     # ---- the event-loop side -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a checked request, or refuse it with 429 when the queue is full."""
+        """Queue a request that passed `LLM.check` (the engine thread checks it again, and a refusal there would
+        stop the loop), or refuse it with 429 when the queue is full."""
         if not self.healthy:
             raise APIError(503, "the engine has stopped; see the server log", code="engine_dead")
         if self.outstanding >= self.llm.max_num_seqs + self.max_queue:

@@ -1,0 +1,175 @@
+"""The server's state and the work both handlers share with it: the conversation as a prompt, a request's
+checks and sampling parameters, usage, and log-probabilities in the API's two shapes.
+
+The engine's own refusals (`EngineError`) become 400s in one place, `engine_refusals`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine import LLM, CompletionOutput, EngineError, SamplingParams
+from ..r1 import THINK_CLOSE, opens_think
+from . import COMPAT_MODES
+from .bridge import AsyncEngine
+from .protocol import APIError, ChatRequest, SamplingFields
+
+R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1 model card's recommendation
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    compat: str = "openai"
+    max_queue: int = 256
+
+
+@contextmanager
+def engine_refusals(prompt_param: str = "prompt") -> Iterator[None]:
+    """Answer an EngineError raised inside as a 400 with its `param` and `code`. The engine calls any prompt
+    `prompt`; `prompt_param` is the request field this one came from (`messages`, `prompt[2]`)."""
+    try:
+        yield
+    except EngineError as exc:
+        param = prompt_param if exc.param == "prompt" else exc.param
+        raise APIError(400, exc.message, param, exc.code) from exc
+
+
+class Server:
+    """What the handlers share: the engine loop, the tokenizer and the server's settings."""
+
+    def __init__(self, llm: LLM, config: ServerConfig, model_path: str = ""):
+        if config.compat not in COMPAT_MODES:
+            raise ValueError(f"--compat = {config.compat!r}: one of {', '.join(COMPAT_MODES)}")
+        if llm.tokenizer is None:
+            raise ValueError("--model: serving needs a tokenizer in the checkpoint directory")
+        self.llm, self.config, self.tokenizer = llm, config, llm.tokenizer
+        self.engine = AsyncEngine(llm, config.max_queue)
+        self.created = int(time.time())
+        self.model_path = model_path
+        self.think_close_id = self.tokenizer.token_id(THINK_CLOSE)
+        identity = json.dumps([model_path, llm.model.config.to_dict(), str(llm.model.dtype), llm.max_model_len,
+                               config.compat], sort_keys=True, default=str)
+        self.fingerprint = "fp_" + hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()
+
+    def response_meta(self, id_prefix: str) -> dict[str, Any]:
+        """The fields every response and stream chunk of one request repeats."""
+        return {"id": f"{id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.config.served_model_name, "system_fingerprint": self.fingerprint}
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def chat_prompt(self, body: ChatRequest) -> tuple[list[int], bool]:
+        """Token ids of the conversation, and whether the prompt leaves the model inside a think block."""
+        if not self.tokenizer.chat_template:
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
+        messages, prefix = [], ""
+        for i, message in enumerate(body.messages):
+            if message.role == "tool":
+                raise APIError(400, f"messages[{i}].role = 'tool': this server has no tool calling",
+                               f"messages[{i}].role")
+            if (message.reasoning_content or message.reasoning) and self.config.compat == "deepseek-r1":
+                raise APIError(400, f"messages[{i}].reasoning_content: remove the reasoning from earlier replies "
+                               "before sending them back (DeepSeek-R1's rule)", f"messages[{i}].reasoning_content")
+            if message.role == "assistant" and getattr(message, "prefix", False):
+                if i != len(body.messages) - 1:
+                    raise APIError(400, f"messages[{i}].prefix: only the last message may be a prefix",
+                                   f"messages[{i}].prefix")
+                prefix = message.text()  # DeepSeek's chat prefix completion: the reply continues this text
+                continue
+            role = "system" if message.role == "developer" else message.role
+            messages.append({"role": role, "content": message.text()})  # reasoning never enters the prompt
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        in_reasoning = opens_think(text)
+        if in_reasoning and (body.thinking or {}).get("type") == "disabled":
+            text, in_reasoning = text + THINK_CLOSE + "\n", False
+        ids = self.tokenizer.encode(text + prefix, add_special_tokens=False)
+        return ids, in_reasoning
+
+    def check_prompt(self, ids: list[int], param: str) -> None:
+        """The engine's prompt checks (non-empty, in the vocabulary, fits the context), with `param` the
+        request field the prompt came from."""
+        with engine_refusals(param):
+            self.llm.encode(ids)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def sampling(self, body: SamplingFields, ids: list[int], max_tokens: int | None, logprobs: int | None,
+                 reasoner_rules: bool = False) -> SamplingParams:
+        """The engine's parameters for a checked prompt `ids`, refused here if the engine would refuse them."""
+        if body.model != self.config.served_model_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves "
+                           f"{self.config.served_model_name!r}", "model", "model_not_found")
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
+        ignored = reasoner_rules and self.config.compat == "deepseek-r1"
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        room = self.llm.max_model_len - len(ids)
+        with engine_refusals():
+            params = SamplingParams(
+                n=body.n, max_tokens=min(max_tokens or room, room),
+                temperature=R1_SAMPLING["temperature"] if ignored else _default(body.temperature, 1.0),
+                top_p=R1_SAMPLING["top_p"] if ignored else _default(body.top_p, 1.0),
+                top_k=_default(body.top_k, 0), min_p=_default(body.min_p, 0.0),
+                presence_penalty=0.0 if ignored else _default(body.presence_penalty, 0.0),
+                frequency_penalty=0.0 if ignored else _default(body.frequency_penalty, 0.0),
+                repetition_penalty=_default(body.repetition_penalty, 1.0), stop=stop, seed=body.seed,
+                logprobs=logprobs, ignore_eos=bool(body.ignore_eos))
+            self.llm.check(ids, params)  # what add_request checks on the engine thread, where it must not fail
+        return params
+
+    # ---- output helpers -----------------------------------------------------------------------
+    def usage(self, prompt_len: int, outputs: list[CompletionOutput], cached: int, reasoning: int) -> dict[str, Any]:
+        completion = sum(len(o.token_ids) for o in outputs)
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
+                "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt_len - cached,
+                "prompt_tokens_details": {"cached_tokens": cached},
+                "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+    def reasoning_tokens(self, token_ids: list[int], in_reasoning: bool) -> int:
+        """Tokens up to and including the one that closes the think block (all, if it never closes)."""
+        if not in_reasoning:
+            return 0
+        if self.think_close_id is not None and self.think_close_id in token_ids:
+            return token_ids.index(self.think_close_id) + 1
+        return len(token_ids)
+
+    def chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]], top: int) -> list[dict]:
+        entries = []
+        for token, options in zip(token_ids, logprobs, strict=False):
+            ranked = sorted(((t, lp) for t, lp in options.items()), key=lambda item: -item[1])[:top]
+            entries.append({**self._token_entry(token, options[token]),
+                            "top_logprobs": [self._token_entry(t, lp) for t, lp in ranked]})
+        return entries
+
+    def _token_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(raw)}
+
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]], top: int,
+                            offset: int) -> dict[str, Any]:
+        tokens, values, tops, offsets = [], [], [], []
+        for token, options in zip(token_ids, logprobs, strict=False):
+            text = self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+            tokens.append(text)
+            values.append(_finite(options[token]))
+            ranked = sorted(options.items(), key=lambda item: -item[1])[:top]
+            tops.append({self.tokenizer.token_bytes(t).decode("utf-8", errors="replace"): _finite(lp)
+                         for t, lp in ranked})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def _finite(value: float) -> float:
+    return max(value, -9999.0)  # JSON has no -inf; OpenAI reports very unlikely tokens as -9999
