@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .model.dense import DenseConfig
+from .config import DenseConfig, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -82,22 +81,28 @@ def parameter_counts(c: ModelConfig | DenseConfig) -> ParameterCounts:
     )
 
 
-def kv_cache_bytes_per_token(c: ModelConfig, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(latent cache, equivalent expanded multi-head cache) bytes per token over all layers (DeepSeek-V2
-    Table 1: d_c + d_h^R elements per token and layer)."""
-    latent = c.kv_cache_dim * c.num_hidden_layers * dtype_bytes
-    expanded = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * c.num_hidden_layers * dtype_bytes
-    return latent, expanded
+def _head_width(c: ModelConfig | DenseConfig) -> int:
+    """A query head's key plus value width: what multi-head attention caches and multiplies per head."""
+    return 2 * c.head_size if isinstance(c, DenseConfig) else c.qk_head_dim + c.v_head_dim
 
 
-def forward_flops_per_token(c: ModelConfig, context: int) -> tuple[int, int]:
+def kv_cache_bytes_per_token(c: ModelConfig | DenseConfig, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(the model's cache, the equivalent multi-head cache) in bytes per token over all layers. MLA caches
+    d_c + d_h^R elements per token and layer (DeepSeek-V2 Table 1), grouped-query attention its KV heads'
+    keys and values; multi-head attention would cache every head's."""
+    cached = c.kv_cache_dim * c.num_hidden_layers * dtype_bytes
+    expanded = c.num_attention_heads * _head_width(c) * c.num_hidden_layers * dtype_bytes
+    return cached, expanded
+
+
+def forward_flops_per_token(c: ModelConfig | DenseConfig, context: int) -> tuple[int, int]:
     """(matmul FLOPs with the activated weights, attention FLOPs at `context` keys) for one token's forward.
 
     The first is the usual 2N with N the activated parameters (norm weights, a negligible part, included);
-    the second is QK^T and PV in MHA mode: 2 * heads * (d_qk + d_v) * context per layer.
+    the second is QK^T and PV in multi-head form: 2 * heads * (d_qk + d_v) * context per layer.
     """
     weights = 2 * parameter_counts(c).activated
-    attention = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * context * c.num_hidden_layers
+    attention = 2 * c.num_attention_heads * _head_width(c) * context * c.num_hidden_layers
     return weights, attention
 
 

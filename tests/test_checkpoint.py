@@ -11,6 +11,7 @@ from conftest import nanoseek_model
 from safetensors.torch import load_file, save_file
 
 import nanoseek
+import nanoseek.hf_files
 from nanoseek import CheckpointError
 from nanoseek.checkpoint import INDEX_FILE
 
@@ -60,7 +61,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(nanoseek.checkpoint, "save_file", broken)
+    monkeypatch.setattr(nanoseek.hf_files, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

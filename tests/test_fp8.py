@@ -73,7 +73,7 @@ def test_fp8_weights_match_fp32_within_e4m3_rounding(fp8_checkpoint):
     path, originals = fp8_checkpoint
     model = nanoseek.load_model(path)
     assert model.config.quantization_config is None
-    loaded = {name: slot.read() for name, slot in nanoseek.checkpoint.checkpoint_slots(model).items()}
+    loaded = {name: slot.read() for name, slot in model.checkpoint_slots().items()}
     scales = load_file(path / "model.safetensors")
     for name, original in originals.items():
         scale = scales[name + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)

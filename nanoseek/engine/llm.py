@@ -13,8 +13,9 @@ import torch
 
 from ..checkpoint import load_model
 from ..config import PRESETS, preset
-from ..model import CausalLM
+from ..model import CausalLM, LanguageModel
 from ..tokenizer import Tokenizer
+from .errors import CONTEXT_LENGTH_EXCEEDED, EngineError
 from .params import SamplingParams
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -43,14 +44,16 @@ class LLM:
     start (not together with speculation, whose MTP draft needs every prompt position's hidden state).
     """
 
-    def __init__(self, model: str | Path | CausalLM, device: str | torch.device | None = None,
+    def __init__(self, model: str | Path | LanguageModel, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  speculative: bool = False, max_prefill_tokens: int = 4096, seed: int = 0,
                  tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if isinstance(model, torch.nn.Module):  # a CausalLM or a dense student
+        if isinstance(model, LanguageModel):
             self.model = model.to(device=device, dtype=dtype).eval()
+        elif isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: a {type(model).__name__} is not a nanoseek LanguageModel (CausalLM, DenseLM)")
         elif isinstance(model, str) and model in PRESETS and not Path(model).exists():
             torch.manual_seed(seed)
             with torch.device(device):
@@ -90,31 +93,32 @@ class LLM:
         """Token ids of a prompt, checked: non-empty, in the vocabulary, leaving room for a new token."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: a text prompt needs a tokenizer and this model has none; pass token ids")
+                raise EngineError("prompt: a text prompt needs a tokenizer and this model has none; pass token ids",
+                                  "prompt")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, Seq) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
-            raise ValueError("prompt: must be a string or a list of token ids")
+            raise EngineError("prompt: must be a string or a list of token ids", "prompt")
         if not ids:
-            raise ValueError("prompt: is empty")
+            raise EngineError("prompt: is empty", "prompt")
         vocab = self.model.config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            raise EngineError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(ids)} tokens do not fit max_model_len = {self.max_model_len} "
-                             "with room for one new token")
+            raise EngineError(f"prompt: {len(ids)} tokens do not fit max_model_len = {self.max_model_len} "
+                              "with room for one new token", "prompt", CONTEXT_LENGTH_EXCEEDED)
         return ids
 
     def check(self, prompt: Prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
-        """(prompt token ids, params) after every check a request must pass; raises ValueError otherwise."""
+        """(prompt token ids, params) after every check a request must pass; raises EngineError otherwise."""
         params = (params or SamplingParams()).validate()
         ids = self.encode(prompt)
         if params.n > self.max_num_seqs:
-            raise ValueError(f"SamplingParams.n = {params.n}: must be <= max_num_seqs ({self.max_num_seqs})")
+            raise EngineError(f"SamplingParams.n = {params.n}: must be <= max_num_seqs ({self.max_num_seqs})", "n")
         if params.stop and self.tokenizer is None:
-            raise ValueError("SamplingParams.stop: stop strings need a tokenizer and this model has none")
+            raise EngineError("SamplingParams.stop: stop strings need a tokenizer and this model has none", "stop")
         return ids, params
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model import CausalLM
+from ..model import LanguageModel
 from .prefix_cache import PrefixCache
 from .sampler import DRAFT, SamplingBatch, process, sample, token_logprobs, verify
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_slots: int, max_model_len: int, speculative: bool = False,
+    def __init__(self, model: LanguageModel, num_slots: int, max_model_len: int, speculative: bool = False,
                  prefix_cache_tokens: int = 0):
         self.model = model
         self.device = model.device

@@ -1,140 +1,29 @@
 """The dense student family: Llama / Qwen2-style decoders (GQA, RoPE, SwiGLU, RMSNorm).
 
 DeepSeek-R1's distilled models are this family (R1-Distill-Qwen-1.5B/7B/14B/32B are `Qwen2ForCausalLM`,
-R1-Distill-Llama-8B/70B are `LlamaForCausalLM`; DeepSeek-R1 §2.4 and the models' config.json), so
-`DenseConfig` reads and writes those config.json files and `DenseLM` uses their tensor names. It offers
-the interface the engine and the training loop use (`run`, `new_cache`, `save_pretrained`, ...), so one engine
-and one loop serve both families. The cache holds each token's keys and values (2 x kv heads x head_dim per
+R1-Distill-Llama-8B/70B are `LlamaForCausalLM`; DeepSeek-R1 §2.4), so `DenseLM` uses their tensor names
+(transformers' `modeling_llama.py`, `modeling_qwen2.py`). It is a `LanguageModel`, so one engine and one
+training loop serve both families. The cache holds each token's keys and values (2 x kv heads x head_dim per
 layer), in the same slot layout as the MLA latent cache.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import DENSE_ARCHITECTURES, DENSE_PRESETS, DenseConfig
+from ..hf_files import TensorSlot, param_slot
 from .attention import CacheContext, LatentCache
+from .base import LanguageModel, ModelOutput, module_slots, select_positions
 from .layers import MLP, RMSNorm, apply_keeping_fp32
 from .rope import apply_rope
-from .transformer import LanguageModel, ModelOutput, _select
 
-DENSE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# Students for the built-in pipeline, in R1-Distill-Qwen's layout (the vocabulary comes from the teacher).
-DENSE_PRESETS = {
-    "nano-dense": dict(model_type="qwen2", hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       tie_word_embeddings=True, rope_theta=10000.0),
-}
-_IGNORED_KEYS = frozenset({"architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
-                           "model_type", "use_cache", "pretraining_tp", "auto_map", "use_sliding_window",
-                           "sliding_window", "max_window_layers", "layer_types", "mlp_bias", "rope_parameters"})
-
-
-@dataclass
-class DenseConfig:
-    model_type: str = "qwen2"  # "llama" or "qwen2": Qwen2 has biases on q, k and v
-    vocab_size: int = 151936
-    hidden_size: int = 1536
-    intermediate_size: int = 8960
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 12
-    num_key_value_heads: int = 2
-    head_dim: int | None = None  # default hidden_size / num_attention_heads
-    max_position_embeddings: int = 131072
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # None, or Llama 3's {"rope_type": "llama3", ...}
-    rms_norm_eps: float = 1e-6
-    attention_bias: bool = False  # Llama's switch for q/k/v/o biases; Qwen2 always has q/k/v biases, never o
-    tie_word_embeddings: bool = False
-    hidden_act: str = "silu"
-    initializer_range: float = 0.02
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def qkv_bias(self) -> bool:
-        return self.model_type == "qwen2" or self.attention_bias
-
-    @property
-    def kv_cache_dim(self) -> int:
-        """Cache width per token and layer: keys then values of every kv head."""
-        return 2 * self.num_key_value_heads * self.head_size
-
-    num_nextn_predict_layers = 0  # no MTP in this family
-
-    def validate(self) -> DenseConfig:
-        def need(ok: bool, name: str, rule: str) -> None:
-            if not ok:
-                raise ConfigError(f"config field `{name}` = {getattr(self, name)!r}: {rule}")
-
-        need(self.model_type in DENSE_ARCHITECTURES, "model_type", f"one of {', '.join(DENSE_ARCHITECTURES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, name, "must be a positive integer")
-        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-             f"must divide num_attention_heads = {self.num_attention_heads}")
-        need(self.head_size % 2 == 0, "head_dim", "must be even (RoPE rotates pairs)")
-        need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
-        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
-        need(rope_type in ("default", "llama3"), "rope_scaling", "only no scaling or Llama 3's 'llama3' is supported")
-        return self
-
-    # ---- JSON ----------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> DenseConfig:
-        raw = dict(raw)
-        if raw.get("model_type") not in DENSE_ARCHITECTURES:
-            raise ConfigError(f"config field `model_type` = {raw.get('model_type')!r}: not a dense family model")
-        parameters = raw.get("rope_parameters")  # transformers 5.x form
-        if isinstance(parameters, dict) and "rope_theta" not in raw:
-            raw["rope_theta"] = parameters.get("rope_theta", 10000.0)
-            if parameters.get("rope_type", "default") != "default" and raw.get("rope_scaling") is None:
-                raw["rope_scaling"] = {k: v for k, v in parameters.items() if k != "rope_theta"}
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in raw.items() if k in known}
-        extra = {k: v for k, v in raw.items() if k not in known and k not in _IGNORED_KEYS}
-        if kwargs.get("rope_scaling") is not None and kwargs["rope_scaling"].get("rope_type", "default") == "default" \
-                and kwargs["rope_scaling"].get("type") is None:
-            kwargs["rope_scaling"] = None
-        return cls(**kwargs, extra=extra).validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architectures": [DENSE_ARCHITECTURES[self.model_type]]}
-        for f in dataclasses.fields(self):
-            if f.name != "extra" and not (f.name == "head_dim" and self.head_dim is None):
-                out[f.name] = getattr(self, f.name)
-        out.update(self.extra)
-        return out
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> DenseConfig:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-
-    def to_json_file(self, path: str | Path, dtype: str | None = None) -> None:
-        data = self.to_dict()
-        if dtype is not None:
-            data["torch_dtype"] = dtype
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-    def replace(self, **changes: Any) -> DenseConfig:
-        return dataclasses.replace(self, **changes).validate()
-
+__all__ = ["DENSE_ARCHITECTURES", "DENSE_PRESETS", "DenseConfig", "DenseLM"]
 
 def dense_inverse_frequencies(config: DenseConfig) -> Tensor:
     """RoPE inverse frequencies, with Llama 3's smooth long-context rescaling when the config asks for it:
@@ -237,15 +126,11 @@ class DenseLM(LanguageModel):
         self.generation_config: dict = {}
         self.init_weights()
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
-                slots: Tensor | None = None, *, mtp: bool = False, router_stats: bool = False,
-                logits_index: Tensor | None = None, **_: Any) -> Tensor | ModelOutput:
-        out = self.run(input_ids, positions, cache, slots, mtp=mtp, logits_index=logits_index)
-        return out if (mtp or router_stats) else out.logits
-
     def run(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
-            slots: Tensor | None = None, *, mtp: bool = False, logits_index: Tensor | None = None,
-            **_: Any) -> ModelOutput:
+            slots: Tensor | None = None, *, mtp: bool = False, router_stats: bool = False,
+            logits_index: Tensor | None = None, **_: Any) -> ModelOutput:
+        """See `LanguageModel.run`; the MTP logits and router statistics are empty (the family has neither),
+        and the execution options of other families (`absorbed`) do not apply."""
         batch, steps = input_ids.shape
         if positions is None:
             positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
@@ -255,13 +140,20 @@ class DenseLM(LanguageModel):
         for layer in self.model.layers:
             h = layer(h, cos, sin, context)
         hidden = self.model.norm(h)
-        out = ModelOutput(self.lm_head(_select(hidden, logits_index)), hidden, router_stats=[])
-        if mtp:
-            out.mtp_logits = []
-        return out
+        return ModelOutput(self.lm_head(select_positions(hidden, logits_index)), hidden)
 
     def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
         """A key/value cache: per layer, slot and position the token's keys and values."""
         if mtp:
             raise ValueError("this dense model has no MTP module to draft with")
         return LatentCache(self.config, self.config.num_hidden_layers, num_slots, max_len, self.device, self.dtype)
+
+    def checkpoint_slots(self) -> dict[str, TensorSlot]:
+        slots = module_slots("model.", self.model)
+        head = self.lm_head.weight
+        if self.config.tie_word_embeddings:  # one matrix, stored once as the embedding (transformers' rule)
+            slots["lm_head.weight"] = TensorSlot(tuple(head.shape), lambda: head.detach(), lambda t: None,
+                                                 optional=True, saved=False)
+        else:
+            slots["lm_head.weight"] = param_slot(head)
+        return slots

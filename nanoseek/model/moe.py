@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..hf_files import TensorSlot
 from .layers import MLP, apply_keeping_fp32
 
 
@@ -131,6 +132,19 @@ class RoutedExperts(nn.Module):
         padded[expert_of_row, within] = rows
         gate, up = torch.bmm(padded, self.w_gate_up).chunk(2, dim=-1)
         return torch.bmm(F.silu(gate) * up, self.w_down)[expert_of_row, within]
+
+    def checkpoint_slots(self, prefix: str) -> dict[str, TensorSlot]:
+        """Per-expert checkpoint matrices (`{prefix}{e}.gate_proj.weight`, ... in nn.Linear's [out, in] layout)
+        as views of the stacked right-multiplied ones."""
+        inner = self.w_down.shape[1]
+        slots = {}
+        for e in range(self.w_gate_up.shape[0]):
+            views = {"gate_proj": self.w_gate_up[e, :, :inner], "up_proj": self.w_gate_up[e, :, inner:],
+                     "down_proj": self.w_down[e]}
+            for name, view in views.items():
+                slots[f"{prefix}{e}.{name}.weight"] = TensorSlot(
+                    tuple(view.T.shape), lambda v=view: v.detach().T, lambda t, v=view: v.data.copy_(t.T))
+        return slots
 
 
 class MoE(nn.Module):

@@ -6,13 +6,15 @@ inference (latent cache, absorbed attention).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..hf_files import TensorSlot
 from .attention import CacheContext, LatentCache, MultiHeadLatentAttention
+from .base import LanguageModel, ModelOutput, module_slots, select_positions
 from .layers import MLP, RMSNorm
 from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
@@ -31,19 +33,6 @@ def absorbed_is_cheaper(config: ModelConfig, steps: int, key_len: int) -> bool:
     expanded = key_len * latent * heads * (nope + value) + steps * key_len * heads * (nope + rope + value)
     absorbed = steps * heads * latent * (nope + value) + steps * key_len * heads * (2 * latent + rope)
     return absorbed <= expanded
-
-
-def _select(hidden: Tensor, index: Tensor | None) -> Tensor:
-    """hidden [B, T, d] at index [B, k] -> [B, k, d]; all of it when index is None."""
-    return hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-
-
-@dataclass
-class ModelOutput:
-    logits: Tensor  # [B, T, V]
-    hidden: Tensor  # [B, T, d] after the final norm: what the MTP modules and the engine consume
-    mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: [B, T - k, V], predicting token t+k+1
-    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, main model first
 
 
 class DecoderLayer(nn.Module):
@@ -97,42 +86,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LanguageModel(nn.Module):
-    """What every model family shares: an HF checkpoint writer and the device and dtype of its weights."""
-
-    lm_head: nn.Linear
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, initializer_range) for every matrix, zero biases, unit norms: module by module, in order
-        (the order of the random draws is what makes a seed give the same model)."""
-        for module in self.modules():
-            self.init_module(module, self.config.initializer_range)
-
-    def init_module(self, module: nn.Module, std: float) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(0.0, std)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
-
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
-        """Write an HF checkpoint directory that transformers loads (DeepseekV3ForCausalLM, or the dense
-        family's LlamaForCausalLM / Qwen2ForCausalLM)."""
-        from ..checkpoint import save_model
-
-        save_model(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
-
-
 class CausalLM(LanguageModel):
     """DeepSeek-V3 for causal language modelling: `model(input_ids)` returns logits [B, T, vocab].
 
@@ -153,25 +106,11 @@ class CausalLM(LanguageModel):
         self.init_weights()
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
-                slots: Tensor | None = None, *, absorbed: bool | None = None, mtp: bool = False,
-                router_stats: bool = False, logits_index: Tensor | None = None) -> Tensor | ModelOutput:
-        """Logits [B, T, V]; a ModelOutput instead when `mtp` or `router_stats` asks for more.
-
-        positions [B, T] default to 0..T-1. With a `cache`, each row's new latents are written at its
-        positions in its slot (`slots[b]`, default b) and attention reads that slot's keys up to the row's
-        own position. `absorbed` picks MLA's execution path; by default the expanded one without a cache
-        (training) and with a cache whichever `absorbed_is_cheaper` finds cheaper for the shape.
-        `logits_index` [B, k] limits the logits to k positions of each row (the last prompt token in
-        prefill, say): logits are then [B, k, V].
-        """
-        out = self.run(input_ids, positions, cache, slots, absorbed=absorbed, mtp=mtp, router_stats=router_stats,
-                       logits_index=logits_index)
-        return out if (mtp or router_stats) else out.logits
-
     def run(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
             slots: Tensor | None = None, *, absorbed: bool | None = None, mtp: bool = False,
             router_stats: bool = False, logits_index: Tensor | None = None) -> ModelOutput:
+        """See `LanguageModel.run`. `absorbed` picks MLA's execution path: by default the expanded one without
+        a cache (training) and with a cache whichever `absorbed_is_cheaper` finds cheaper for the shape."""
         batch, steps = input_ids.shape
         if positions is None:
             positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
@@ -184,7 +123,7 @@ class CausalLM(LanguageModel):
         for layer in self.model.layers:
             h = layer(h, cos, sin, context, absorbed, stats)
         hidden = self.model.norm(h)
-        out = ModelOutput(self.lm_head(_select(hidden, logits_index)), hidden, router_stats=stats or [])
+        out = ModelOutput(self.lm_head(select_positions(hidden, logits_index)), hidden, router_stats=stats or [])
         if mtp:
             out.mtp_logits = self.mtp_logits(input_ids, hidden, positions, stats)
         return out
@@ -217,7 +156,7 @@ class CausalLM(LanguageModel):
         cos, sin = self.rotary(positions, previous.dtype)
         absorbed = absorbed_is_cheaper(self.config, input_ids.shape[1], context.key_len)
         h, normed = module(self.model.embed_tokens(input_ids), previous, cos, sin, context, absorbed)
-        return self.lm_head(_select(normed, logits_index)), h
+        return self.lm_head(select_positions(normed, logits_index)), h
 
     # ---- weights ---------------------------------------------------------------------------
     def init_module(self, module: nn.Module, std: float) -> None:
@@ -233,3 +172,25 @@ class CausalLM(LanguageModel):
         """A latent cache for the main layers (or, with `mtp`, for the MTP modules) on the model's device."""
         layers = len(self.mtp) if mtp else self.config.num_hidden_layers
         return LatentCache(self.config, layers, num_slots, max_len, self.device, self.dtype)
+
+    # ---- the checkpoint --------------------------------------------------------------------
+    def checkpoint_slots(self) -> dict[str, TensorSlot]:
+        """The names of DeepSeek-V3's checkpoints (`README_WEIGHTS.md`): MTP module k at
+        `model.layers.{num_hidden_layers + k}`, experts stored one by one."""
+        slots = module_slots("model.", self.model)
+        slots.update(module_slots("lm_head.", self.lm_head))
+        embed, head = self.model.embed_tokens.weight, self.lm_head.weight
+        for k, module in enumerate(self.mtp):
+            prefix = f"model.layers.{self.config.num_hidden_layers + k}."
+            slots.update(module_slots(prefix, module))
+            # Each MTP layer stores copies of the shared embedding and head (`README_WEIGHTS.md`).
+            slots[prefix + "embed_tokens.weight"] = TensorSlot(tuple(embed.shape), lambda: embed.detach().clone(),
+                                                               lambda t: None, optional=True)
+            slots[prefix + "shared_head.head.weight"] = TensorSlot(
+                tuple(head.shape), lambda: head.detach().clone(), lambda t: None, optional=True)
+        for name, slot in slots.items():
+            slot.keep_fp32 = name.endswith("e_score_correction_bias")  # as the released checkpoints store it
+        return slots
+
+    def checkpoint_config(self) -> ModelConfig:
+        return replace(self.config, num_nextn_predict_layers=len(self.mtp))

@@ -8,12 +8,11 @@ read in every form found in the wild (legacy `rope_scaling` + `rope_theta`, tran
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from .base import COMMON_IGNORED_KEYS, ConfigError, HFConfig
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
 
@@ -22,23 +21,16 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
 # kept so that a config survives a load/save round trip, and checked where they would change the model.
 _HUB_ONLY_KEYS = ("topk_method", "scoring_func", "aux_loss_alpha", "seq_aux", "ep_size", "pretraining_tp")
 
-# Keys of transformers' PretrainedConfig that say nothing about the architecture; dropped on read.
-_IGNORED_KEYS = frozenset(
-    {
-        "architectures", "auto_map", "transformers_version", "_name_or_path", "output_hidden_states",
-        "output_attentions", "return_dict", "use_return_dict", "torchscript", "dtype", "torch_dtype",
-        "num_mtp_layers", "_attn_implementation_autoset", "head_dim", "model_type", "qk_head_dim",
-        "output_router_logits",
-    }
-)
-
-
-class ConfigError(ValueError):
-    """A config field breaks a rule; the message names the field and the rule."""
-
 
 @dataclass
-class ModelConfig:
+class ModelConfig(HFConfig):
+    """DeepSeek-V3's config.json (transformers' `DeepseekV3Config`)."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = SUPPORTED_MODEL_TYPES
+    IGNORED_KEYS: ClassVar[frozenset[str]] = COMMON_IGNORED_KEYS | {
+        "num_mtp_layers", "head_dim", "qk_head_dim", "output_router_logits", "rope_parameters"}
+    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ("quantization_config",)
+
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432
@@ -99,25 +91,14 @@ class ModelConfig:
         """Check the shapes transformers' DeepseekV3 modules assume (and basic sanity); raise ConfigError
         naming field and rule."""
 
-        def need(ok: bool, name: str, rule: str) -> None:
-            if not ok:
-                raise ConfigError(f"config field `{name}` = {getattr(self, name, None)!r}: {rule}")
-
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-                     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
-                     "n_group", "topk_group", "max_position_embeddings"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                 "must be a positive integer")
-        for name in ("rope_interleave", "norm_topk_prob", "attention_bias", "tie_word_embeddings"):
-            need(isinstance(getattr(self, name), bool), name, "must be true or false")
-        for name in ("rms_norm_eps", "routed_scaling_factor", "initializer_range", "attention_dropout"):
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number")
-        for name in ("first_k_dense_replace", "num_nextn_predict_layers", "n_shared_experts", "moe_layer_freq"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer")
+        need = self.need
+        self.need_positive_ints((
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"))
+        self.need_bools(("rope_interleave", "norm_topk_prob", "attention_bias", "tie_word_embeddings"))
+        self.need_numbers(("rms_norm_eps", "routed_scaling_factor", "initializer_range", "attention_dropout"))
+        self.need_ints(("first_k_dense_replace", "num_nextn_predict_layers", "n_shared_experts", "moe_layer_freq"))
         need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
              "q_lora_rank", "must be a positive integer or null (no query compression)")
         need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
@@ -183,60 +164,18 @@ class ModelConfig:
                               "positive integers")
 
     # ---- JSON ----------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        return "DeepseekV3ForCausalLM"
+
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Build from a config.json dict in the legacy or the transformers 5.x form, then validate."""
-        raw = dict(raw)
-        model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"config field `model_type` = {model_type!r} is not supported; supported: "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    def read_special(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """RoPE in the legacy or the transformers 5.x form; MTP depth under its older name."""
         rope_theta, rope_scaling = _read_rope(raw)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
-        kwargs: dict[str, Any] = {"rope_theta": rope_theta, "rope_scaling": rope_scaling}
-        extra: dict[str, Any] = {}
+        special: dict[str, Any] = {"rope_theta": rope_theta, "rope_scaling": rope_scaling}
         if "num_mtp_layers" in raw and "num_nextn_predict_layers" not in raw:
-            raw["num_nextn_predict_layers"] = raw["num_mtp_layers"]
-        for key, value in raw.items():
-            if key in known:
-                kwargs[key] = value
-            elif key not in _IGNORED_KEYS and key not in ("rope_parameters", "rope_scaling", "rope_theta"):
-                extra[key] = value
-        return cls(**kwargs, extra=extra).validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
-        for f in dataclasses.fields(self):
-            if f.name == "extra":
-                continue
-            value = getattr(self, f.name)
-            if f.name == "quantization_config" and value is None:
-                continue
-            out[f.name] = value
-        out.update(self.extra)
-        return out
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw)
-
-    def to_json_file(self, path: str | Path, dtype: str | None = None) -> None:
-        data = self.to_dict()
-        if dtype is not None:
-            data["torch_dtype"] = dtype
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes).validate()
+            special["num_nextn_predict_layers"] = raw["num_mtp_layers"]
+        return special
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

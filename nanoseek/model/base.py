@@ -1,0 +1,134 @@
+"""The interface every model family offers, declared once: the engine, the trainers, the server and the
+checkpoint code work with any `LanguageModel` (DeepSeek-V3's `CausalLM`, the dense `DenseLM` students).
+
+A family subclasses `LanguageModel` and implements `run` (a forward pass over optional cache slots),
+`new_cache`, `checkpoint_slots` (its Hugging Face tensor names) and `checkpoint_config`; the rest (calling
+convention, weight init, `save_pretrained`, device and dtype) is shared here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DenseConfig, ModelConfig
+from ..hf_files import TensorSlot, param_slot, write_checkpoint
+from .attention import LatentCache
+from .layers import RMSNorm
+from .moe import RouterStats
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    hidden: Tensor  # [B, T, d] after the final norm: what the MTP modules and the engine consume
+    mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: [B, T - k, V], predicting token t+k+1
+    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, main model first
+
+
+def select_positions(hidden: Tensor, index: Tensor | None) -> Tensor:
+    """hidden [B, T, d] at index [B, k] -> [B, k, d]; all of it when index is None."""
+    return hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def module_slots(prefix: str, module: nn.Module) -> dict[str, TensorSlot]:
+    """Checkpoint slots of a module's parameters and persistent buffers under `prefix`; a submodule with a
+    `checkpoint_slots(prefix)` method (stacked experts stored per expert) supplies its own."""
+    slots: dict[str, TensorSlot] = {}
+    custom = []
+    for name, sub in module.named_modules():
+        if name and hasattr(sub, "checkpoint_slots"):
+            slots.update(sub.checkpoint_slots(f"{prefix}{name}."))
+            custom.append(f"{name}.")
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if not any(name.startswith(c) for c in custom):
+            slots[prefix + name] = param_slot(tensor)
+    return slots
+
+
+class LanguageModel(nn.Module):
+    """A causal LM: `model(input_ids)` -> logits [B, T, V]; `model.run(...)` -> ModelOutput.
+
+    Attributes every family sets: `config` (its `ModelConfig` or `DenseConfig`), `model` (embeddings, layers,
+    final norm), `lm_head`, `mtp` (the MTP modules, empty when the family has none) and `generation_config`
+    (the dict written as generation_config.json).
+    """
+
+    config: ModelConfig | DenseConfig
+    lm_head: nn.Linear
+    mtp: nn.ModuleList
+    generation_config: dict[str, Any]
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
+                slots: Tensor | None = None, *, mtp: bool = False, router_stats: bool = False,
+                logits_index: Tensor | None = None, **options: Any) -> Tensor | ModelOutput:
+        """Logits [B, T, V]; the whole ModelOutput when `mtp` or `router_stats` asks for more (see `run`)."""
+        out = self.run(input_ids, positions, cache, slots, mtp=mtp, router_stats=router_stats,
+                       logits_index=logits_index, **options)
+        return out if (mtp or router_stats) else out.logits
+
+    def run(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
+            slots: Tensor | None = None, *, mtp: bool = False, router_stats: bool = False,
+            logits_index: Tensor | None = None, **options: Any) -> ModelOutput:
+        """One forward pass. positions [B, T] default to 0..T-1. With a `cache`, each row's new keys are written
+        at its positions in its slot (`slots[b]`, default b) and attention reads that slot up to the row's own
+        position. `logits_index` [B, k] limits the logits to k positions per row. `mtp` adds the MTP logits,
+        `router_stats` each MoE layer's routing; families without them return empty lists."""
+        raise NotImplementedError
+
+    def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
+        """A cache of `num_slots` sequences of up to `max_len` tokens on the model's device (with `mtp`, for
+        the MTP modules' speculative drafting)."""
+        raise NotImplementedError
+
+    def mtp_step(self, input_ids: Tensor, previous: Tensor, positions: Tensor, cache: LatentCache,
+                 slots: Tensor | None = None, logits_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Draft with MTP module 1 over a cache (speculative decoding); only families with MTP modules."""
+        raise ValueError(f"{type(self).__name__} has no MTP module to draft with")
+
+    # ---- the checkpoint ----------------------------------------------------------------------------
+    def checkpoint_slots(self) -> dict[str, TensorSlot]:
+        """Every tensor of the family's Hugging Face checkpoint, keyed by its name there."""
+        raise NotImplementedError
+
+    def checkpoint_config(self) -> ModelConfig | DenseConfig:
+        """The config that describes these weights in config.json."""
+        return self.config
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int | None = None) -> None:
+        """Write an HF checkpoint directory that transformers loads (DeepseekV3ForCausalLM, or the dense
+        family's LlamaForCausalLM / Qwen2ForCausalLM)."""
+        config = self.checkpoint_config()
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                      **self.generation_config}
+        write_checkpoint(path, self.checkpoint_slots(), config.to_dict(), generation, dtype or self.dtype,
+                         max_shard_bytes)
+
+    # ---- weights -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for every matrix, zero biases, unit norms: module by module, in order
+        (the order of the random draws is what makes a seed give the same model)."""
+        for module in self.modules():
+            self.init_module(module, self.config.initializer_range)
+
+    def init_module(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
