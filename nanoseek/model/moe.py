@@ -115,11 +115,15 @@ class RoutedExperts(nn.Module):
         token = order // top_k
         counts = torch.bincount(flat, minlength=experts)
         strategy = _cpu_strategy(flat.numel(), experts) if x.device.type == "cpu" else "grouped"
+        # index_select, not x[token]: indexing's backward sums each token's K gradient rows with
+        # index_put_(accumulate=True), which on CPU adds atomically across threads, in no fixed order, from 32,768
+        # elements on (training runs differed by 1e-7); index_select's backward, index_add_, sums in index order.
+        rows = x.index_select(0, token)
         if strategy == "padded":
-            out = self._padded(x[token], flat[order], counts)
+            out = self._padded(rows, flat[order], counts)
         else:
             matmul = _loop_matmul if strategy == "loop" else grouped_matmul
-            gate, up = matmul(x[token], self.w_gate_up, counts).chunk(2, dim=-1)
+            gate, up = matmul(rows, self.w_gate_up, counts).chunk(2, dim=-1)
             out = matmul(F.silu(gate) * up, self.w_down, counts)
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype)), counts
