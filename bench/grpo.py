@@ -31,7 +31,7 @@ from nanoseek.tasks import make_problem  # noqa: E402
 from nanoseek.tasks.corpus import generate_corpus  # noqa: E402
 from nanoseek.tokenizer import train_tokenizer  # noqa: E402
 from nanoseek.train import TrainConfig  # noqa: E402
-from nanoseek.train.grpo import GRPOObjective, GRPOTrainer, PromptSource  # noqa: E402
+from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, PromptSource  # noqa: E402
 
 CHAT = ChatLayout()  # TRL renders the same chat template; its replies are parsed as ours are
 
@@ -49,7 +49,7 @@ def main() -> None:
 
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOConfig
+    from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer as TRLGRPOTrainer
 
     torch.manual_seed(0)
@@ -70,7 +70,8 @@ def main() -> None:
                          seq_len=args.new_tokens + 64, lr=1e-5,
                          warmup_steps=0, eval_every=10**6, save_every=10**6, mtp_lambda=0.0, bias_gamma=0.0)
     trainer = GRPOTrainer(ours, tokenizer, PromptSource(["arithmetic"]), config, tmp / "ours",
-                          GRPOObjective(loss_type="dapo"), RewardSet({"accuracy": 1.0}), args.group, args.new_tokens)
+                          GRPOConfig(loss_type="dapo", group_size=args.group, max_new_tokens=args.new_tokens),
+                          RewardSet({"accuracy": 1.0}))
     prompt = trainer.template.prompt
     prompt_tokens = args.group * sum(len(prompt(tokenizer, q.question).ids) for q in problems[:per_step])
     ours_rates = []
@@ -88,11 +89,11 @@ def main() -> None:
                                                                                                 strict=True)]
 
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.question}]} for p in problems])
-    trl_args = GRPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=args.prompts * args.group,
-                          num_generations=args.group, max_completion_length=args.new_tokens, temperature=1.0,
-                          gradient_accumulation_steps=args.grad_accum, beta=0.0, learning_rate=1e-5, max_steps=steps,
-                          logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no",
-                          loss_type="dapo", shuffle_dataset=False)
+    trl_args = TRLGRPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=args.prompts * args.group,
+                             num_generations=args.group, max_completion_length=args.new_tokens, temperature=1.0,
+                             gradient_accumulation_steps=args.grad_accum, beta=0.0, learning_rate=1e-5,
+                             max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+                             save_strategy="no", loss_type="dapo", shuffle_dataset=False)
     timer = _StepTimer()
     theirs = TRLGRPOTrainer(model=str(model_dir), reward_funcs=accuracy, args=trl_args, train_dataset=dataset,
                             processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])

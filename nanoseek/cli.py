@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, ModelConfig, preset
+from .config import PRESETS, ConfigError, DenseConfig, ModelConfig, preset, read_config_file
+from .flags import CONFIG_FLAG, RunFileError, with_run_file
 from .sizing import forward_flops_per_token, human, kv_cache_bytes_per_token, parameter_counts
 
 # Figures DeepSeek published, printed beside ours for the presets that reproduce a released model.
@@ -19,52 +20,69 @@ PUBLISHED = {
 }
 
 
-def _load_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
+def _load_config(args: argparse.Namespace) -> tuple[ModelConfig | DenseConfig, str]:
     if args.preset:
         return preset(args.preset), f"preset {args.preset}"
     path = Path(args.model)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.exists():
         raise ConfigError(f"{path}: no config.json; give a checkpoint directory, a config.json or --preset")
-    return ModelConfig.from_json_file(config_file), str(path)
+    return read_config_file(config_file), str(path)
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    """Sizes from the config alone: parameters, KV cache, FLOPs. Never allocates the weights."""
-    config, source = _load_config(args)
+def _info_report(config: ModelConfig | DenseConfig, source: str, context: int, cache_bytes: int) -> dict:
     counts = parameter_counts(config)
-    latent, expanded = kv_cache_bytes_per_token(config, args.cache_bytes)
-    weight_flops, attention_flops = forward_flops_per_token(config, args.context)
-    report = {
-        "model": source,
+    cached, expanded = kv_cache_bytes_per_token(config, cache_bytes)
+    weight_flops, attention_flops = forward_flops_per_token(config, context)
+    return {
+        "model": source, "architecture": config.architecture,
         "parameters": counts.total, "activated_parameters": counts.activated,
         "mtp_modules": config.num_nextn_predict_layers,
         "mtp_parameters": counts.mtp_total, "mtp_activated_parameters": counts.mtp_activated,
         "mtp_stored_parameters": counts.mtp_stored,
-        "kv_cache_bytes_per_token": latent, "mha_kv_cache_bytes_per_token": expanded,
-        "kv_cache_ratio": expanded / latent,
+        "kv_cache_bytes_per_token": cached, "mha_kv_cache_bytes_per_token": expanded,
+        "kv_cache_ratio": expanded / cached,
         "forward_flops_per_token": weight_flops + attention_flops,
         "weight_flops_per_token": weight_flops, "attention_flops_per_token": attention_flops,
-        "context": args.context, "cache_dtype_bytes": args.cache_bytes,
+        "context": context, "cache_dtype_bytes": cache_bytes,
     }
+
+
+def _info_lines(c: ModelConfig | DenseConfig, r: dict) -> list[str]:
+    share = 100 * r["activated_parameters"] / r["parameters"]
+    if isinstance(c, DenseConfig):
+        cache = (f"grouped-query {human(r['kv_cache_bytes_per_token'], 'B')} ({c.num_key_value_heads} KV heads x 2 x "
+                 f"{c.head_size} values")
+    else:
+        cache = f"latent {human(r['kv_cache_bytes_per_token'], 'B')} ({c.kv_lora_rank} + {c.qk_rope_head_dim} values"
+    lines = [
+        f"model             {r['model']} ({r['architecture']})",
+        f"parameters        {human(r['parameters'])} total, {human(r['activated_parameters'])} activated per token "
+        f"({share:.1f}%)",
+    ]
+    if r["mtp_modules"]:
+        lines.append(
+            f"MTP modules       {r['mtp_modules']}: {human(r['mtp_parameters'])} own parameters, "
+            f"{human(r['mtp_activated_parameters'])} activated per token (embedding and head shared with the main "
+            f"model); {human(r['mtp_stored_parameters'])} stored with their checkpoint copies, "
+            f"{human(r['parameters'] + r['mtp_stored_parameters'])} in the checkpoint")
+    weights, attention = r["weight_flops_per_token"], r["attention_flops_per_token"]
+    return lines + [
+        f"KV cache / token  {cache} x {c.num_hidden_layers} layers x {r['cache_dtype_bytes']} bytes) vs multi-head "
+        f"{human(r['mha_kv_cache_bytes_per_token'], 'B')}: {r['kv_cache_ratio']:.1f}x smaller",
+        f"forward FLOPs     {human(weights + attention, 'FLOP')} per token at {r['context']} tokens of "
+        f"context ({human(weights, 'FLOP')} weights + {human(attention, 'FLOP')} attention)",
+    ]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Sizes from the config alone (any family): parameters, KV cache, FLOPs. Never allocates the weights."""
+    config, source = _load_config(args)
+    report = _info_report(config, source, args.context, args.cache_bytes)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    c = config
-    lines = [
-        f"model             {source}",
-        f"parameters        {human(counts.total)} total, {human(counts.activated)} activated per token "
-        f"({100 * counts.activated / counts.total:.1f}%)",
-        f"MTP modules       {c.num_nextn_predict_layers}: {human(counts.mtp_total)} own parameters, "
-        f"{human(counts.mtp_activated)} activated per token (embedding and head shared with the main model); "
-        f"{human(counts.mtp_stored)} stored with their checkpoint copies, {human(counts.total + counts.mtp_stored)} "
-        "in the checkpoint",
-        f"KV cache / token  latent {human(latent, 'B')} ({c.kv_lora_rank} + {c.qk_rope_head_dim} values x "
-        f"{c.num_hidden_layers} layers x {args.cache_bytes} bytes) vs expanded multi-head {human(expanded, 'B')}: "
-        f"{expanded / latent:.1f}x smaller",
-        f"forward FLOPs     {human(weight_flops + attention_flops, 'FLOP')} per token at {args.context} tokens of "
-        f"context ({human(weight_flops, 'FLOP')} weights + {human(attention_flops, 'FLOP')} attention)",
-    ]
+    lines = _info_lines(config, report)
     if args.preset in PUBLISHED:
         lines.append(f"                  {PUBLISHED[args.preset]}")
     print("\n".join(lines))
@@ -251,11 +269,30 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat with streamed replies and visible reasoning")
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    for command in sub.choices.values():
+        command.add_argument(CONFIG_FLAG, metavar="RUN.toml", help="settings from a TOML file: this command's "
+                             "flags as keys (top level or in a [command] table); flags given here override it")
     return parser
 
 
+def _apply_run_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with the settings of the command's `--config` run file before its own flags."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    name = next((token for token in argv if not token.startswith("-")), None)
+    if name not in commands:  # argparse says what is wrong
+        return argv
+    return with_run_file(argv, name, commands[name], list(commands))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _apply_run_file(parser, argv)
+    except RunFileError as exc:
+        print(f"nanoseek: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, ValueError) as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .engine import LLM, SamplingParams
-from .r1 import ANSWER_OPEN, THINK_OPEN, Layout, layout
+from .r1 import ANSWER_OPEN, LAYOUTS, THINK_OPEN, Layout, layout
 from .tasks import (
     HELD_OUT_PROBLEMS,
     Problem,
@@ -165,8 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (a debugging aid)")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--template", default="chat", help="prompt layout: chat (the model's chat template) or "
-                        "zero (User: ... Assistant:, nothing prefilled)")
+    parser.add_argument("--template", default="chat", choices=tuple(LAYOUTS), help="prompt layout: chat (the "
+                        "model's chat template) or zero (User: ... Assistant:, nothing prefilled)")
     parser.add_argument("--force", choices=sorted(FORCED), help="zero layout: prefill the reply's mode")
     parser.add_argument("--curve", action="store_true", help="also report pass@k for k = 1, 2, 4, ... samples")
     parser.add_argument("--seed", type=int, default=0)

@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import read_config, weights_sha256
-from .config import preset
-from .model.dense import DenseConfig
+from .config import DenseConfig, preset
 from .report import plot_curves, plot_pass_at_k, read_metrics
 from .sizing import parameter_counts
 from .tasks import evaluation_questions, question_space
 from .tokenizer import BOS, EOS, SPECIAL_TOKENS
-from .train.loop import GPU_PEAK, V3_MFU
+from .train.config import GPU_PEAK, V3_MFU
 
 TASK, LEVEL = "trace", 1
 R1_ROWS = ["base", "sft", "grpo", "rejection-sft", "student-distill", "student-grpo"]
@@ -152,7 +151,7 @@ class Speedrun:
         return [
             Stage("trunk", (), lambda: [self.pretrain("trunk")]),
             Stage("student-base", (), lambda: [self.train(
-                "pretrain", "student-base", plan.student_steps, "--config", str(self.student_config()),
+                "pretrain", "student-base", plan.student_steps, "--model-config", str(self.student_config()),
                 *self.corpus(plan.template_share, plan.think_share), "--schedule", "cosine")]),
             Stage("base", ("trunk",), lambda: [self.anneal("base", plan.think_share)], "zero", curve=True),
             Stage("base-nothink", ("trunk",), lambda: [self.anneal("base-nothink", 0.0)], "zero"),

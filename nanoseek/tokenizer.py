@@ -23,16 +23,16 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TAGS)  # every byte, then the special and tag tokens
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE over `texts` with nanoseek's special tokens and chat template; BOS added on encode."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
-    reserved = len(SPECIAL_TOKENS) + len(TAGS)
-    if vocab_size < 256 + reserved:
-        raise ValueError(f"vocab_size = {vocab_size}: a byte-level BPE needs at least {256 + reserved} "
-                         f"(256 bytes and {reserved} special tokens)")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size = {vocab_size}: a byte-level BPE needs at least {MIN_BPE_VOCAB} "
+                         f"(256 bytes and {MIN_BPE_VOCAB - 256} special tokens)")
     backend = _RustTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

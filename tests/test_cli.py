@@ -103,3 +103,77 @@ def test_plot_curves_writes_a_png(tmp_path):
     png = plot_curves({"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"}, ["reward", "loss", "missing"],
                       tmp_path / "plots" / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_info_reads_dense_checkpoints_that_transformers_wrote(family, tied, tmp_path):
+    import transformers
+
+    kind = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    config = kind[0](vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+                     num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied)
+    kind[1](config).save_pretrained(tmp_path)
+    report = json.loads(run("info", str(tmp_path), "--json").stdout)
+    oracle = kind[1](config)
+    assert report["parameters"] == oracle.num_parameters()  # a tied head counts once, as transformers counts it
+    assert report["architecture"] == type(oracle).__name__ and report["mtp_modules"] == 0
+    # grouped-query attention caches 2 of 6 heads' keys and values: 3x smaller than multi-head
+    assert report["kv_cache_bytes_per_token"] == 3 * 2 * 2 * 8 * 2 and report["kv_cache_ratio"] == 3
+    text = run("info", str(tmp_path)).stdout
+    assert "grouped-query" in text and "MTP" not in text
+
+
+def test_a_run_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('max-steps = 5\nseq_len = 32\n[pretrain]\nbatch-size = 2\ncorpus-docs = 300\n'
+                        'preset = "tiny"\n[grpo]\ngroup-size = 3\n')
+    result = run("pretrain", "--config", str(run_file), "--max-steps", "2", "--out", str(tmp_path / "run"),
+                 "--eval-every", "2", "--save-every", "2")
+    assert "pretraining tiny" in result.stdout and "steps of 2 x 32 tokens" in result.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the flag's 2 steps, not the file's 5
+    assert "too small for a byte-level BPE" in result.stdout  # the tiny preset, fitted
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["grpo", "--model", "m", "--mtp-lambda", "0.3"], "--mtp-lambda: GRPO's loss has no MTP term"),
+    (["grpo", "--model", "m", "--eval-batches", "2"], "--eval-batches: GRPO validates on --val-problems"),
+    (["distill", "--student", "s", "--bias-gamma", "0.01"], "--bias-gamma: the dense student has no router"),
+    (["sft", "--model", "m", "--cost-price", "3"], "--cost-price: only `nanoseek pretrain` projects a GPU cost"),
+])
+def test_flags_a_command_would_ignore_are_refused(argv, message):
+    result = run(*argv, check=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bogus = 1\n", "`bogus` is not a setting of `nanoseek eval`"),
+    ("samples = \"many\"\n", "`samples` = 'many': not a valid int"),
+    ("template = \"other\"\n", "`template` = 'other': must be one of chat, zero"),
+    ("curve = 3\n", "`curve` = 3: must be true or false"),
+    ("[evaluate]\nsamples = 2\n", "table [evaluate] is not a command"),
+    ("samples = \n", "not valid TOML"),
+])
+def test_a_bad_run_file_is_refused_naming_file_and_key(text, message, tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(text)
+    result = run("eval", "--model", "m", "--config", str(run_file), check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert str(run_file) in result.stderr
+
+
+def test_a_model_config_json_given_as_run_file_is_pointed_to_its_flag(tmp_path):
+    result = run("pretrain", "--config", str(tmp_path / "config.json"), check=False)
+    assert result.returncode == 2 and "--model-config" in result.stderr
+
+
+def test_the_tiny_preset_pretrains_on_a_text_file(tmp_path):
+    """Its 128-row vocabulary is too small for a byte-level BPE: the run fits it and says so."""
+    text = tmp_path / "notes.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200)))
+    result = run("pretrain", "--preset", "tiny", "--data", str(text), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "1")
+    assert "using 320 (--vocab-size sets it)" in result.stdout
+    assert nanoseek.load_model(tmp_path / "run" / "latest").config.vocab_size == 320

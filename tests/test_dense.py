@@ -117,7 +117,7 @@ def test_distillation_lowers_the_students_loss_on_teacher_traces(tmp_path):
     from nanoseek.tasks.corpus import generate_corpus
     from nanoseek.tokenizer import train_tokenizer
     from nanoseek.train import TrainConfig, Trainer
-    from nanoseek.train.distill import DistillTrainer
+    from nanoseek.train.distill import DistillConfig, DistillTrainer
     from nanoseek.train.sft import cold_start
 
     tokenizer = train_tokenizer(generate_corpus(300, seed=1), 320)
@@ -136,7 +136,8 @@ def test_distillation_lowers_the_students_loss_on_teacher_traces(tmp_path):
     student = DenseLM(DenseConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=64,
                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True))
-    trainer = DistillTrainer(student, tokenizer, data, config, tmp_path / "student", teacher, kd_weight=0.5)
+    trainer = DistillTrainer(student, tokenizer, data, config, tmp_path / "student", teacher,
+                             DistillConfig(kd_weight=0.5))
     first = trainer.train_step()
     for _ in range(23):
         trainer.train_step()
@@ -145,7 +146,7 @@ def test_distillation_lowers_the_students_loss_on_teacher_traces(tmp_path):
     with pytest.raises(ValueError, match="one tokenizer"):
         wide = DenseLM(DenseConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-        DistillTrainer(wide, tokenizer, data, config, tmp_path / "wide", teacher, kd_weight=0.5)
+        DistillTrainer(wide, tokenizer, data, config, tmp_path / "wide", teacher, DistillConfig(kd_weight=0.5))
     result = subprocess.run([sys.executable, "-m", "nanoseek", "distill", "--student", "nano-dense", "--teacher",
                              str(tmp_path / "teacher"), "--data", str(tmp_path / "traces.jsonl"), "--out",
                              str(tmp_path / "cli"), "--max-steps", "2", "--batch-size", "2", "--seq-len", "64",

@@ -116,14 +116,14 @@ def test_grpo_raises_the_reward_of_an_sft_primed_model(tokenizer, tmp_path):
     about that long), learned from the reward alone."""
     from nanoseek.rewards import RewardSet, format_reward
     from nanoseek.train import TrainConfig
-    from nanoseek.train.grpo import GRPOTrainer, PromptSource
+    from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, PromptSource
 
     model = _sft_primed(tokenizer, 60, tmp_path)  # the R1 format half learned
     config = TrainConfig(max_steps=30, batch_size=4, seq_len=96, lr=1e-3, warmup_steps=0, eval_every=1000,
                          mtp_lambda=0.0)
     rewards = RewardSet({"short": 1.0}, {"short": lambda c: float(format_reward(c) and c.tokens <= 20)})
-    trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo", GRPOObjective(),
-                          rewards, group_size=8, max_new_tokens=32)
+    trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo",
+                          GRPOConfig(group_size=8, max_new_tokens=32), rewards)
     history = [trainer.train_step()["reward"] for _ in range(30)]
     assert sum(history[-5:]) / 5 > sum(history[:5]) / 5 + 0.2
 
@@ -236,12 +236,12 @@ def test_evaluation_report(tokenizer, tmp_path):
 def test_mu_updates_reuse_one_batch_of_rollouts(tokenizer, tmp_path):
     from nanoseek.rewards import RewardSet
     from nanoseek.train import TrainConfig
-    from nanoseek.train.grpo import GRPOTrainer, PromptSource
+    from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, PromptSource
 
     model = _sft_primed(tokenizer, 10, tmp_path)
     config = TrainConfig(max_steps=4, batch_size=2, seq_len=96, lr=1e-3, warmup_steps=0, eval_every=1000)
-    trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo", GRPOObjective(),
-                          RewardSet(), group_size=4, max_new_tokens=16, updates_per_batch=2)
+    trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo",
+                          GRPOConfig(group_size=4, max_new_tokens=16, updates_per_batch=2), RewardSet())
     first = trainer.next_batch()
     assert trainer.next_batch() is first and trainer.next_batch() is not first  # 2 uses, then fresh rollouts
     assert trainer.data.index == 4  # two rollout batches of 2 prompts
@@ -250,13 +250,13 @@ def test_mu_updates_reuse_one_batch_of_rollouts(tokenizer, tmp_path):
 def test_a_steps_micro_batches_are_sampled_together(tokenizer, tmp_path):
     from nanoseek.rewards import RewardSet
     from nanoseek.train import TrainConfig
-    from nanoseek.train.grpo import GRPOTrainer, PromptSource
+    from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, PromptSource
 
     model = _sft_primed(tokenizer, 10, tmp_path)
     config = TrainConfig(max_steps=2, batch_size=2, grad_accum=3, seq_len=96, lr=1e-3, warmup_steps=0,
                          eval_every=1000)
-    trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo", GRPOObjective(),
-                          RewardSet(), group_size=4, max_new_tokens=16)
+    trainer = GRPOTrainer(model, tokenizer, PromptSource(["arithmetic"]), config, tmp_path / "grpo",
+                          GRPOConfig(group_size=4, max_new_tokens=16), RewardSet())
     assert trainer.engine.max_num_seqs == 24  # 3 micro-batches x 2 prompts x 4 samples in one engine call
     first = trainer.next_batch()
     assert trainer.data.index == 6  # the step's three micro-batches were drawn at once
@@ -285,7 +285,7 @@ def test_dynamic_sampling_draws_more_prompts_for_groups_with_signal(tokenizer, t
     import nanoseek
     from nanoseek.rewards import RewardSet
     from nanoseek.train import TrainConfig
-    from nanoseek.train.grpo import GRPOTrainer, PromptSource
+    from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, PromptSource
 
     torch.manual_seed(0)
     model = nanoseek.CausalLM(nanoseek.preset("tiny", vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0))
@@ -294,8 +294,8 @@ def test_dynamic_sampling_draws_more_prompts_for_groups_with_signal(tokenizer, t
     prompts = PromptSource(["arithmetic"])
     asked = {p.question: i % 2 == 0 for i, p in enumerate(PromptSource(["arithmetic"]).next(40))}
     rewards = RewardSet({"odd": 1.0}, {"odd": lambda c: float(asked[c.problem.question] and len(c.text) % 2 == 1)})
-    trainer = GRPOTrainer(model, tokenizer, prompts, config, tmp_path / "grpo", GRPOObjective(), rewards,
-                          group_size=8, max_new_tokens=9, dynamic_sampling=True, resample_rounds=3)
+    settings = GRPOConfig(group_size=8, max_new_tokens=9, dynamic_sampling=True, resample_rounds=3)
+    trainer = GRPOTrainer(model, tokenizer, prompts, config, tmp_path / "grpo", settings, rewards)
     batch = trainer.next_batch()  # one micro-batch a step: a fresh rollout each call
     assert batch.metrics["prompts_sampled"] == 8  # half the first 4 had signal: one more batch of 4 filled it
     assert batch.metrics["zero_variance_trained"] == 0 and batch.advantages.abs().sum() > 0

@@ -81,20 +81,18 @@ def test_question_spaces():
 def test_a_users_conversations_lose_their_held_out_questions(tmp_path, capsys):
     """SFT and distillation `--data` and rejection sampling's `--mix`: files nobody here wrote, filtered the
     same way, with the count said."""
-    import argparse
     import json
 
-    from nanoseek.train.sft import conversations
+    from nanoseek.train.sft import ConversationData, conversations
 
     held_out = make_problem("trace", 7, 1, "eval").question
     rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": "x"}]
             for q in (held_out, "a question of my own", f" {held_out} ")]
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
-    args = argparse.Namespace(data=str(path), tasks="trace", examples=None, max_difficulty=1)
-    kept = conversations(args, seed=0)
+    kept = conversations(ConversationData(data=str(path), tasks="trace", max_difficulty=1), seed=0)
     assert [c[0]["content"] for c in kept] == ["a question of my own"]
     assert "dropped 2 conversations" in capsys.readouterr().out
     for bad in (0, MAX_DIFFICULTY + 1):
         with pytest.raises(ValueError, match=f"--max-difficulty = {bad}"):
-            conversations(argparse.Namespace(data=None, tasks="trace", examples=4, max_difficulty=bad), seed=0)
+            conversations(ConversationData(tasks="trace", examples=4, max_difficulty=bad), seed=0)

@@ -1,5 +1,6 @@
 """Training: one loop (loop.py) that every stage reuses; the pretraining command (pretrain.py)."""
 
-from .loop import TrainConfig, Trainer
+from .config import TrainConfig
+from .loop import Trainer
 
 __all__ = ["TrainConfig", "Trainer"]

@@ -10,29 +10,44 @@ distillation: the forward KL from the teacher's next-token distribution to the s
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_model, read_config
+from ..config import DENSE_PRESETS, DenseConfig
 from ..data import Batch, ChatSequences
-from ..model import CausalLM
-from ..model.dense import DENSE_PRESETS, DenseConfig, DenseLM
+from ..flags import add_flags, settings_field, settings_from
+from ..model import DenseLM, LanguageModel
 from ..tokenizer import Tokenizer
-from .loop import Trainer, add_train_arguments, train_config_from
+from .config import NO_COST_PROJECTION, TrainConfig, add_run_arguments, add_train_arguments, train_config_from
+from .loop import Trainer
 from .losses import IGNORE, token_loss_sum
-from .sft import add_data_arguments, conversations
+from .sft import ConversationData, conversations
+
+
+@dataclass
+class DistillConfig:
+    kd_weight: float = settings_field(0.0, "weight of the logit-distillation KL (needs --teacher)")
+    kd_temperature: float = settings_field(1.0, "temperature of the logit-distillation KL")
+
+    def validate(self) -> DistillConfig:
+        if self.kd_weight < 0 or self.kd_temperature <= 0:
+            raise ValueError(f"--kd-weight = {self.kd_weight}, --kd-temperature = {self.kd_temperature}: need "
+                             "weight >= 0 and temperature > 0")
+        return self
 
 
 class DistillTrainer(Trainer):
     """SFT on traces, plus `kd_weight` x KL(teacher || student) per reply token when a teacher is given."""
 
-    def __init__(self, student, tokenizer, data, config, out, teacher: CausalLM | DenseLM | None = None,
-                 kd_weight: float = 0.0, kd_temperature: float = 1.0, resume: bool = False):
-        if kd_weight < 0 or kd_temperature <= 0:
-            raise ValueError(f"--kd-weight = {kd_weight}, --kd-temperature = {kd_temperature}: need weight >= 0 "
-                             "and temperature > 0")
+    def __init__(self, student: LanguageModel, tokenizer: Tokenizer, data: ChatSequences, config: TrainConfig,
+                 out: Path, teacher: LanguageModel | None = None, settings: DistillConfig | None = None,
+                 resume: bool = False):
+        settings = (settings or DistillConfig()).validate()
+        kd_weight = settings.kd_weight
         if kd_weight and teacher is None:
             raise ValueError("--kd-weight > 0 needs --teacher (its logits are the soft targets)")
         if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
@@ -40,7 +55,7 @@ class DistillTrainer(Trainer):
                              f"{student.config.vocab_size}; logit distillation needs one tokenizer")
         super().__init__(student, tokenizer, data, config, out, resume=resume)
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None and kd_weight else None
-        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
+        self.kd_weight, self.kd_temperature = kd_weight, settings.kd_temperature
 
     def loss(self, batch: Batch, counts: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict, int]:
         if self.teacher is None:
@@ -70,25 +85,32 @@ def new_student(name: str, teacher_dir: Path) -> DenseLM:
     return DenseLM(config)
 
 
+# The loop's settings a dense student does not use, refused as flags of `nanoseek distill`.
+DISTILL_FIXED = {
+    **NO_COST_PROJECTION,
+    "mtp_lambda": (0.0, "the dense student has no MTP module"),
+    "balance_alpha": (0.0, "the dense student has no router to balance"),
+    "bias_gamma": (0.0, "the dense student has no router to balance"),
+}
+DATA_HELP = ("teacher traces: JSONL conversations (nanoseek rejection-sample); R1 distilled on its stage-3 SFT set, "
+             "the traces and other data, which --examples can mix in")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", required=True, help="student checkpoint directory, or a preset to start "
                         f"from random weights ({', '.join(DENSE_PRESETS)})")
     parser.add_argument("--teacher", help="teacher checkpoint: its tokenizer for a new student, its logits for "
                         "--kd-weight")
-    add_data_arguments(parser, "teacher traces: JSONL conversations (nanoseek rejection-sample); R1 distilled on "
-                       "its stage-3 SFT set, the traces and other data, which --examples can mix in")
-    parser.add_argument("--kd-weight", type=float, default=0.0, help="weight of the logit-distillation KL")
-    parser.add_argument("--kd-temperature", type=float, default=1.0)
-    parser.add_argument("--out", default="runs/distill")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--device", default=None)
-    add_train_arguments(parser, max_steps=300, lr=1e-3, warmup_steps=10, seq_len=256, mtp_lambda=0.0,
-                        bias_gamma=0.0)
+    add_flags(parser, ConversationData, helps={"data": DATA_HELP})
+    add_flags(parser, DistillConfig)
+    add_run_arguments(parser, "runs/distill")
+    add_train_arguments(parser, DISTILL_FIXED, max_steps=300, lr=1e-3, warmup_steps=10, seq_len=256)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    config = train_config_from(args)
+    config = train_config_from(args, DISTILL_FIXED)
+    source, settings = settings_from(ConversationData, args), settings_from(DistillConfig, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if Path(args.student).is_dir():
         student, tokenizer_dir = load_model(args.student, device=device, dtype=torch.float32), args.student
@@ -100,17 +122,16 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     if tokenizer is None or not tokenizer.chat_template:
         raise ValueError(f"{tokenizer_dir}: distillation needs a tokenizer with a chat_template")
-    teacher = load_model(args.teacher, device=device, dtype=torch.float32) if args.teacher and args.kd_weight \
+    teacher = load_model(args.teacher, device=device, dtype=torch.float32) if args.teacher and settings.kd_weight \
         else None
-    if not args.data and args.examples is None:
+    if not source.data and source.examples is None:
         raise ValueError("--data: the teacher's traces to distil (or --examples N generated conversations)")
-    rows = conversations(args, config.seed)
+    rows = conversations(source, config.seed)
     data = ChatSequences(rows, tokenizer, config.seq_len, config.seed)
-    trainer = DistillTrainer(student, tokenizer, data, config, out, teacher, args.kd_weight, args.kd_temperature,
-                             resume=args.resume)
+    trainer = DistillTrainer(student, tokenizer, data, config, out, teacher, settings, resume=args.resume)
     print(f"distill: {len(rows)} conversations into a {student.config.model_type} student "
           f"({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters), {config.max_steps} steps"
-          + (f", logit KD weight {args.kd_weight}" if teacher is not None else ""))
+          + (f", logit KD weight {settings.kd_weight}" if teacher is not None else ""))
     last = trainer.run()
     print(f"done: loss {last.get('loss', float('nan')):.3f}, validation loss {last.get('val_loss', float('nan')):.3f};"
           f" checkpoint {out / 'latest'}")

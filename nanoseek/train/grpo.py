@@ -24,12 +24,14 @@ from torch import Tensor
 from ..checkpoint import load_model, weights_sha256
 from ..engine import LLM, SamplingParams
 from ..eval import evaluate, parse_difficulties
-from ..model import CausalLM
-from ..r1 import Layout, layout
+from ..flags import add_flags, settings_field, settings_from
+from ..model import LanguageModel
+from ..r1 import LAYOUTS, layout
 from ..rewards import REWARDS, Completion, RewardSet, accuracy, load_reward
 from ..tasks import MAX_DIFFICULTY, Problem, load_problems, make_problem, parse_tasks, training_problem
 from ..tokenizer import Tokenizer
-from .loop import TrainConfig, Trainer, add_train_arguments, run_distributed, train_config_from
+from .config import NO_COST_PROJECTION, TrainConfig, add_run_arguments, add_train_arguments, train_config_from
+from .loop import Trainer, run_distributed
 from .losses import IGNORE, add_routed_counts
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -93,6 +95,67 @@ class GRPOObjective:
                 "kl": float((kl * mask).sum() / tokens) if kl is not None else 0.0,
             }
         return loss, stats
+
+
+@dataclass
+class GRPOConfig:
+    """`nanoseek grpo`'s settings beyond the training loop's: prompts, rollouts, objective and rewards."""
+
+    tasks: str | None = settings_field(None, "built-in tasks, comma-separated (default: arithmetic)", kind=str)
+    data: str | None = settings_field(None, "JSONL problems ({question, answer, ...} per line, GSM8K/MATH style) "
+                                      "instead of --tasks", kind=str)
+    difficulties: str | None = settings_field(None, "a fixed band of levels (e.g. 2,3,4), each prompt the next; "
+                                              "default: an adaptive curriculum from level 1", kind=str)
+    template: str = settings_field("chat", "prompt layout: chat (the model's chat template, which opens the think "
+                                   "block) or zero (User: ... Assistant:, nothing prefilled)", choices=tuple(LAYOUTS))
+    group_size: int = settings_field(8, "G: samples per prompt")
+    max_new_tokens: int = settings_field(96, "completion tokens per sample at most")
+    temperature: float = settings_field(1.0, "sampling temperature of the rollouts")
+    updates_per_batch: int = settings_field(1, "mu: optimizer steps per rollout batch")
+    overlong_filter: bool = settings_field(False, "DAPO: no loss on truncated samples")
+    dynamic_sampling: bool = settings_field(False, "DAPO: replace zero-variance groups by groups of newly drawn "
+                                            "prompts (up to --resample-rounds extra batches)")
+    resample_rounds: int = settings_field(2, "extra prompt batches dynamic sampling draws at most")
+    val_problems: int = settings_field(32, "held-out problems per task at each validation (0: none)")
+    loss_type: str = settings_field("grpo", "grpo, dr_grpo or dapo", choices=LOSS_TYPES)
+    epsilon_low: float = settings_field(0.2, "lower clip of the ratio")
+    epsilon_high: float = settings_field(0.2, "upper clip of the ratio (DAPO's clip-higher: 0.28)")
+    beta: float = settings_field(0.0, "k3 KL coefficient (0: no reference model)")
+    scale_rewards: bool = settings_field(True, "divide advantages by the group's std (Dr. GRPO: --no-scale-rewards)")
+    reward_weights: str = settings_field("accuracy=1,format=0.1", "name=weight,...: accuracy, format, language, "
+                                         "overlong, random (a coin flip: the control), or a --reward's name")
+    reward: list[str] = settings_field([], "a reward function of your own, MODULE:FUNCTION, f(prompts, completions, "
+                                       "answer, **kwargs) -> list[float] (TRL's signature), weight 1 unless "
+                                       "--reward-weights names it; repeatable", repeat=True)
+
+    def validate(self) -> GRPOConfig:
+        if self.group_size < 2:
+            raise ValueError(f"--group-size = {self.group_size}: GRPO needs G >= 2 samples per prompt")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature = {self.temperature}: GRPO samples its groups, so it needs > 0")
+        for name in ("max_new_tokens", "updates_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 1")
+        for name in ("resample_rounds", "val_problems"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 0")
+        if self.data and (self.tasks or self.difficulties):
+            raise ValueError(f"--data {self.data}: the file is the prompt set; drop --tasks and --difficulties")
+        layout(self.template)
+        self.objective()
+        return self
+
+    def objective(self) -> GRPOObjective:
+        return GRPOObjective(self.loss_type, self.epsilon_low, self.epsilon_high, self.beta, self.scale_rewards)
+
+
+# The loop's settings GRPO does not use, refused as flags of `nanoseek grpo`.
+GRPO_FIXED = {
+    **NO_COST_PROJECTION,
+    "mtp_lambda": (0.0, "GRPO's loss has no MTP term"),
+    "balance_alpha": (0.0, "GRPO's loss has no balance term (--bias-gamma balances the routers)"),
+    "eval_batches": (1, "GRPO validates on --val-problems held-out problems"),
+}
 
 
 def zero_variance_groups(rewards: Tensor) -> Tensor:
@@ -224,43 +287,28 @@ class GRPOTrainer(Trainer):
     """The training loop with rollouts as data and the GRPO objective as loss (the same model object samples
     with the engine and computes the training log-probs)."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, prompts: PromptSource, config: TrainConfig, out: Path,
-                 objective: GRPOObjective, rewards: RewardSet, group_size: int = 8, max_new_tokens: int = 128,
-                 temperature: float = 1.0, overlong_filter: bool = False, dynamic_sampling: bool = False,
-                 updates_per_batch: int = 1, resume: bool = False, resample_rounds: int = 2,
-                 template: Layout | None = None, val_problems: int = 32):
-        if group_size < 2:
-            raise ValueError(f"--group-size = {group_size}: GRPO needs G >= 2 samples per prompt")
-        if not temperature > 0:
-            raise ValueError(f"--temperature = {temperature}: GRPO samples its groups, so it needs > 0")
-        if resample_rounds < 0:
-            raise ValueError(f"--resample-rounds = {resample_rounds}: must be >= 0")
-        if updates_per_batch < 1:
-            raise ValueError(f"--updates-per-batch = {updates_per_batch}: must be >= 1")
-        self.updates_per_batch = updates_per_batch  # mu: optimizer steps on each batch of rollouts
-        self.resample_rounds = resample_rounds  # dynamic sampling: extra batches of prompts drawn at most
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, prompts: PromptSource, config: TrainConfig,
+                 out: Path, settings: GRPOConfig, rewards: RewardSet, resume: bool = False):
+        self.settings = settings.validate()
         self._rollouts: list[Rollouts] = []
         self._served = 0
-        self.template = template or layout("chat")
-        self.val_problems = val_problems  # held-out problems per task at each evaluation
+        self.template = layout(settings.template)
         super().__init__(model, tokenizer, prompts, config, out, resume=resume)
         prompts.rank, prompts.world = self.rank, self.world
-        self.objective, self.rewards, self.group_size = objective, rewards, group_size
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.overlong_filter, self.dynamic_sampling = overlong_filter, dynamic_sampling
-        rows = config.batch_size * group_size  # a step's sequences decode together, up to 512 (see _rollout_step)
+        self.objective, self.rewards = settings.objective(), rewards
+        rows = config.batch_size * settings.group_size  # a step's sequences decode together, up to 512 (_rollout_step)
         self.engine = LLM(model, device=model.device, dtype=model.dtype,
                           max_num_seqs=max(rows, min(512, rows * config.grad_accum)), max_model_len=config.seq_len,
                           tokenizer=tokenizer)
         self.reference = None
-        if objective.beta:  # a frozen copy of the starting policy
+        if settings.beta:  # a frozen copy of the starting policy
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     def next_batch(self) -> Rollouts:
         """Micro-batches of rollouts; every mu optimizer steps reuse the same ones, their old log-probs fixed at
         sampling time (the clipped ratio is what keeps the later updates near the sampling policy)."""
         per_batch = self.config.grad_accum
-        if self._served == per_batch * self.updates_per_batch:
+        if self._served == per_batch * self.settings.updates_per_batch:
             self._rollouts, self._served = [], 0
         if not self._rollouts:
             self._rollouts = self._rollout_step(per_batch)
@@ -281,9 +329,9 @@ class GRPOTrainer(Trainer):
         any shortfall is filled with zero-variance groups, whose advantages are zero."""
         size = self.config.batch_size
         batch = groups
-        if self.dynamic_sampling:
+        if self.settings.dynamic_sampling:
             informative = [g for g in groups if not g.zero_variance]
-            for _ in range(self.resample_rounds):
+            for _ in range(self.settings.resample_rounds):
                 if len(informative) >= size:
                     break
                 more = self._sample_groups(self.data.next(size))
@@ -294,14 +342,14 @@ class GRPOTrainer(Trainer):
         rewards = torch.tensor([g.rewards for g in batch])
         advantages = self.objective.advantages(rewards)
         zero = zero_variance_groups(rewards)
-        if self.dynamic_sampling:
+        if self.settings.dynamic_sampling:
             advantages = advantages.masked_fill(zero[:, None], 0.0)
         device = self.model.device
         inputs, real, positions, targets = (t.to(device) for t in self._pack([row for g in batch for row in g.rows]))
         with torch.no_grad():
             # with one update per batch the sampling policy is the one being trained: no extra forward needed
             old_logp = self._token_logp(self.model(inputs, logits_index=positions), targets) \
-                if self.updates_per_batch > 1 else None
+                if self.settings.updates_per_batch > 1 else None
             ref_logp = self._token_logp(self.reference(inputs, logits_index=positions), targets) \
                 if self.reference is not None else None
         return Rollouts(inputs, real, positions, targets, advantages.flatten().to(device), old_logp, ref_logp,
@@ -310,13 +358,15 @@ class GRPOTrainer(Trainer):
     def _sample_groups(self, problems: list[Problem]) -> list[Group]:
         first = self.data.index - len(problems)  # each problem's own seed: independent draws across prompts
         base = self.config.seed * 1_000_003 + 7_919 * self.step + 104_729 * self.rank
-        params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
-                                 seed=base + first + i) for i in range(len(problems))]
+        settings = self.settings
+        params = [SamplingParams(n=settings.group_size, temperature=settings.temperature,
+                                 max_tokens=settings.max_new_tokens, seed=base + first + i)
+                  for i in range(len(problems))]
         prompts = [self.template.prompt(self.tokenizer, p.question) for p in problems]
         outputs = self.engine.generate([p.ids for p in prompts], params)
         groups, pass_rates = [], {}
         for problem, prompt, output in zip(problems, prompts, outputs, strict=True):
-            completions = [Completion(problem, o.text, len(o.token_ids), self.max_new_tokens,
+            completions = [Completion(problem, o.text, len(o.token_ids), settings.max_new_tokens,
                                       o.finish_reason == "length", prompt.opened, self.template)
                            for o in output.outputs]
             scores = self.rewards.score(completions)
@@ -367,7 +417,7 @@ class GRPOTrainer(Trainer):
             sequence = prompt + completion
             inputs[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
             real[i, : len(sequence) - 1] = True
-            if completion and not (truncated and self.overlong_filter):  # DAPO's overlong filtering
+            if completion and not (truncated and self.settings.overlong_filter):  # DAPO's overlong filtering
                 targets[i, : len(completion)] = torch.tensor(completion)
         return inputs, real, positions, targets
 
@@ -378,7 +428,8 @@ class GRPOTrainer(Trainer):
         mask = batch.targets != IGNORE
         logp = log_probs.gather(-1, batch.targets.clamp_min(0)[..., None])[..., 0].masked_fill(~mask, 0.0)
         old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
-        loss, stats = self.objective.loss(logp, old_logp, batch.advantages, mask, self.max_new_tokens, batch.ref_logp)
+        loss, stats = self.objective.loss(logp, old_logp, batch.advantages, mask, self.settings.max_new_tokens,
+                                          batch.ref_logp)
         with torch.no_grad():
             entropy = -(log_probs.exp() * log_probs).sum(-1)
             stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp_min(1))
@@ -391,7 +442,7 @@ class GRPOTrainer(Trainer):
     def _log_softmax(self, logits: Tensor) -> Tensor:
         """Log-probs of the policy that sampled the rollouts: the logits divided by the sampling temperature,
         so the ratio and the KL compare the distributions the samples came from (as TRL does)."""
-        return (logits.float() / self.temperature).log_softmax(-1)
+        return (logits.float() / self.settings.temperature).log_softmax(-1)
 
     def _token_logp(self, logits: Tensor, targets: Tensor) -> Tensor:
         """log p of each target token [N, T] (0 where the target is IGNORE)."""
@@ -404,13 +455,13 @@ class GRPOTrainer(Trainer):
         current level, in the training layout: pass@1, the share of replies that reason and their mean length
         (`nanoseek eval` is the full evaluation). User problems have no held-out split here: nothing is
         reported."""
-        if self.data.problems is not None or not self.val_problems:
+        if self.data.problems is not None or not self.settings.val_problems:
             return {}
         self.model.eval()
         levels = {t: self.data.levels[0] if self.data.levels else self.data.difficulty[t] for t in self.data.tasks}
         problems = [(make_problem(t, i, levels[t], "eval"), levels[t]) for t in self.data.tasks
-                    for i in range(self.val_problems)]
-        scores = evaluate(self.engine, problems, samples=2, max_tokens=self.max_new_tokens,
+                    for i in range(self.settings.val_problems)]
+        scores = evaluate(self.engine, problems, samples=2, max_tokens=self.settings.max_new_tokens,
                           template=self.template.name)
         return {"val_pass1": scores["all"]["pass@1"], "val_reasoning_share": scores["all"]["reasoning_share"],
                 "val_length": scores["all"]["mean_length"], "val_first_token_entropy": scores["first_token_entropy"]}
@@ -418,36 +469,10 @@ class GRPOTrainer(Trainer):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint to train (an SFT-primed one in the R1 recipe)")
-    parser.add_argument("--out", default="runs/grpo")
-    parser.add_argument("--tasks", help="built-in tasks, comma-separated (default: arithmetic)")
-    parser.add_argument("--data", help="JSONL problems ({question, answer, ...} per line, GSM8K/MATH style) "
-                        "instead of --tasks")
-    parser.add_argument("--difficulties", help="a fixed band of levels (e.g. 2,3,4), each prompt the next; "
-                        "default: an adaptive curriculum from level 1")
-    parser.add_argument("--template", default="chat", help="prompt layout: chat (the model's chat template, "
-                        "which opens the think block) or zero (User: ... Assistant:, nothing prefilled)")
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo")
-    parser.add_argument("--epsilon-low", type=float, default=0.2)
-    parser.add_argument("--epsilon-high", type=float, default=0.2)
-    parser.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient (0: no reference model)")
-    parser.add_argument("--updates-per-batch", type=int, default=1, help="mu: optimizer steps per rollout batch")
-    parser.add_argument("--no-scale-rewards", action="store_true", help="Dr. GRPO: do not divide by the std")
-    parser.add_argument("--overlong-filter", action="store_true", help="DAPO: no loss on truncated samples")
-    parser.add_argument("--dynamic-sampling", action="store_true", help="DAPO: replace zero-variance groups by "
-                        "groups of newly drawn prompts (up to --resample-rounds extra batches)")
-    parser.add_argument("--resample-rounds", type=int, default=2)
-    parser.add_argument("--reward-weights", default="accuracy=1,format=0.1", help="name=weight,...: accuracy, "
-                        "format, language, overlong, random (a coin flip: the control), or a --reward's name")
-    parser.add_argument("--reward", action="append", default=[], metavar="MODULE:FUNCTION",
-                        help="a reward function of your own, f(prompts, completions, answer, **kwargs) -> "
-                        "list[float] (TRL's signature), weight 1 unless --reward-weights names it; repeatable")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--device", default=None)
-    add_train_arguments(parser, max_steps=50, batch_size=8, seq_len=256, lr=2e-5, warmup_steps=0, eval_every=10,
-                        save_every=25, mtp_lambda=0.0)
+    add_run_arguments(parser, "runs/grpo")
+    add_flags(parser, GRPOConfig)
+    add_train_arguments(parser, GRPO_FIXED, max_steps=50, batch_size=8, seq_len=256, lr=2e-5, warmup_steps=0,
+                        eval_every=10, save_every=25)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -474,20 +499,20 @@ def reward_set(weights_text: str, specs: list[str]) -> RewardSet:
     return RewardSet(weights, batch_functions=functions)
 
 
+def _prompts(settings: GRPOConfig, seed: int) -> PromptSource:
+    if settings.data:
+        return PromptSource([], seed, problems=load_problems(settings.data))
+    levels = parse_difficulties(settings.difficulties) if settings.difficulties else None
+    return PromptSource(parse_tasks(settings.tasks or "arithmetic"), seed, levels=levels)
+
+
 def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
     out = Path(args.out)
-    config = train_config_from(args)
-    template = layout(args.template)
-    rewards = reward_set(args.reward_weights, args.reward)
-    if args.data:
-        if args.tasks or args.difficulties:
-            raise ValueError(f"--data {args.data}: the file is the prompt set; drop --tasks and --difficulties")
-        prompts = PromptSource([], config.seed, problems=load_problems(args.data))
-    else:
-        levels = parse_difficulties(args.difficulties) if args.difficulties else None
-        prompts = PromptSource(parse_tasks(args.tasks or "arithmetic"), config.seed, levels=levels)
-    objective = GRPOObjective(args.loss_type, args.epsilon_low, args.epsilon_high, args.beta,
-                              not args.no_scale_rewards)
+    config = train_config_from(args, GRPO_FIXED)
+    settings = settings_from(GRPOConfig, args)
+    template = layout(settings.template)
+    rewards = reward_set(settings.reward_weights, settings.reward)
+    prompts = _prompts(settings, config.seed)
     model = load_model(args.model, device=device, dtype=torch.float32)
     if rank == 0 and not args.resume:  # which weights this run started from, for the record
         out.mkdir(parents=True, exist_ok=True)
@@ -497,14 +522,11 @@ def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
     if tokenizer is None or (template.name == "chat" and not tokenizer.chat_template):
         raise ValueError(f"--model {args.model}: GRPO with --template {template.name} needs a tokenizer"
                          + (" with a chat_template" if template.name == "chat" else "") + " in the checkpoint")
-    trainer = GRPOTrainer(model, tokenizer, prompts, config, out, objective, rewards, args.group_size,
-                          args.max_new_tokens, args.temperature, args.overlong_filter, args.dynamic_sampling,
-                          args.updates_per_batch, resume=args.resume, resample_rounds=args.resample_rounds,
-                          template=template)
+    trainer = GRPOTrainer(model, tokenizer, prompts, config, out, settings, rewards, resume=args.resume)
     if rank == 0:
-        source = args.data or ", ".join(prompts.tasks)
-        print(f"grpo ({args.loss_type}, {template.name} layout): {config.max_steps} steps of "
-              f"{config.batch_size * config.grad_accum} prompts x G = {args.group_size}"
+        source = settings.data or ", ".join(prompts.tasks)
+        print(f"grpo ({settings.loss_type}, {template.name} layout): {config.max_steps} steps of "
+              f"{config.batch_size * config.grad_accum} prompts x G = {settings.group_size}"
               + (f" on each of {trainer.world} ranks" if trainer.world > 1 else "")
               + f" on {source} from {args.model}; rewards {rewards.weights}")
     last = trainer.run()

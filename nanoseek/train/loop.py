@@ -2,19 +2,18 @@
 
 It owns the optimiser (AdamW), the schedule (warmup, then cosine or warmup-stable-decay), gradient accumulation
 and clipping, DeepSeek-V3's balancing (bias update, optional sequence-wise loss), the MTP loss, validation,
-`metrics.jsonl`, the progress line and checkpoints. A checkpoint is a complete HF directory with the training
-state beside it, written under a temporary name and renamed; `DIR/latest` then points at it.
+`metrics.jsonl`, the progress line and checkpoints (`checkpointing`): a complete HF directory with the training
+state beside it, or under FSDP each rank's shards (the full HF directory at the end of the run and on request),
+written under a temporary name and renamed; `DIR/latest` then points at it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,10 +21,24 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import load_model, save_model
+from ..config import config_from_dict
 from ..data import Batch, PackedSequences
-from ..model import CausalLM, MoE
+from ..model import LanguageModel, MoE
 from ..sizing import parameter_counts
 from ..tokenizer import Tokenizer
+from .checkpointing import (
+    OPTIMIZER_FILE,
+    SHARDS_DIR,
+    STATE_FILE,
+    flat_optimizer_state,
+    gathered_model,
+    is_sharded,
+    load_flat_optimizer_state,
+    load_shards,
+    save_shards,
+    write_step,
+)
+from .config import GPU_PEAK, V3_MFU, TrainConfig
 from .losses import (
     IGNORE,
     add_routed_counts,
@@ -35,81 +48,6 @@ from .losses import (
     token_loss_sum,
     update_router_biases,
 )
-
-STATE_FILE, OPTIMIZER_FILE = "trainer_state.json", "optimizer.safetensors"
-# Dense BF16 peak FLOP/s of GPUs for the cost projection (vendor figures).
-GPU_PEAK = {"h800": 989e12, "h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12}
-# DeepSeek-V3's own utilisation, from Table 1: 6 x 37B x 14.8T FLOPs in 2.788M H800-hours at 989 TFLOP/s.
-V3_MFU = 6 * 37e9 * 14.8e12 / (2.788e6 * 3600 * 989e12)
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 200
-    batch_size: int = 8  # sequences per micro-batch per rank
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # or "wsd": warmup, stable, then a linear decay over the last decay_fraction
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    mtp_lambda: float = 0.3  # V3: 0.3, then 0.1 (V3 paper §4.2)
-    balance_alpha: float = 0.0  # V3: 0.0001 (V3 paper §4.2); 0 = off
-    bias_gamma: float = 0.001  # V3: 0.001 (V3 paper §4.2); 0 = no auxiliary-loss-free update
-    eval_every: int = 50
-    eval_batches: int = 4
-    save_every: int = 50
-    keep: int = 2
-    seed: int = 0
-    cost_gpu: str = "h800"
-    cost_price: float = 2.0  # $ per GPU-hour (the V3 paper's rental assumption)
-
-    def validate(self) -> TrainConfig:
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "eval_every",
-                     "eval_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be a positive integer")
-        for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r}: must be > 0")
-        for name in ("warmup_steps", "weight_decay", "mtp_lambda", "balance_alpha", "bias_gamma", "min_lr_ratio"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r}: must be >= 0")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"--decay-fraction = {self.decay_fraction!r}: must be in [0, 1]")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ValueError(f"--schedule = {self.schedule!r}: must be 'cosine' or 'wsd'")
-        if self.cost_gpu not in GPU_PEAK:
-            raise ValueError(f"--cost-gpu = {self.cost_gpu!r}: one of {', '.join(GPU_PEAK)}")
-        return self
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate for 0-based `step`."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        floor = self.lr * self.min_lr_ratio
-        if self.schedule == "wsd":
-            decay_start = int(self.max_steps * (1 - self.decay_fraction))
-            if step < decay_start:
-                return self.lr
-            return floor + (self.lr - floor) * (self.max_steps - step) / max(1, self.max_steps - decay_start)
-        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
-        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def add_train_arguments(parser, **defaults) -> None:
-    """One command-line flag per TrainConfig field (--max-steps, --lr, ...), with a stage's own defaults."""
-    base = TrainConfig(**defaults)
-    for option in fields(TrainConfig):
-        if option.name != "betas":
-            default = getattr(base, option.name)
-            extra = {"choices": list(GPU_PEAK)} if option.name == "cost_gpu" else {}
-            parser.add_argument("--" + option.name.replace("_", "-"), type=type(default), default=default, **extra)
 
 
 def init_distributed(device: str | None) -> tuple[int, torch.device]:
@@ -135,22 +73,17 @@ def run_distributed(body, args, *extra):
             dist.destroy_process_group()
 
 
-def train_config_from(args) -> TrainConfig:
-    """The TrainConfig the flags of `add_train_arguments` describe, checked; refuses to overwrite a run."""
-    out = Path(args.out)
-    if not args.resume and (out / "latest").exists():
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "betas"}).validate()
-
-
 class Trainer:
     """Trains `model` on `data`. Under torchrun it runs data-parallel (`parallel`: "ddp", or "fsdp" for FSDP2's
-    fully_shard); rank 0 logs and writes. `resume` continues from DIR/latest."""
+    fully_shard); rank 0 logs and writes. `resume` continues from DIR/latest. Under FSDP, checkpoints are each
+    rank's shards; the last one, and every `export_every` steps one, holds the full HF directory too."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, data: PackedSequences, config: TrainConfig,
-                 out: Path, resume: bool = False, parallel: str = "ddp"):
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer | None, data: PackedSequences, config: TrainConfig,
+                 out: Path, resume: bool = False, parallel: str = "ddp", export_every: int = 0):
+        if export_every < 0:
+            raise ValueError(f"--export-every = {export_every}: must be >= 0 (0: at the end of the run only)")
         self.model, self.tokenizer, self.data, self.config = model, tokenizer, data, config.validate()
-        self.out = Path(out)
+        self.out, self.export_every = Path(out), export_every
         self.step = 0
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         state = self._load_weights() if resume else None  # before sharding: every rank loads the full weights
@@ -168,7 +101,7 @@ class Trainer:
         if state is not None:
             self._load_state(state)
 
-    def _wrap(self, model: CausalLM) -> torch.nn.Module:
+    def _wrap(self, model: LanguageModel) -> torch.nn.Module:
         if self.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
@@ -276,7 +209,7 @@ class Trainer:
                 log.flush()
                 if self.rank == 0:
                     self._progress(last, start_step, started)
-                if self.step % config.save_every == 0 or self.step == config.max_steps:
+                if self._saves_now():
                     self.save()
         if self.rank == 0:
             print(file=sys.stderr)
@@ -305,118 +238,91 @@ class Trainer:
                 f"{seconds / 60:.1f} min here)")
 
     # ---- checkpoints -----------------------------------------------------------------------
+    def _saves_now(self) -> bool:
+        """Every `save_every` steps, and at every export."""
+        return self.step % self.config.save_every == 0 or self._exports_now()
+
+    def _exports_now(self) -> bool:
+        """Whether this step's FSDP checkpoint holds the full HF directory too: at the end of the run (the next
+        stage reads DIR/latest) and every `export_every` steps."""
+        return self.step == self.config.max_steps or (self.export_every > 0 and self.step % self.export_every == 0)
+
     def save(self) -> Path:
-        """Write checkpoints/step-N (model, tokenizer, training state) atomically; point `latest` at it.
-        Every rank takes part (FSDP gathers the full weights); rank 0 writes."""
-        weights, optimizer = self._full_state()
-        checkpoints = self.out / "checkpoints"
-        final = checkpoints / f"step-{self.step:08d}"
-        if self.rank == 0:
-            checkpoints.mkdir(parents=True, exist_ok=True)
-            for stale in checkpoints.glob(".step-*.tmp-*"):  # left by a run killed while saving
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = checkpoints / f".step-{self.step:08d}.tmp-{os.getpid()}"
-            try:
-                save_model(weights, tmp)
-                if self.tokenizer is not None:
-                    self.tokenizer.save(tmp)
-                save_file(optimizer, str(tmp / OPTIMIZER_FILE))
-                state = {"step": self.step, "data": self.data.state(), "config": asdict(self.config),
-                         "rng": torch.get_rng_state().tolist(), "world": self.world, "parallel": self.parallel}
-                (tmp / STATE_FILE).write_text(json.dumps(state))
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            link = self.out / f".latest-{os.getpid()}"
-            link.unlink(missing_ok=True)
-            link.symlink_to(Path("checkpoints") / final.name)
-            os.replace(link, self.out / "latest")  # atomic: `latest` is always a complete checkpoint
-            for old in sorted(checkpoints.glob("step-*"))[: -self.config.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        if self.world > 1:
-            dist.barrier()
-        return final
-
-    def _full_state(self) -> tuple[CausalLM, dict[str, torch.Tensor]]:
-        """(a model holding the full weights, the flat full optimizer state) for writing."""
+        """Write checkpoints/step-N atomically and point `latest` at it; every rank takes part. FSDP ranks write
+        their own shards, and gather the full model to rank 0 only when `_exports_now`."""
         if self.parallel != "fsdp":
-            return self.model, _flatten_optimizer(self.optimizer.state, self.model)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+            exported: LanguageModel | None = self.model
+        else:
+            exported = gathered_model(self.model) if self._exports_now() else None
+        return write_step(self.out, self.step, self.config.keep, lambda directory: self._write(directory, exported))
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(self.model, options=options)
-        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+    def _write(self, directory: Path, exported: LanguageModel | None) -> None:
+        """This rank's files of a checkpoint: its DCP shards under FSDP; on rank 0 the rest."""
+        sharded = self.parallel == "fsdp"
+        if sharded:
+            save_shards(self.model, self.optimizer, directory / SHARDS_DIR)
         if self.rank != 0:
-            return self.model, {}
-        full = CausalLM(self.model.config, num_mtp_modules=len(self.model.mtp))
-        full.load_state_dict(weights)
-        full.generation_config = self.model.generation_config
-        flat = {f"{name}/{key}": value.contiguous() for name, entry in optimizer["state"].items()
-                for key, value in entry.items()}
-        return full, flat
+            return
+        if exported is not None:
+            save_model(exported, directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+        if not sharded:
+            save_file(flat_optimizer_state(self.optimizer, self.model), str(directory / OPTIMIZER_FILE))
+        (directory / STATE_FILE).write_text(json.dumps(self._training_state()))
+
+    def _training_state(self) -> dict:
+        state = {"step": self.step, "data": self.data.state(), "config": asdict(self.config),
+                 "rng": torch.get_rng_state().tolist(), "world": self.world, "parallel": self.parallel}
+        if self.parallel == "fsdp":  # shards have no config.json beside them: what `--resume` checks against
+            state["model"] = {"config": self.model.config.to_dict(), "mtp_modules": len(self.model.mtp)}
+        return state
 
     def _load_weights(self) -> dict:
-        """Check DIR/latest against this run and load its weights into the (unwrapped) model."""
+        """Check DIR/latest against this run and load its full weights into the (unwrapped) model; DCP shards are
+        loaded after wrapping, by `_load_state`."""
         latest = self.out / "latest"
         if not (latest / STATE_FILE).exists():
             raise ValueError(f"--resume: {latest} holds no training checkpoint")
-        saved = load_model(latest, device=self.model.device, dtype=self.model.dtype)
-        if saved.config.to_dict() != self.model.config.to_dict() or len(saved.mtp) != len(self.model.mtp):
-            differing = sorted(k for k, v in saved.config.to_dict().items()
-                               if self.model.config.to_dict().get(k) != v)
+        state = json.loads((latest / STATE_FILE).read_text())
+        if is_sharded(latest):
+            self._check_resumable(latest, state, config_from_dict(state["model"]["config"]).to_dict(),
+                                  state["model"]["mtp_modules"])
+        else:
+            saved = load_model(latest, device=self.model.device, dtype=self.model.dtype)
+            self._check_resumable(latest, state, saved.config.to_dict(), len(saved.mtp))
+            self.model.load_state_dict(saved.state_dict())
+        return state
+
+    def _check_resumable(self, latest: Path, state: dict, config: dict, mtp_modules: int) -> None:
+        """ValueError saying what differs when DIR/latest holds another model or another data order."""
+        ours = self.model.config.to_dict()
+        if config != ours or mtp_modules != len(self.model.mtp):
+            differing = sorted(k for k, v in config.items() if ours.get(k) != v)
             raise ValueError(f"--resume: {latest} is a different model (config fields differ: "
                              f"{', '.join(differing) or 'number of MTP modules'})")
-        state = json.loads((latest / STATE_FILE).read_text())
-        for key in ("seq_len", "batch_size", "grad_accum", "seed"):
+        for key in ("seq_len", "grad_accum", "seed"):
             if state["config"][key] != getattr(self.config, key):
                 raise ValueError(f"--resume: {latest} was trained with {key} = {state['config'][key]}, "
                                  f"not {getattr(self.config, key)}")
-        if state.get("world", 1) != self.world:
-            raise ValueError(f"--resume: {latest} was trained on {state.get('world', 1)} processes, not "
-                             f"{self.world} (the data order depends on it)")
-        self.model.load_state_dict(saved.state_dict())
-        return state
+        world, batch_size = state.get("world", 1), state["config"]["batch_size"]
+        if world * batch_size != self.world * self.config.batch_size:  # any split of the same rows resumes
+            raise ValueError(f"--resume: {latest} was trained on {world} process(es) x batch_size {batch_size}, "
+                             f"not {self.world} x {self.config.batch_size} (the data order follows the sequences "
+                             "per micro-batch of all processes together)")
 
     def _load_state(self, state: dict) -> None:
-        """Optimiser, data position, RNG and step from DIR/latest (after wrapping)."""
-        flat = load_file(str(self.out / "latest" / OPTIMIZER_FILE))
-        if self.parallel == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            nested: dict[str, dict[str, torch.Tensor]] = {}
-            for key, value in flat.items():
-                name, field = key.split("/", 1)
-                nested.setdefault(name, {})[field] = value
-            groups = [{**{k: v for k, v in g.items() if k != "params"},
-                       "params": [n for n, p in self.model.named_parameters() if any(p is q for q in g["params"])]}
-                      for g in self.optimizer.param_groups]
-            set_optimizer_state_dict(self.model, self.optimizer, {"state": nested, "param_groups": groups},
-                                     options=StateDictOptions(full_state_dict=True))
+        """Optimiser (and from DCP shards the weights too), data position, RNG and step from DIR/latest (after
+        wrapping)."""
+        latest = self.out / "latest"
+        if is_sharded(latest):
+            load_shards(self.model, self.optimizer, latest / SHARDS_DIR)
         else:
-            _load_optimizer(self.optimizer, self.model, flat)
+            load_flat_optimizer_state(self.optimizer, self.model, load_file(str(latest / OPTIMIZER_FILE)),
+                                      fsdp=self.parallel == "fsdp")
         self.data.load_state(state["data"])
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         self.step = state["step"]
-
-
-def _flatten_optimizer(state: dict, model: CausalLM) -> dict[str, torch.Tensor]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {f"{names[id(param)]}/{key}": value.detach().contiguous().cpu()
-            for param, entry in state.items() for key, value in entry.items()}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, model: CausalLM, flat: dict[str, torch.Tensor]) -> None:
-    for name, param in model.named_parameters():
-        keys = [k for k in flat if k.startswith(name + "/")]
-        if keys:
-            optimizer.state[param] = {k.split("/", 1)[1]: flat[k].to(param.device) for k in keys}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -12,15 +12,15 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_model, read_config
-from ..config import PRESETS, ModelConfig, preset
+from ..config import PRESETS, DenseConfig, ModelConfig, preset
 from ..data import PackedSequences, TokenStream, build_shards, load_manifest, read_documents, resolve
 from ..data.shards import tokenizer_fingerprint
-from ..model import CausalLM
-from ..model.dense import DenseConfig, DenseLM
+from ..model import build_model
 from ..tasks import MAX_DIFFICULTY, TASKS, parse_tasks
 from ..tasks.corpus import CorpusMix, generate_corpus
-from ..tokenizer import Tokenizer, train_tokenizer
-from .loop import TrainConfig, Trainer, add_train_arguments, run_distributed, train_config_from
+from ..tokenizer import MIN_BPE_VOCAB, Tokenizer, train_tokenizer
+from .config import TrainConfig, add_run_arguments, add_train_arguments, train_config_from
+from .loop import Trainer, run_distributed
 
 TOKENIZER_SAMPLE_DOCUMENTS = 20_000
 
@@ -28,7 +28,7 @@ TOKENIZER_SAMPLE_DOCUMENTS = 20_000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", choices=list(PRESETS), default=None, help="model config (default: nano)")
-    model.add_argument("--config", help="a config.json for the model")
+    model.add_argument("--model-config", help="a config.json for the model (either family)")
     model.add_argument("--init", help="continue from this checkpoint's weights and tokenizer on this run's data, "
                        "with a fresh optimizer and schedule (e.g. the decay phase of a WSD schedule on a new mix)")
     parser.add_argument("--data", nargs="+", help="text/JSONL/Parquet files, directories or globs "
@@ -43,12 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of corpus documents in the zero prompt layout (User: ... Assistant: reply)")
     parser.add_argument("--corpus-think-share", type=float, default=CorpusMix.think_share,
                         help="share of those replies that reason in a think block (the others answer directly)")
-    parser.add_argument("--out", default="runs/pretrain", help="run directory")
+    add_run_arguments(parser, "runs/pretrain")
     parser.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the data)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/latest")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                         help="under torchrun: DistributedDataParallel or FSDP2 fully_shard")
+    parser.add_argument("--export-every", type=int, default=0,
+                        help="FSDP: every N steps a checkpoint that holds the full HF directory beside the per-rank "
+                        "shards (0: only the last; the other modes always hold it)")
     add_train_arguments(parser)
 
 
@@ -59,8 +60,15 @@ def _model_config(args: argparse.Namespace) -> ModelConfig | DenseConfig:
         if args.vocab_size:
             raise ValueError("--vocab-size with --init: the checkpoint fixes the vocabulary")
         return read_config(Path(args.init) / "config.json")
-    config = read_config(Path(args.config)) if args.config else preset(args.preset or "nano")
-    return config.replace(vocab_size=args.vocab_size) if args.vocab_size else config
+    config = read_config(Path(args.model_config)) if args.model_config else preset(args.preset or "nano")
+    if args.vocab_size:
+        return config.replace(vocab_size=args.vocab_size)
+    if not args.tokenizer and config.vocab_size < MIN_BPE_VOCAB:  # the tiny test preset has 128 rows
+        fitted = -(-MIN_BPE_VOCAB // 64) * 64
+        print(f"note: vocab_size {config.vocab_size} is too small for a byte-level BPE tokenizer (at least "
+              f"{MIN_BPE_VOCAB}); using {fitted} (--vocab-size sets it)", flush=True)
+        return config.replace(vocab_size=fitted)
+    return config
 
 
 def _documents(args: argparse.Namespace):
@@ -100,7 +108,7 @@ def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documen
                   f"output rows will never be used; --vocab-size {enough} avoids that", flush=True)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{config.vocab_size}")
+                         f"{config.vocab_size}; pass --vocab-size {-(-tokenizer.vocab_size // 64) * 64}")
     return tokenizer
 
 
@@ -136,13 +144,14 @@ def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config:
         model = load_model(args.init, device=device, dtype=torch.float32)
     else:
         with torch.device(device):
-            model = DenseLM(config) if isinstance(config, DenseConfig) else CausalLM(config)
+            model = build_model(config)
     model.generation_config = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    trainer = Trainer(model, tokenizer, data, train_config, out, resume=args.resume, parallel=args.parallel)
+    trainer = Trainer(model, tokenizer, data, train_config, out, resume=args.resume, parallel=args.parallel,
+                      export_every=args.export_every)
     if rank != 0:
         trainer.run()
         return 0
-    what = args.preset or args.config or (f"from {args.init}" if args.init else "nano")
+    what = args.preset or args.model_config or (f"from {args.init}" if args.init else "nano")
     print(f"pretraining {what}: {manifest['tokens']:,} tokens in "
           f"{manifest['documents']:,} documents, {trainer.config.max_steps} steps of "
           f"{train_config.batch_size * train_config.grad_accum * trainer.world} x {train_config.seq_len} tokens, on "

@@ -23,7 +23,8 @@ from pathlib import Path
 from ..data import read_conversations
 from ..engine import LLM, SamplingParams
 from ..eval import parse_difficulties, prompts_for
-from ..r1 import THINK_OPEN, Layout, layout
+from ..flags import add_flags, settings_field, settings_from
+from ..r1 import LAYOUTS, THINK_OPEN, Layout, layout
 from ..rewards import Completion, format_reward, language_consistency
 from ..tasks import Problem, held_out_questions, parse_tasks, training_problem, without_held_out
 
@@ -120,45 +121,57 @@ def write_jsonl(conversations: list[list[dict]], path: Path) -> None:
         raise
 
 
+@dataclass
+class RejectionConfig:
+    """`nanoseek rejection-sample`'s settings: which prompts, how they are sampled, what is kept and mixed in."""
+
+    tasks: str = settings_field("arithmetic", "tasks of the training prompts, comma-separated")
+    difficulties: str = settings_field("1,2", "levels of the training prompts, comma-separated")
+    template: str = settings_field("chat", "prompt layout", choices=tuple(LAYOUTS))
+    prompts: int = settings_field(500, "training prompts per task and difficulty")
+    samples: int = settings_field(4, "k samples per prompt")
+    keep_per_prompt: int = settings_field(2, "verified samples kept per prompt at most")
+    temperature: float = settings_field(0.6, "sampling temperature (R1's recommendation)")
+    top_p: float = settings_field(0.95, "nucleus sampling threshold")
+    max_tokens: int = settings_field(128, "tokens per sample at most")
+    min_language: float = settings_field(1.0, "share of reasoning words in the target language a kept sample needs")
+    mix: str | None = settings_field(None, "JSONL conversations of non-reasoning data to mix in", kind=str)
+    mix_ratio: float = settings_field(0.25, "mixed conversations per kept sample")
+    seed: int = settings_field(0, "seed of the prompts, the samples and the mix")
+
+    def validate(self) -> RejectionConfig:
+        parse_tasks(self.tasks)
+        parse_difficulties(self.difficulties)
+        layout(self.template)
+        for name in ("prompts", "samples", "keep_per_prompt", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)}: must be >= 1")
+        if self.mix_ratio < 0:
+            raise ValueError(f"--mix-ratio = {self.mix_ratio}: must be >= 0")
+        return self
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the checkpoint to sample (R1: the reasoning-RL one)")
     parser.add_argument("--out", default="runs/rejection.jsonl", help="SFT JSONL to write")
-    parser.add_argument("--tasks", default="arithmetic")
-    parser.add_argument("--difficulties", default="1,2")
-    parser.add_argument("--template", default="chat", help="prompt layout: chat or zero")
-    parser.add_argument("--prompts", type=int, default=500, help="training prompts per task and difficulty")
-    parser.add_argument("--samples", type=int, default=4, help="k samples per prompt")
-    parser.add_argument("--keep-per-prompt", type=int, default=2, help="verified samples kept per prompt at most")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--min-language", type=float, default=1.0, help="share of reasoning words in the target "
-                        "language a kept sample needs")
-    parser.add_argument("--mix", help="JSONL conversations of non-reasoning data to mix in")
-    parser.add_argument("--mix-ratio", type=float, default=0.25, help="mixed conversations per kept sample")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    add_flags(parser, RejectionConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks, difficulties = parse_tasks(args.tasks), parse_difficulties(args.difficulties)
-    layout(args.template)
-    for name in ("prompts", "samples", "keep_per_prompt", "max_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
-    if args.mix_ratio < 0:
-        raise ValueError(f"--mix-ratio = {args.mix_ratio}: must be >= 0")
-    mixed, mixed_held_out = without_held_out(read_conversations(Path(args.mix)) if args.mix else [])
-    llm = LLM(args.model, device=args.device, max_num_seqs=64, seed=args.seed)
-    problems = training_prompts(tasks, difficulties, args.prompts, args.seed)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed)
-    conversations, stats = rejection_sample(llm, problems, args.samples, params,
+    settings = settings_from(RejectionConfig, args)
+    tasks, difficulties = parse_tasks(settings.tasks), parse_difficulties(settings.difficulties)
+    mixed, mixed_held_out = without_held_out(read_conversations(Path(settings.mix)) if settings.mix else [])
+    llm = LLM(args.model, device=args.device, max_num_seqs=64, seed=settings.seed)
+    problems = training_prompts(tasks, difficulties, settings.prompts, settings.seed)
+    params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_tokens,
+                            seed=settings.seed)
+    conversations, stats = rejection_sample(llm, problems, settings.samples, params,
                                             frozenset().union(*map(held_out_questions, tasks)),
-                                            args.keep_per_prompt, args.min_language, args.template)
+                                            settings.keep_per_prompt, settings.min_language, settings.template)
     if mixed:
-        rng = random.Random(args.seed)
-        chosen = rng.sample(mixed, min(len(mixed), round(args.mix_ratio * len(conversations))))
+        rng = random.Random(settings.seed)
+        chosen = rng.sample(mixed, min(len(mixed), round(settings.mix_ratio * len(conversations))))
         stats.mixed_conversations = len(chosen)
         conversations = conversations + chosen
         rng.shuffle(conversations)

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import load_model
 from ..data import ChatSequences, read_conversations
+from ..flags import add_flags, settings_field, settings_from
 from ..r1 import ChatLayout
 from ..tasks import MAX_DIFFICULTY, parse_tasks, training_problem, without_held_out
 from ..tokenizer import Tokenizer
-from .loop import Trainer, add_train_arguments, run_distributed, train_config_from
+from .config import NO_COST_PROJECTION, add_run_arguments, add_train_arguments, train_config_from
+from .loop import Trainer, run_distributed
 
 
 def cold_start(tasks: list[str], examples: int, max_difficulty: int, seed: int) -> list[list[dict[str, str]]]:
@@ -31,34 +34,45 @@ def cold_start(tasks: list[str], examples: int, max_difficulty: int, seed: int) 
     return conversations
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
-    """--data, --tasks, --examples, --max-difficulty: what `conversations` reads (SFT and distillation)."""
-    parser.add_argument("--data", help=data_help)
-    parser.add_argument("--tasks", default="arithmetic,linear_equation,sorting,countdown")
-    parser.add_argument("--examples", type=int, default=None, help="cold-start conversations to generate "
-                        "(default 4000, or 0 with --data; a number with --data mixes that many into it)")
-    parser.add_argument("--max-difficulty", type=int, default=2)
+@dataclass
+class ConversationData:
+    """What SFT and distillation train on: a JSONL file of conversations, generated cold-start ones, or both."""
+
+    data: str | None = settings_field(None, "JSONL of {\"messages\": [...]} conversations (default: cold-start "
+                                      "data generated from --tasks)", kind=str)
+    tasks: str = settings_field("arithmetic,linear_equation,sorting,countdown", "tasks of the generated "
+                                "conversations")
+    examples: int | None = settings_field(None, "cold-start conversations to generate (default 4000, or 0 with "
+                                          "--data; a number with --data mixes that many into it)", kind=int)
+    max_difficulty: int = settings_field(2, "hardest level of the generated conversations")
+
+    def validate(self) -> ConversationData:
+        parse_tasks(self.tasks)
+        if self.examples is not None and self.examples < 0:
+            raise ValueError(f"--examples = {self.examples}: must be >= 0")
+        if not 1 <= self.max_difficulty <= MAX_DIFFICULTY:
+            raise ValueError(f"--max-difficulty = {self.max_difficulty}: must be in 1..{MAX_DIFFICULTY}")
+        return self
+
+    @property
+    def generated(self) -> int:
+        return self.examples if self.examples is not None else 0 if self.data else 4000
 
 
-def conversations(args: argparse.Namespace, seed: int) -> list[list[dict[str, str]]]:
+def conversations(source: ConversationData, seed: int) -> list[list[dict[str, str]]]:
     """The --data conversations with --examples generated ones mixed in (shuffled with the seed, so that the
     validation rows, the last ones, hold both kinds). With a mix the file may be empty: rejection sampling
     can verify nothing."""
-    tasks = parse_tasks(args.tasks)
-    examples = args.examples if args.examples is not None else 0 if args.data else 4000
-    if examples < 0:
-        raise ValueError(f"--examples = {examples}: must be >= 0")
-    if not 1 <= args.max_difficulty <= MAX_DIFFICULTY:
-        raise ValueError(f"--max-difficulty = {args.max_difficulty}: must be in 1..{MAX_DIFFICULTY}")
-    rows = read_conversations(Path(args.data), allow_empty=examples > 0) if args.data else []
+    examples = source.validate().generated
+    rows = read_conversations(Path(source.data), allow_empty=examples > 0) if source.data else []
     rows, dropped = without_held_out(rows)
     if dropped:
-        print(f"note: dropped {dropped} conversations of {args.data} that ask a held-out evaluation question",
+        print(f"note: dropped {dropped} conversations of {source.data} that ask a held-out evaluation question",
               flush=True)
-    if args.data and not rows:
-        print(f"note: {args.data} holds no conversations; training on the {examples} generated ones", flush=True)
-    rows += cold_start(tasks, examples, args.max_difficulty, seed) if examples else []
-    if args.data and examples:
+    if source.data and not rows:
+        print(f"note: {source.data} holds no conversations; training on the {examples} generated ones", flush=True)
+    rows += cold_start(parse_tasks(source.tasks), examples, source.max_difficulty, seed) if examples else []
+    if source.data and examples:
         random.Random(seed).shuffle(rows)
     if not rows:
         raise ValueError("--examples 0 without --data: no conversations to train on")
@@ -67,12 +81,9 @@ def conversations(args: argparse.Namespace, seed: int) -> list[list[dict[str, st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory to start from (with its tokenizer)")
-    add_data_arguments(parser, "JSONL of {\"messages\": [...]} conversations (default: cold-start data generated "
-                       "from --tasks)")
-    parser.add_argument("--out", default="runs/sft")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--device", default=None)
-    add_train_arguments(parser, max_steps=200, lr=5e-4, warmup_steps=10, seq_len=256)
+    add_flags(parser, ConversationData)
+    add_run_arguments(parser, "runs/sft")
+    add_train_arguments(parser, NO_COST_PROJECTION, max_steps=200, lr=5e-4, warmup_steps=10, seq_len=256)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
     out = Path(args.out)
-    config = train_config_from(args)
-    rows = conversations(args, config.seed)
+    config = train_config_from(args, NO_COST_PROJECTION)
+    rows = conversations(settings_from(ConversationData, args), config.seed)
     model = load_model(args.model, device=device, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(args.model)
     if tokenizer is None or not tokenizer.chat_template:
