@@ -80,21 +80,8 @@ def main() -> None:
                                            eos_token_id=None, pad_token_id=0))
 
     runners = {"nanoseek": ours} if hf is None else {"nanoseek": ours, "transformers": theirs}
-    rows = []
-    for batch in args.batches:
-        for run in runners.values():
-            run(batch, 2)  # warm-up
-        times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
-        for _ in range(args.repeats):  # alternate the two, so the load of a shared machine falls on both alike
-            for name, run in runners.items():
-                times[name][0].append(run(batch, 1))
-                times[name][1].append(run(batch, args.new_tokens))
-        result = {}
-        for name, (ones, fulls) in times.items():
-            one, full = statistics.median(ones), statistics.median(fulls)
-            result[name] = (batch * (args.new_tokens - 1) / (full - one), batch * args.prompt_tokens / one)
-        rows.append((batch, result))
-
+    rows = [(batch, _timed(runners, batch, args.new_tokens, args.prompt_tokens, args.repeats))
+            for batch in args.batches]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, {device.type}, {dtype}, "
           f"torch {torch.__version__}")
     print(f"model: {path if args.model else 'random small preset'}; prompts {args.prompt_tokens} tokens, "
@@ -106,30 +93,49 @@ def main() -> None:
         hf_dec, hf_pre = result.get("transformers", (float("nan"), float("nan")))
         print(f"{batch:>5} {hf_dec:>16.1f} t/s {ns_dec:>12.1f} t/s {ns_dec / hf_dec:>6.2f}x "
               f"{hf_pre:>17.0f} t/s {ns_pre:>13.0f} t/s {ns_pre / hf_pre:>6.2f}x")
-
     ours_bytes = llm.runner.cache.bytes_per_token()
     line = f"KV cache bytes/token: nanoseek {ours_bytes} (formula {(config.kv_cache_dim) * config.num_hidden_layers}" \
            f" x {torch.empty(0, dtype=dtype).element_size()} B)"
     if hf is not None:
         line += f", transformers {hf_cache_bytes_per_token(hf, prompts[:1].to(device)):.0f}"
     print(line)
-
     if len(llm.model.mtp):
-        spec = LLM(path, device=device, dtype=dtype, max_num_seqs=1, max_model_len=length, speculative=True)
-        params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-        spec_prompts = _spec_prompts(llm, prompts[:4].tolist())
-        plain_s = spec_s = 0.0
-        drafted = accepted = 0
-        for prompt in spec_prompts:  # batch 1, one prompt at a time
-            plain_s += seconds(lambda p=prompt: llm.generate([p], params))
-            start = time.perf_counter()
-            metrics = spec.generate([prompt], params)[0].metrics
-            spec_s += time.perf_counter() - start
-            drafted += metrics["draft_tokens"]
-            accepted += metrics["accepted_tokens"]
-        kind = "questions of the built-in corpus" if llm.tokenizer else "random prompts"
-        print(f"MTP speculation, batch 1, {len(spec_prompts)} {kind}: {plain_s / spec_s:.2f}x plain decode, "
-              f"acceptance {100 * accepted / max(1, drafted):.0f}% ({accepted}/{drafted} drafts)")
+        _speculation(llm, LLM(path, device=device, dtype=dtype, max_num_seqs=1, max_model_len=length,
+                              speculative=True), prompts[:4].tolist(), args.new_tokens)
+
+
+def _timed(runners: dict, batch: int, new_tokens: int, prompt_tokens: int, repeats: int) -> dict:
+    """name -> (decode tok/s, prefill tok/s) at `batch`: medians of `repeats` alternating runs."""
+    for run in runners.values():
+        run(batch, 2)  # warm-up
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
+    for _ in range(repeats):  # alternate the two, so the load of a shared machine falls on both alike
+        for name, run in runners.items():
+            times[name][0].append(run(batch, 1))
+            times[name][1].append(run(batch, new_tokens))
+    result = {}
+    for name, (ones, fulls) in times.items():
+        one, full = statistics.median(ones), statistics.median(fulls)
+        result[name] = (batch * (new_tokens - 1) / (full - one), batch * prompt_tokens / one)
+    return result
+
+
+def _speculation(llm: LLM, spec: LLM, fallback: list[list[int]], new_tokens: int) -> None:
+    """MTP self-speculation against plain decode at batch 1, one prompt at a time."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    spec_prompts = _spec_prompts(llm, fallback)
+    plain_s = spec_s = 0.0
+    drafted = accepted = 0
+    for prompt in spec_prompts:
+        plain_s += seconds(lambda p=prompt: llm.generate([p], params))
+        start = time.perf_counter()
+        metrics = spec.generate([prompt], params)[0].metrics
+        spec_s += time.perf_counter() - start
+        drafted += metrics["draft_tokens"]
+        accepted += metrics["accepted_tokens"]
+    kind = "questions of the built-in corpus" if llm.tokenizer else "random prompts"
+    print(f"MTP speculation, batch 1, {len(spec_prompts)} {kind}: {plain_s / spec_s:.2f}x plain decode, "
+          f"acceptance {100 * accepted / max(1, drafted):.0f}% ({accepted}/{drafted} drafts)")
 
 
 def _spec_prompts(llm: LLM, fallback: list[list[int]]) -> list:

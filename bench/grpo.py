@@ -46,12 +46,6 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --prompts per step (both sides "
                         "sample a step's micro-batches together)")
     args = parser.parse_args()
-
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import GRPOConfig as TRLGRPOConfig
-    from trl import GRPOTrainer as TRLGRPOTrainer
-
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
     tokenizer = train_tokenizer(generate_corpus(2000, seed=0), nanoseek.preset(args.preset).vocab_size)
@@ -61,27 +55,46 @@ def main() -> None:
     model.save_pretrained(model_dir)
     tokenizer.save(model_dir)
     steps = args.steps + 1  # the first is a warm-up
-    per_step = args.prompts * args.grad_accum
-    problems = [make_problem("arithmetic", i) for i in range(per_step * steps)]
+    problems = [make_problem("arithmetic", i) for i in range(args.prompts * args.grad_accum * steps)]
+    ours_rate, prompt_tokens = _ours(args, model_dir, tokenizer, problems, steps, tmp)
+    theirs_rate = _theirs(args, model_dir, problems, steps, prompt_tokens, tmp)
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, cpu, fp32, torch {torch.__version__}")
+    print(f"GRPO on arithmetic: {args.grad_accum} x {args.prompts} prompts x G = {args.group}, "
+          f"up to {args.new_tokens} new tokens, "
+          f"preset {args.preset}, {args.steps} timed steps")
+    print(f"{'':14}{'TRL tok/s':>12}{'nanoseek tok/s':>16}{'ratio':>8}")
+    print(f"{'rollout+update':14}{theirs_rate:>12.0f}{ours_rate:>16.0f}{ours_rate / theirs_rate:>7.2f}x")
 
-    # nanoseek: the real GRPO stage of the training loop
-    ours = nanoseek.load_model(model_dir)
+
+def _ours(args: argparse.Namespace, model_dir: Path, tokenizer, problems: list, steps: int,
+          tmp: Path) -> tuple[float, int]:
+    """nanoseek's real GRPO stage of the training loop: (median tokens/s, prompt tokens per step)."""
+    per_step = args.prompts * args.grad_accum
     config = TrainConfig(max_steps=steps, batch_size=args.prompts, grad_accum=args.grad_accum,
                          seq_len=args.new_tokens + 64, lr=1e-5,
                          warmup_steps=0, eval_every=10**6, save_every=10**6, mtp_lambda=0.0, bias_gamma=0.0)
-    trainer = GRPOTrainer(ours, tokenizer, PromptSource(["arithmetic"]), config, tmp / "ours",
-                          GRPOConfig(loss_type="dapo", group_size=args.group, max_new_tokens=args.new_tokens),
-                          RewardSet({"accuracy": 1.0}))
+    trainer = GRPOTrainer(nanoseek.load_model(model_dir), tokenizer, PromptSource(["arithmetic"]), config,
+                          tmp / "ours", GRPOConfig(loss_type="dapo", group_size=args.group,
+                                                   max_new_tokens=args.new_tokens), RewardSet({"accuracy": 1.0}))
     prompt = trainer.template.prompt
     prompt_tokens = args.group * sum(len(prompt(tokenizer, q.question).ids) for q in problems[:per_step])
-    ours_rates = []
+    rates = []
     for step in range(steps):
         start = time.perf_counter()
         metrics = trainer.train_step()  # metrics["tokens"]: completion tokens of the step
         if step:
-            ours_rates.append((metrics["tokens"] + prompt_tokens) / (time.perf_counter() - start))
+            rates.append((metrics["tokens"] + prompt_tokens) / (time.perf_counter() - start))
+    return statistics.median(rates), prompt_tokens
 
-    # TRL: GRPOTrainer on the same checkpoint through transformers
+
+def _theirs(args: argparse.Namespace, model_dir: Path, problems: list, steps: int, prompt_tokens: int,
+            tmp: Path) -> float:
+    """TRL's GRPOTrainer on the same checkpoint through transformers: median tokens/s."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig as TRLGRPOConfig
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
     answers = {p.question: p for p in problems}
 
     def accuracy(prompts, completions, **kwargs) -> list[float]:
@@ -99,16 +112,10 @@ def main() -> None:
                             processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
     theirs.train()
     lengths = [log["completions/mean_length"] for log in theirs.state.log_history if "completions/mean_length" in log]
-    theirs_rates = [(per_step * args.group * length + prompt_tokens) / seconds
-                    for length, seconds in zip(lengths[1:], timer.durations[1:], strict=False)]
-
-    ours_rate, theirs_rate = statistics.median(ours_rates), statistics.median(theirs_rates)
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, cpu, fp32, torch {torch.__version__}")
-    print(f"GRPO on arithmetic: {args.grad_accum} x {args.prompts} prompts x G = {args.group}, "
-          f"up to {args.new_tokens} new tokens, "
-          f"preset {args.preset}, {args.steps} timed steps")
-    print(f"{'':14}{'TRL tok/s':>12}{'nanoseek tok/s':>16}{'ratio':>8}")
-    print(f"{'rollout+update':14}{theirs_rate:>12.0f}{ours_rate:>16.0f}{ours_rate / theirs_rate:>7.2f}x")
+    per_step = args.prompts * args.grad_accum
+    rates = [(per_step * args.group * length + prompt_tokens) / seconds
+             for length, seconds in zip(lengths[1:], timer.durations[1:], strict=False)]
+    return statistics.median(rates)
 
 
 class _StepTimer:
