@@ -7,10 +7,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import PRESETS, ConfigError, DenseConfig, ModelConfig, preset, read_config_file
 from .flags import CONFIG_FLAG, RunFileError, with_run_file
 from .sizing import forward_flops_per_token, human, kv_cache_bytes_per_token, parameter_counts
+
+if TYPE_CHECKING:  # the engine loads torch: imported where a command needs it
+    from .engine import LLM
 
 # Figures DeepSeek published, printed beside ours for the presets that reproduce a released model.
 PUBLISHED = {
@@ -118,15 +122,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=256)
-    group.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=0.95)
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--min-p", type=float, default=0.0)
+    group = parser.add_argument_group("sampling", "unset: the checkpoint's generation_config.json, else max-tokens "
+                                      "256, temperature 0.6, top-p 0.95 (R1's recommendation), the rest off")
+    group.add_argument("--max-tokens", type=int)
+    group.add_argument("--temperature", type=float, help="0 = greedy")
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--min-p", type=float)
     group.add_argument("--presence-penalty", type=float, default=0.0)
     group.add_argument("--frequency-penalty", type=float, default=0.0)
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--seed", type=int, default=None)
     parser.add_argument("--model", required=True, help="checkpoint directory or preset name")
@@ -134,14 +139,19 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", action="store_true", help="draft with the MTP module (V3 paper §5.4.3)")
 
 
-def _sampling_params(args: argparse.Namespace, **changes):
+CLI_SAMPLING = {"max_tokens": 256, "temperature": 0.6, "top_p": 0.95}  # R1's model card, without a checkpoint's own
+
+
+def _sampling_params(args: argparse.Namespace, llm: LLM, **changes):
+    """The flags given, then the checkpoint's generation_config.json defaults, then CLI_SAMPLING's."""
     from .engine import SamplingParams
 
-    fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  min_p=args.min_p, presence_penalty=args.presence_penalty,
-                  frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-                  stop=args.stop, seed=args.seed)
-    return SamplingParams(**{**fields, **changes})
+    flags = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                 min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    given = {name: value for name, value in flags.items() if value is not None}
+    return SamplingParams(**{**CLI_SAMPLING, **llm.sampling_defaults, **given, "stop": args.stop, "seed": args.seed,
+                             "presence_penalty": args.presence_penalty,
+                             "frequency_penalty": args.frequency_penalty, **changes})
 
 
 def _llm(args: argparse.Namespace):
@@ -153,8 +163,8 @@ def _llm(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Complete one prompt, streaming the text (n = 1) or printing every completion (n > 1, --json)."""
-    params = _sampling_params(args, n=args.n)
     llm = _llm(args)
+    params = _sampling_params(args, llm, n=args.n)
     prompt: str | list[int] = args.prompt
     if args.prompt_ids:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
@@ -183,7 +193,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = _llm(args)
     if llm.tokenizer is None:
         raise ValueError(f"--model {args.model}: chat needs a checkpoint with a tokenizer")
-    params = _sampling_params(args)
+    params = _sampling_params(args, llm)
     tty = sys.stdout.isatty()
     dim, bold, reset = ("\x1b[2m", "\x1b[1m", "\x1b[0m") if tty else ("", "", "")
     history: list[dict[str, str]] = []

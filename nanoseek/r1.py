@@ -174,11 +174,11 @@ class ZeroLayout(Layout):
 LAYOUTS: dict[str, Layout] = {"chat": ChatLayout(), "zero": ZeroLayout()}
 
 
-def conversation_prompt(tokenizer: PromptTokenizer, messages: list[dict[str, str]]) -> Prompt:
-    """A conversation as the next reply's prompt: the tokenizer's chat template or, without one, the zero
-    layout's turns (`User: ...\nAssistant: ...`), nothing prefilled."""
+def conversation_prompt(tokenizer: PromptTokenizer, messages: list[dict[str, str]], **template_kwargs: Any) -> Prompt:
+    """A conversation as the next reply's prompt: the tokenizer's chat template (given `template_kwargs`) or,
+    without one, the zero layout's turns (`User: ...\nAssistant: ...`), nothing prefilled."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
         return Prompt(tokenizer.encode(text, add_special_tokens=False), opens_think(text))
     turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
     return Prompt(tokenizer.encode("\n".join(turns) + "\nAssistant:"), False)
@@ -255,6 +255,16 @@ class ReasoningParser:
         kind = REASONING if self.state == REASONING else CONTENT
         rest, self.buffer = self.buffer, ""
         return [(kind, rest)] if rest else []
+
+
+def split_reply(text: str, in_reasoning: bool) -> tuple[str | None, str]:
+    """A whole reply as (its reasoning, or None when it has no think block; its answer), as the stream splits it."""
+    parser = ReasoningParser(in_reasoning)
+    pieces = parser.feed(text) + parser.finish()
+    content = "".join(piece for kind, piece in pieces if kind == CONTENT)
+    if not parser.had_reasoning:
+        return None, content
+    return "".join(piece for kind, piece in pieces if kind != CONTENT), content
 
 
 def _partial_tag_length(text: str, tag: str) -> int:

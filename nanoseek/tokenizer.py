@@ -20,6 +20,9 @@ from .r1 import ASSISTANT, CHAT_TEMPLATE, SYSTEM, TAGS, USER
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# transformers 5 writes the chat template to its own file (and named ones to a directory), which then take
+# priority over `chat_template` in tokenizer_config.json (`tokenization_utils_base.py`)
+CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
@@ -71,6 +74,20 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+def _template_files(path: Path) -> dict[str, str]:
+    """The chat templates saved as files beside the tokenizer: name -> template (the main one is "default")."""
+    files = {"default": path / CHAT_TEMPLATE_FILE} if (path / CHAT_TEMPLATE_FILE).exists() else {}
+    if (path / CHAT_TEMPLATE_DIR).is_dir():
+        files.update({file.stem: file for file in sorted((path / CHAT_TEMPLATE_DIR).glob("*.jinja"))})
+    templates = {}
+    for name, file in files.items():
+        try:
+            templates[name] = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return templates
+
+
 class Tokenizer:
     def __init__(self, tokenizer: _RustTokenizer, config: dict[str, Any] | None = None):
         self.backend = tokenizer
@@ -93,6 +110,9 @@ class Tokenizer:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path / TOKENIZER_CONFIG_FILE}: not valid JSON (line {exc.lineno}: {exc.msg})") \
                     from exc
+        templates = _template_files(path)
+        if templates:
+            config["chat_template"] = templates["default"] if list(templates) == ["default"] else templates
         return cls(backend, config)
 
     def save(self, path: str | Path) -> None:
@@ -152,8 +172,9 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         template = self.config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template}
-            template = named.get("default")
+            template = {t.get("name"): t.get("template") for t in template}
+        if isinstance(template, dict):  # named templates read from files
+            template = template.get("default")
         return template
 
     @cached_property
@@ -172,9 +193,11 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
-        """Render a conversation to the prompt text; needs a `chat_template` in tokenizer_config.json."""
+        """Render a conversation to the prompt text with the tokenizer's chat template (from chat_template.jinja
+        or tokenizer_config.json)."""
         if not self.chat_template:
-            raise ValueError("this tokenizer has no chat_template in tokenizer_config.json")
+            raise ValueError(f"this tokenizer has no chat template ({CHAT_TEMPLATE_FILE} or `chat_template` in "
+                             f"{TOKENIZER_CONFIG_FILE})")
         specials = {name: self.special_token(name) for name in
                     ("bos_token", "eos_token", "pad_token", "unk_token") if self.special_token(name) is not None}
         return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,

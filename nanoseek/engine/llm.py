@@ -6,14 +6,16 @@ import itertools
 import random
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..checkpoint import load_model
 from ..config import PRESETS, preset
 from ..model import CausalLM, LanguageModel
+from ..r1 import conversation_prompt, split_reply
 from ..tokenizer import Tokenizer
 from .errors import CONTEXT_LENGTH_EXCEEDED, EngineError
 from .params import SamplingParams
@@ -22,6 +24,10 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 
 Prompt = str | list[int]
+Conversation = list[dict[str, Any]]
+# generation_config.json's keys that set sampling defaults -> SamplingParams fields (the keys vLLM reads)
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
 @dataclass
@@ -76,6 +82,7 @@ class LLM:
         self.runner = ModelRunner(self.model, max_num_seqs, self.max_model_len, speculative, prefix_cache_tokens)
         self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
         self.eos_ids = self._eos_ids()
+        self.sampling_defaults = self._sampling_defaults()
         self._rng = random.Random(seed)
         self._ids = itertools.count()
         self.requests: dict[str, list[Sequence]] = {}
@@ -87,6 +94,21 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    def _sampling_defaults(self) -> dict[str, Any]:
+        """The checkpoint's generation_config.json sampling settings as SamplingParams fields (checked)."""
+        config = self.model.generation_config
+        defaults = {field: config[key] for key, field in GENERATION_DEFAULTS.items() if config.get(key) is not None}
+        try:
+            SamplingParams(**defaults)
+        except (EngineError, TypeError) as exc:
+            raise ValueError(f"generation_config.json: {exc}") from exc
+        return defaults
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json defaults (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens), what `generate` and `chat` use when given none."""
+        return SamplingParams(**self.sampling_defaults)
 
     # ---- requests ------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -113,7 +135,7 @@ class LLM:
 
     def check(self, prompt: Prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
         """(prompt token ids, params) after every check a request must pass; raises EngineError otherwise."""
-        params = (params or SamplingParams()).validate()
+        params = (params or self.default_sampling_params()).validate()
         ids = self.encode(prompt)
         if params.n > self.max_num_seqs:
             raise EngineError(f"SamplingParams.n = {params.n}: must be <= max_num_seqs ({self.max_num_seqs})", "n")
@@ -179,6 +201,27 @@ class LLM:
         finally:
             for request_id in ids:
                 self.abort(request_id)
+
+    def chat(self, messages: Conversation | list[Conversation],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        """Reply to one conversation or several (lists of {"role", "content"} messages, as vLLM's `LLM.chat`)
+        through the tokenizer's chat template, `template_kwargs` passed to it; each completion's text is also
+        split into `reasoning_content` (a think block's, or None) and `content`, as the server splits it."""
+        if self.tokenizer is None:
+            raise EngineError("messages: chat needs a tokenizer and this model has none", "messages")
+        if not self.tokenizer.chat_template:
+            raise EngineError("messages: this model's tokenizer has no chat template; use generate", "messages")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [conversation_prompt(self.tokenizer, c, **template_kwargs) for c in conversations]
+        results = self.generate([p.ids for p in prompts], sampling_params)
+        for prompt, result in zip(prompts, results, strict=True):
+            outputs = []
+            for out in result.outputs:
+                reasoning, content = split_reply(out.text, prompt.opened)
+                outputs.append(replace(out, reasoning_content=reasoning, content=content))
+            result.outputs = outputs
+        return results
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield each completion's new text and tokens as they are produced (other requests keep running, and

@@ -17,6 +17,9 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, sampled token first
     cumulative_logprob: float | None = None
     stop_reason: str | int | None = None  # the stop string or stop token that ended it, if any
+    # `LLM.chat` only: `text` split into the think block's reasoning (None without one) and the answer
+    reasoning_content: str | None = None
+    content: str | None = None
 
 
 @dataclass

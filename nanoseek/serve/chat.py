@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine import CompletionOutput, RequestOutput
-from ..r1 import CONTENT, ReasoningParser
+from ..r1 import CONTENT, ReasoningParser, split_reply
 from .bridge import Delta, Finished, next_event
 from .bridge import Request as EngineRequest
 from .protocol import APIError, ChatRequest
@@ -59,11 +59,10 @@ def _choice(server: Server, completion: CompletionOutput, in_reasoning: bool, to
 
 
 def _message(completion: CompletionOutput, in_reasoning: bool) -> dict[str, str]:
-    parser = ReasoningParser(in_reasoning)
-    pieces = parser.feed(completion.text) + parser.finish()
-    message = {"role": "assistant", "content": "".join(text for kind, text in pieces if kind == CONTENT)}
-    if parser.had_reasoning:
-        message["reasoning_content"] = "".join(text for kind, text in pieces if kind != CONTENT)
+    reasoning, content = split_reply(completion.text, in_reasoning)
+    message = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     return message
 
 

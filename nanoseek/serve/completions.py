@@ -26,7 +26,8 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo: prompt log-probabilities are not supported; drop echo or logprobs", "echo")
     prompts = _prompts(server, body)
-    max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
+    max_tokens = body.max_tokens if body.max_tokens is not None else \
+        server.llm.sampling_defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
     params = [server.sampling(body, p, max_tokens, body.logprobs) for p in prompts]
     if body.n * len(prompts) > server.llm.max_num_seqs + server.config.max_queue:
         raise APIError(400, f"prompt: {len(prompts)} prompts x n = {body.n} exceed the server's capacity", "prompt")

@@ -111,16 +111,18 @@ class Server:
         ignored = reasoner_rules and self.config.compat == "deepseek-r1"
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         room = self.llm.max_model_len - len(ids)
+        default = {**SamplingParams().__dict__, **self.llm.sampling_defaults}  # generation_config.json's first
         with engine_refusals():
             params = SamplingParams(
-                n=body.n, max_tokens=min(max_tokens or room, room),
-                temperature=R1_SAMPLING["temperature"] if ignored else _default(body.temperature, 1.0),
-                top_p=R1_SAMPLING["top_p"] if ignored else _default(body.top_p, 1.0),
-                top_k=_default(body.top_k, 0), min_p=_default(body.min_p, 0.0),
+                n=body.n, max_tokens=min(max_tokens or self.llm.sampling_defaults.get("max_tokens") or room, room),
+                temperature=R1_SAMPLING["temperature"] if ignored else _default(body.temperature,
+                                                                                default["temperature"]),
+                top_p=R1_SAMPLING["top_p"] if ignored else _default(body.top_p, default["top_p"]),
+                top_k=_default(body.top_k, default["top_k"]), min_p=_default(body.min_p, default["min_p"]),
                 presence_penalty=0.0 if ignored else _default(body.presence_penalty, 0.0),
                 frequency_penalty=0.0 if ignored else _default(body.frequency_penalty, 0.0),
-                repetition_penalty=_default(body.repetition_penalty, 1.0), stop=stop, seed=body.seed,
-                logprobs=logprobs, ignore_eos=bool(body.ignore_eos))
+                repetition_penalty=_default(body.repetition_penalty, default["repetition_penalty"]), stop=stop,
+                seed=body.seed, logprobs=logprobs, ignore_eos=bool(body.ignore_eos))
             self.llm.check(ids, params)  # what add_request checks on the engine thread, where it must not fail
         return params
 
