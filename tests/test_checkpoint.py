@@ -86,9 +86,9 @@ def test_directory_without_weights(tiny_checkpoint):
 
 def test_unsupported_model_type_lists_supported(tiny_checkpoint):
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    config["model_type"] = "deepseek_v2"
+    config["model_type"] = "mixtral"
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="`model_type` = 'deepseek_v2' is not supported; supported: deepseek_v3"):
+    with pytest.raises(CheckpointError, match="`model_type` = 'mixtral' is not supported; supported: deepseek_v"):
         nanoseek.load_model(tiny_checkpoint)
 
 

@@ -83,6 +83,7 @@ INVALID = [
     ({"tie_word_embeddings": True}, "`tie_word_embeddings` = True: must be false"),
     ({"scoring_func": "softmax"}, "`scoring_func` = 'softmax': must be 'sigmoid'"),
     ({"topk_method": "greedy"}, "`topk_method` = 'greedy': must be 'noaux_tc'"),
+    ({"topk_method": "group_limited_greedy"}, "'group_limited_greedy': must be 'noaux_tc'"),
     ({"rope_scaling": {"type": "linear", "factor": 2}}, "`rope_scaling.type` = 'linear': only 'yarn'"),
     ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": -1}},
      "`rope_scaling.original_max_position_embeddings` = -1"),
@@ -107,6 +108,26 @@ def test_invalid_config_names_field_and_rule(change, message):
     with pytest.raises(ConfigError) as info:
         ModelConfig.from_dict(raw_config(**change))
     assert message in str(info.value)
+
+
+def test_model_type_picks_the_deepseek_generation():
+    from nanoseek.config import DeepSeekV2Config, config_from_dict
+
+    v2 = {"model_type": "deepseek_v2", "num_experts_per_tok": 2}
+    assert type(ModelConfig.from_dict(v2)) is DeepSeekV2Config and type(config_from_dict(v2)) is DeepSeekV2Config
+    assert type(ModelConfig.from_dict(raw_config())) is ModelConfig
+    with pytest.raises(ConfigError, match="`model_type` = 'deepseek_v4' is not supported; supported: deepseek_v3, "
+                                          "deepseek_v2"):
+        ModelConfig.from_dict(raw_config(model_type="deepseek_v4"))
+    with pytest.raises(ConfigError, match="`model_type` = 'deepseek_v3' is not supported; supported: deepseek_v2"):
+        DeepSeekV2Config.from_dict(raw_config())
+
+
+def test_v3_config_names_its_routing():
+    out = preset("tiny").to_dict()
+    assert out["architectures"] == ["DeepseekV3ForCausalLM"] and out["model_type"] == "deepseek_v3"
+    assert out["scoring_func"] == "sigmoid" and out["topk_method"] == "noaux_tc" and preset("tiny").correction_bias
+    assert out["rope_interleave"] is True and out["num_nextn_predict_layers"] == 1
 
 
 def test_non_utf8_config_is_named(tmp_path):

@@ -1,5 +1,6 @@
 """Model configs, one layer for every family: the shared config.json machinery (`base.py`), DeepSeek-V3's
-`ModelConfig` with its presets (`deepseek.py`) and the dense students' `DenseConfig` (`dense.py`)."""
+`ModelConfig` and DeepSeek-V2's `DeepSeekV2Config` with their presets (`deepseek.py`) and the dense students'
+`DenseConfig` (`dense.py`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from .base import ConfigError, HFConfig, read_json_object
-from .deepseek import PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, preset, yarn_mscale
+from .deepseek import PRESETS, SUPPORTED_MODEL_TYPES, V2_PRESETS, DeepSeekV2Config, ModelConfig, preset, yarn_mscale
 from .dense import DENSE_ARCHITECTURES, DENSE_PRESETS, DenseConfig
 
-FAMILIES: tuple[type[HFConfig], ...] = (ModelConfig, DenseConfig)
+FAMILIES: tuple[type[HFConfig], ...] = (ModelConfig, DeepSeekV2Config, DenseConfig)
 
 
 def config_from_dict(raw: dict[str, Any]) -> ModelConfig | DenseConfig:
@@ -18,7 +19,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig | DenseConfig:
     for family in FAMILIES:
         if raw.get("model_type") in family.MODEL_TYPES:
             return family.from_dict(raw)  # type: ignore[return-value]
-    supported = [kind for family in FAMILIES for kind in family.MODEL_TYPES]
+    supported = dict.fromkeys(kind for family in FAMILIES for kind in family.MODEL_TYPES)  # once each, in order
     raise ConfigError(f"config field `model_type` = {raw.get('model_type')!r} is not supported; supported: "
                       f"{', '.join(supported)}")
 
@@ -29,6 +30,7 @@ def read_config_file(path: str | Path) -> ModelConfig | DenseConfig:
 
 
 __all__ = [
-    "DENSE_ARCHITECTURES", "DENSE_PRESETS", "FAMILIES", "PRESETS", "SUPPORTED_MODEL_TYPES", "ConfigError",
-    "DenseConfig", "HFConfig", "ModelConfig", "config_from_dict", "preset", "read_config_file", "yarn_mscale",
+    "DENSE_ARCHITECTURES", "DENSE_PRESETS", "FAMILIES", "PRESETS", "SUPPORTED_MODEL_TYPES", "V2_PRESETS",
+    "ConfigError", "DeepSeekV2Config", "DenseConfig", "HFConfig", "ModelConfig", "config_from_dict", "preset",
+    "read_config_file", "yarn_mscale",
 ]

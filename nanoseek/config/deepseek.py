@@ -1,9 +1,10 @@
-"""ModelConfig: the fields and JSON of transformers' `DeepseekV3Config`, validation and presets.
+"""ModelConfig: the fields and JSON of transformers' `DeepseekV3Config`, its DeepSeek-V2 sibling
+`DeepSeekV2Config` (transformers' `DeepseekV2Config`), validation and presets.
 
-The field names, meanings and defaults follow transformers' `configuration_deepseek_v3.py`. `config.json` is
-read in every form found in the wild (legacy `rope_scaling` + `rope_theta`, transformers 5.x
-`rope_parameters`) and written in the legacy form that DeepSeek's own releases use, which transformers 4.x and
-5.x, vLLM and SGLang all read.
+The field names, meanings and defaults follow transformers' `configuration_deepseek_v3.py` and
+`configuration_deepseek_v2.py`. `config.json` is read in every form found in the wild (legacy `rope_scaling` +
+`rope_theta`, transformers 5.x `rope_parameters`) and written in the legacy form that DeepSeek's own releases
+use, which transformers 4.x and 5.x, vLLM and SGLang all read.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from typing import Any, ClassVar
 
 from .base import COMMON_IGNORED_KEYS, ConfigError, HFConfig
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
-
-# Keys of DeepSeek's hub config.json that the native transformers model ignores (it hard-codes sigmoid
-# scoring and bias-corrected top-k). They are
-# kept so that a config survives a load/save round trip, and checked where they would change the model.
-_HUB_ONLY_KEYS = ("topk_method", "scoring_func", "aux_loss_alpha", "seq_aux", "ep_size", "pretraining_tp")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+# DeepSeek-V2's selections (V2 paper §2.2.1-2.2.2): plain top-K, or top-K within the topk_group groups
+# (devices) holding the best experts ("device-limited routing").
+V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
 @dataclass
@@ -70,7 +69,11 @@ class ModelConfig(HFConfig):
     moe_layer_freq: int = 1
     num_nextn_predict_layers: int = 1
     quantization_config: dict[str, Any] | None = None
-    # Keys we do not model but keep for a faithful round trip (e.g. `topk_method`, `scoring_func`).
+    # Keys of DeepSeek's hub config.json (not fields of transformers' DeepseekV3Config, which hard-codes them):
+    # the routing they name is checked against the model type.
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    # Keys we do not model but keep for a faithful round trip (e.g. `aux_loss_alpha`, `seq_aux`, `ep_size`).
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived sizes -------------------------------------------------------------------------
@@ -86,16 +89,29 @@ class ModelConfig(HFConfig):
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace
 
+    @property
+    def correction_bias(self) -> bool:
+        """Whether each router has an `e_score_correction_bias`: DeepSeek-V3's auxiliary-loss-free balancing
+        (V3 paper §2.1.2), which only its `noaux_tc` selection uses."""
+        return self.topk_method == "noaux_tc"
+
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> ModelConfig:
-        """Check the shapes transformers' DeepseekV3 modules assume (and basic sanity); raise ConfigError
-        naming field and rule."""
+        """Check the shapes transformers' DeepseekV3 (or DeepseekV2) modules assume (and basic sanity); raise
+        ConfigError naming field and rule."""
+        self._validate_shapes()
+        self._validate_routing()
+        self._validate_rope_scaling()
+        self._validate_quantization()
+        return self
 
+    def _validate_shapes(self) -> None:
+        """The rules V2 and V3 share: MLA, the FFNs and the layer plan are the same in both."""
         need = self.need
         self.need_positive_ints((
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
             "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-            "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"))
+            "n_routed_experts", "num_experts_per_tok", "max_position_embeddings"))
         self.need_bools(("rope_interleave", "norm_topk_prob", "attention_bias", "tie_word_embeddings"))
         self.need_numbers(("rms_norm_eps", "routed_scaling_factor", "initializer_range", "attention_dropout"))
         self.need_ints(("first_k_dense_replace", "num_nextn_predict_layers", "n_shared_experts", "moe_layer_freq"))
@@ -104,37 +120,41 @@ class ModelConfig(HFConfig):
         need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
              f"must equal num_attention_heads ({self.num_attention_heads}): MLA has no grouped KV heads")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
-        need(self.n_routed_experts % self.n_group == 0, "n_routed_experts",
-             f"must be divisible by n_group ({self.n_group})")
-        need(self.n_routed_experts // self.n_group >= 2, "n_group",
-             f"must leave at least 2 experts per group (n_routed_experts={self.n_routed_experts}); "
-             "a group's score is the sum of its top-2 experts")
-        need(self.topk_group <= self.n_group, "topk_group", f"must be <= n_group ({self.n_group})")
-        reachable = self.topk_group * self.n_routed_experts // self.n_group
-        need(self.num_experts_per_tok <= reachable, "num_experts_per_tok",
-             f"must be <= topk_group * n_routed_experts / n_group = {reachable}, the experts a token can reach")
         need(self.n_shared_experts >= 1, "n_shared_experts",
-             "must be >= 1 (DeepSeek-V3 always has a shared expert; transformers expects its weights)")
+             "must be >= 1 (DeepSeek-V2 and V3 always have shared experts; transformers expects their weights)")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
              f"must be between 0 and num_hidden_layers ({self.num_hidden_layers})")
         need(self.moe_layer_freq == 1, "moe_layer_freq",
-             "must be 1: DeepSeek-V3 makes every layer from first_k_dense_replace on an MoE layer")
+             "must be 1: transformers makes every layer from first_k_dense_replace on an MoE layer")
         need(self.hidden_act == "silu", "hidden_act", "must be 'silu' (SwiGLU)")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
-        need(not self.tie_word_embeddings, "tie_word_embeddings", "must be false: DeepSeek-V3's head is untied")
-        scoring = self.extra.get("scoring_func", "sigmoid")
-        if scoring != "sigmoid":
-            raise ConfigError(f"config field `scoring_func` = {scoring!r}: must be 'sigmoid' "
-                              "(softmax routing is DeepSeek-V2, which this model does not implement)")
-        topk_method = self.extra.get("topk_method", "noaux_tc")
-        if topk_method != "noaux_tc":
-            raise ConfigError(f"config field `topk_method` = {topk_method!r}: must be 'noaux_tc' "
-                              "(bias-corrected group-limited top-k, V3 paper eqs. 15-16)")
-        self._validate_rope_scaling()
-        self._validate_quantization()
-        return self
+        need(not self.tie_word_embeddings, "tie_word_embeddings", "must be false: DeepSeek's output head is untied")
+
+    def _validate_routing(self) -> None:
+        """DeepSeek-V3's router: sigmoid affinities, bias-corrected group-limited top-k (V3 paper eqs. 15-16)."""
+        need = self.need
+        self.need_positive_ints(("n_group", "topk_group"))
+        need(self.scoring_func == "sigmoid", "scoring_func",
+             "must be 'sigmoid' for deepseek_v3 (softmax scoring is DeepSeek-V2's: model_type deepseek_v2)")
+        need(self.topk_method == "noaux_tc", "topk_method",
+             "must be 'noaux_tc' (bias-corrected group-limited top-k, V3 paper eqs. 15-16) for deepseek_v3; "
+             "'greedy' and 'group_limited_greedy' are DeepSeek-V2's (model_type deepseek_v2)")
+        self._validate_groups(2, "a group's score is the sum of its top-2 experts")
+
+    def _validate_groups(self, per_group: int, why: str) -> None:
+        """Group-limited selection: whole groups, at least `per_group` experts each, enough experts reachable."""
+        need = self.need
+        need(self.n_routed_experts % self.n_group == 0, "n_routed_experts",
+             f"must be divisible by n_group ({self.n_group})")
+        need(self.n_routed_experts // self.n_group >= per_group, "n_group",
+             f"must leave at least {per_group} expert{'s' if per_group > 1 else ''} per group "
+             f"(n_routed_experts={self.n_routed_experts}); {why}")
+        need(self.topk_group <= self.n_group, "topk_group", f"must be <= n_group ({self.n_group})")
+        reachable = self.topk_group * self.n_routed_experts // self.n_group
+        need(self.num_experts_per_tok <= reachable, "num_experts_per_tok",
+             f"must be <= topk_group * n_routed_experts / n_group = {reachable}, the experts a token can reach")
 
     def _validate_rope_scaling(self) -> None:
         rs = self.rope_scaling
@@ -169,6 +189,17 @@ class ModelConfig(HFConfig):
         return "DeepseekV3ForCausalLM"
 
     @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:  # type: ignore[override]
+        """Build from a config.json dict and validate; read through `ModelConfig`, a `deepseek_v2` config gives
+        a `DeepSeekV2Config` (transformers' defaults differ between the two, so the class must match)."""
+        if cls is ModelConfig and raw.get("model_type") != "deepseek_v3":
+            if raw.get("model_type") == "deepseek_v2":
+                return DeepSeekV2Config.from_dict(raw)
+            raise ConfigError(f"config field `model_type` = {raw.get('model_type')!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        return super().from_dict(raw)
+
+    @classmethod
     def read_special(cls, raw: dict[str, Any]) -> dict[str, Any]:
         """RoPE in the legacy or the transformers 5.x form; MTP depth under its older name."""
         rope_theta, rope_scaling = _read_rope(raw)
@@ -176,6 +207,88 @@ class ModelConfig(HFConfig):
         if "num_mtp_layers" in raw and "num_nextn_predict_layers" not in raw:
             special["num_nextn_predict_layers"] = raw["num_mtp_layers"]
         return special
+
+
+@dataclass
+class DeepSeekV2Config(ModelConfig):
+    """DeepSeek-V2's config.json (transformers' `DeepseekV2Config`, whose defaults these are: a field that
+    config.json leaves out means what it means to transformers).
+
+    MLA and the DeepSeekMoE layout are V3's; the router differs (V2 paper §2.2.1-2.2.2): softmax affinities,
+    `greedy` or `group_limited_greedy` (device-limited) top-k, gates that are the affinities times
+    `routed_scaling_factor`, no correction bias. V2 has no MTP module and always rotates interleaved pairs
+    (`apply_rotary_emb` in `modeling_deepseek_v2.py`), so `rope_interleave` and `num_nextn_predict_layers`,
+    V3's fields, are not written.
+    """
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("deepseek_v2",)
+    V3_ONLY_KEYS: ClassVar[tuple[str, ...]] = ("rope_interleave", "num_nextn_predict_layers")
+
+    vocab_size: int = 102400
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    moe_intermediate_size: int = 1407
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: num_attention_heads, as transformers
+    n_shared_experts: int = 2
+    n_routed_experts: int = 64
+    routed_scaling_factor: float = 1.0
+    n_group: int | None = None  # only group_limited_greedy reads the two group fields
+    topk_group: int | None = None
+    num_experts_per_tok: int | None = None
+    first_k_dense_replace: int = 0
+    norm_topk_prob: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    num_nextn_predict_layers: int = 0
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+
+    @property
+    def architecture(self) -> str:
+        return "DeepseekV2ForCausalLM"
+
+    def _validate_routing(self) -> None:
+        """DeepSeek-V2's router (V2 paper §2.2.1-2.2.2; transformers' `DeepseekV2TopkRouter`)."""
+        need = self.need
+        need(self.scoring_func == "softmax", "scoring_func",
+             "must be 'softmax' for deepseek_v2 (sigmoid scoring is DeepSeek-V3's: model_type deepseek_v3)")
+        need(self.topk_method in V2_TOPK_METHODS, "topk_method",
+             "must be 'greedy' or 'group_limited_greedy' for deepseek_v2 ('noaux_tc', bias-corrected top-k, is "
+             "DeepSeek-V3's: model_type deepseek_v3)")
+        # transformers' DeepseekV2 never renormalises the top-k gates, DeepSeek's own modeling_deepseek.py
+        # renormalises and then drops routed_scaling_factor: the flag has no agreed meaning, and every released
+        # V2 model sets it false (the paper's gates are the affinities themselves).
+        need(not self.norm_topk_prob, "norm_topk_prob",
+             "must be false for deepseek_v2: transformers' DeepseekV2 ignores it, so a checkpoint that sets it "
+             "would not mean the same model there")
+        need(self.num_nextn_predict_layers == 0, "num_nextn_predict_layers",
+             "must be 0: DeepSeek-V2 has no multi-token prediction module")
+        need(self.rope_interleave is True, "rope_interleave",
+             "must be true: DeepSeek-V2 always rotates interleaved pairs")
+        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+             f"must be <= n_routed_experts ({self.n_routed_experts})")
+        need(self.extra.get("mlp_bias", False) is False, "mlp_bias", "must be false: DeepSeek's FFNs have no biases")
+        if self.topk_method == "greedy":
+            for name in ("n_group", "topk_group"):  # unused by greedy, but must still be well formed
+                value = getattr(self, name)
+                need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                     name, "must be a positive integer or null")
+            return
+        self.need_positive_ints(("n_group", "topk_group"))
+        self._validate_groups(1, "a group's score is its best expert's")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for key in self.V3_ONLY_KEYS:
+            out.pop(key, None)
+        return out
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -254,14 +367,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=4096,
         num_nextn_predict_layers=1,
     ),
-    # DeepSeek-V2-Lite's shapes (16B total, 2.4B active; DS config_16B.json) with V3 routing.
+    # DeepSeek-V2-Lite (15.7B total, 2.4B activated; V2 paper appendix B), its hub config.json's values:
+    # plain top-6 of 64 softmax-scored experts, gates unscaled. Sizing; never allocated by the tests.
     "deepseek-v2-lite": dict(
         vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
         num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=16,
         q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=163840,
-        rope_scaling=_yarn(40, 4096, 0.707), num_nextn_predict_layers=0, bos_token_id=100000,
+        topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=163840,
+        rope_scaling=_yarn(40, 4096, 0.707), bos_token_id=100000, eos_token_id=100001,
+    ),
+    # DeepSeek-V2 (236B total, 21B activated; V2 paper §3.1.2), its hub config.json's values: device-limited
+    # routing, top-6 of 160 experts from the best 3 of 8 groups, gates scaled by 16. Sizing only.
+    "deepseek-v2": dict(
+        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=60, first_k_dense_replace=1, num_attention_heads=128, num_key_value_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3,
+        topk_method="group_limited_greedy", routed_scaling_factor=16.0, norm_topk_prob=False,
+        max_position_embeddings=163840, rope_scaling=_yarn(40, 4096, 0.707), bos_token_id=100000,
         eos_token_id=100001,
     ),
     # DeepSeek-V3 / R1 (671B); for sizing only, never allocated. Hub config.json values.
@@ -270,14 +394,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
     ),
 }
+# The presets of DeepSeek-V2's family; the rest are DeepSeek-V3's.
+V2_PRESETS = frozenset({"deepseek-v2-lite", "deepseek-v2"})
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named config (`tiny`, `nano`, `micro`, `small`, `deepseek-v2-lite`, `deepseek-v3`), optionally
-    changed."""
+    """A named config (`tiny`, `nano`, `micro`, `small`, `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`),
+    optionally changed; the V2 ones are `DeepSeekV2Config`s."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides}).validate()
+    family = DeepSeekV2Config if name in V2_PRESETS else ModelConfig
+    return family(**{**PRESETS[name], **overrides}).validate()
 
 
 def yarn_mscale(scale: float, mscale: float) -> float:

@@ -1,4 +1,5 @@
-"""DeepSeekMoE (V3 paper §2.1.2, eqs. 12-16): sigmoid router with group-limited, bias-corrected top-k selection,
+"""DeepSeekMoE (V3 paper §2.1.2, eqs. 12-16; V2 paper §2.2): a router -- DeepSeek-V3's sigmoid scores with
+group-limited, bias-corrected top-k, or DeepSeek-V2's softmax scores with plain or device-limited top-k --
 fine-grained routed experts computed per expert over its own tokens, and always-on shared experts."""
 
 from __future__ import annotations
@@ -18,24 +19,31 @@ from .layers import MLP, apply_keeping_fp32
 class RouterStats:
     """What one MoE layer's router did in a forward pass; the trainer's balancing needs these."""
 
-    scores: Tensor  # [N, E] sigmoid affinities s_{i,t} (fp32, unbiased, differentiable)
-    indices: Tensor  # [N, K] selected experts (selection used the bias)
+    scores: Tensor  # [N, E] affinities s_{i,t}, sigmoid (V3) or softmax (V2) (fp32, unbiased, differentiable)
+    indices: Tensor  # [N, K] selected experts (in V3, selection used the bias)
     counts: Tensor  # [E] tokens routed to each expert
 
 
 class Router(nn.Module):
-    """`mlp.gate`: weight [E, d] and the e_score_correction_bias buffer (fp32, never trained by gradient)."""
+    """`mlp.gate`: weight [E, d] and, for DeepSeek-V3's `noaux_tc` routing, the e_score_correction_bias buffer
+    (fp32, never trained by gradient). DeepSeek-V2's routers have no bias: the buffer is None and is neither
+    stored nor loaded."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k, self.num_groups, self.topk_groups = config.num_experts_per_tok, config.n_group, config.topk_group
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.group_limited = config.topk_method == "group_limited_greedy"  # V2 only
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+        bias = torch.zeros(config.n_routed_experts) if config.correction_bias else None
+        self.register_buffer("e_score_correction_bias", bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, d] -> (weights [N, K] fp32, indices [N, K], scores [N, E] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # router in fp32, as transformers
+        logits = F.linear(x.float(), self.weight.float())  # router in fp32, as transformers
+        if self.e_score_correction_bias is None:
+            return self._softmax_top_k(logits.softmax(dim=-1))
+        scores = logits.sigmoid()
         biased = scores.detach() + self.e_score_correction_bias  # the bias steers selection only (V3 eq. 16)
         grouped = biased.view(x.shape[0], self.num_groups, -1)
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # a group's score: its top-2 experts
@@ -50,7 +58,23 @@ class Router(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, indices, scores
 
+    def _softmax_top_k(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """DeepSeek-V2's selection (V2 paper §2.2.1-2.2.2; transformers' `DeepseekV2TopkRouter`): the K highest
+        softmax affinities -- with `group_limited_greedy`, only from the topk_group groups (devices) whose best
+        expert scores highest. The gates are the affinities times routed_scaling_factor, never renormalised
+        (the config rejects norm_topk_prob for V2)."""
+        candidates = scores
+        if self.group_limited:
+            grouped = scores.view(scores.shape[0], self.num_groups, -1)
+            keep = grouped.amax(dim=-1).topk(self.topk_groups, dim=-1).indices  # a group's score: its best expert
+            dropped = torch.ones(grouped.shape[:2], dtype=torch.bool, device=scores.device).scatter_(1, keep, False)
+            candidates = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+        indices = candidates.topk(self.top_k, dim=-1).indices
+        return scores.gather(1, indices) * self.scaling, indices, scores
+
     def _apply(self, fn, recurse=True):
+        if self.e_score_correction_bias is None:
+            return super()._apply(fn, recurse)
         # fp32 as in transformers: bias updates of gamma = 0.001 would vanish in bf16
         return apply_keeping_fp32(self, fn, recurse, ("e_score_correction_bias",))
 

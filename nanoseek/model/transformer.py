@@ -1,4 +1,5 @@
-"""The DeepSeek-V3 decoder (V3 paper §2) with its Multi-Token Prediction modules (§2.2).
+"""The DeepSeek-V3 decoder (V3 paper §2) with its Multi-Token Prediction modules (§2.2); the same decoder,
+with DeepSeek-V2's router and no MTP, is DeepSeek-V2 (V2 paper §2; transformers' `modeling_deepseek_v2.py`).
 
 One model serves training (expanded attention, MTP logits, router statistics), RL log-probs and
 inference (latent cache, absorbed attention).
@@ -87,7 +88,8 @@ class Transformer(nn.Module):
 
 
 class CausalLM(LanguageModel):
-    """DeepSeek-V3 for causal language modelling: `model(input_ids)` returns logits [B, T, vocab].
+    """DeepSeek-V3 (or, from a `DeepSeekV2Config`, DeepSeek-V2) for causal language modelling: `model(input_ids)`
+    returns logits [B, T, vocab].
 
     `num_mtp_modules` defaults to the config's `num_nextn_predict_layers`; a checkpoint without MTP weights
     is loaded with none.
@@ -160,11 +162,12 @@ class CausalLM(LanguageModel):
 
     # ---- weights ---------------------------------------------------------------------------
     def init_module(self, module: nn.Module, std: float) -> None:
-        """The shared rule, plus the router and the stacked experts (zero correction biases)."""
+        """The shared rule, plus the router and the stacked experts (zero correction biases, where V3 has them)."""
         if not isinstance(module, MoE):
             return super().init_module(module, std)
         module.gate.weight.normal_(0.0, std)
-        module.gate.e_score_correction_bias.zero_()
+        if module.gate.e_score_correction_bias is not None:
+            module.gate.e_score_correction_bias.zero_()
         module.experts.w_gate_up.normal_(0.0, std)
         module.experts.w_down.normal_(0.0, std)
 
@@ -176,7 +179,8 @@ class CausalLM(LanguageModel):
     # ---- the checkpoint --------------------------------------------------------------------
     def checkpoint_slots(self) -> dict[str, TensorSlot]:
         """The names of DeepSeek-V3's checkpoints (`README_WEIGHTS.md`): MTP module k at
-        `model.layers.{num_hidden_layers + k}`, experts stored one by one."""
+        `model.layers.{num_hidden_layers + k}`, experts stored one by one. DeepSeek-V2's are the same names less
+        the MTP modules and the routers' correction biases (a None buffer has no slot)."""
         slots = module_slots("model.", self.model)
         slots.update(module_slots("lm_head.", self.lm_head))
         embed, head = self.model.embed_tokens.weight, self.lm_head.weight

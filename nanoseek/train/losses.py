@@ -46,8 +46,12 @@ def sequence_balance_loss(out: ModelOutput, batch: int, top_k: int) -> Tensor:
 
 @torch.no_grad()
 def update_router_biases(routers: list[MoE], counts: list[Tensor], gamma: float) -> None:
-    """Auxiliary-loss-free balancing (V3 §2.1.2): b_i += gamma * sign(mean load - load_i) after each step."""
+    """Auxiliary-loss-free balancing (V3 §2.1.2): b_i += gamma * sign(mean load - load_i) after each step.
+
+    DeepSeek-V2's routers have no bias (V2 balances with auxiliary losses, V2 paper §2.2.3): they are skipped."""
     for router, load in zip(routers, counts, strict=True):
+        if router.gate.e_score_correction_bias is None:
+            continue
         load = load.float()
         router.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
