@@ -1,16 +1,18 @@
 """Load and save Hugging Face checkpoint directories of any model family (DeepSeek-V3's `README_WEIGHTS.md`;
-transformers' `modeling_deepseek_v3.py`, `modeling_llama.py`, `modeling_qwen2.py`).
+transformers' `modeling_deepseek_v3.py`, `modeling_deepseek_v2.py`, `modeling_llama.py`, `modeling_qwen2.py`).
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed in
 `model.safetensors.index.json`; the config's `model_type` picks the family, whose `checkpoint_slots` name every
 tensor. Block-FP8 weights are dequantised on load (`README_WEIGHTS.md`: 128x128 blocks, `weight_scale_inv`).
-The files themselves are read and written by `hf_files`.
+The files themselves are read and written by `hf_files`; a llama.cpp GGUF file is read by `gguf_files` and fills
+the same slots.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from .config import ConfigError, DenseConfig, ModelConfig, config_from_dict
 from .config.base import read_json_object
+from .gguf_files import GGUF_SUFFIX, is_gguf, read_gguf, read_gguf_tokenizer
 from .hf_files import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -31,14 +34,16 @@ from .hf_files import (
     weights_sha256,
 )
 from .model import LanguageModel, build_model
+from .tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "INDEX_FILE", "load_model", "read_config", "save_model", "weights_sha256"]
+__all__ = ["CheckpointError", "INDEX_FILE", "load_model", "load_tokenizer", "read_config", "save_model",
+           "weights_sha256"]
 _LIST_LIMIT = 12
 FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def read_config(file: Path) -> ModelConfig | DenseConfig:
-    """The config of a checkpoint: DeepSeek-V3's, or the dense family's (Llama, Qwen2) by `model_type`."""
+    """The config of a checkpoint: DeepSeek-V3's or V2's, or the dense family's (Llama, Qwen2) by `model_type`."""
     try:
         raw = read_json_object(file)
     except ConfigError as exc:  # the message names the file
@@ -60,45 +65,78 @@ def _empty_model(config: ModelConfig | DenseConfig, names: list[str]) -> Languag
 
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None) -> LanguageModel:
-    """Load an HF-format checkpoint directory: DeepSeek-V3, or a Llama / Qwen2 dense model (R1's distilled
-    students); fp32 on CPU and bf16 on CUDA unless `dtype` says."""
+    """Load an HF-format checkpoint directory: DeepSeek-V3 or V2, or a Llama / Qwen2 dense model (R1's distilled
+    students), or a GGUF file (`x.gguf`: llama, qwen2, deepseek2; dequantised by `gguf_files`); fp32 on CPU and
+    bf16 on CUDA unless `dtype` says."""
     path = Path(path)
+    if is_gguf(path):
+        return _load_gguf(path, device, dtype)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; expected a checkpoint directory with {CONFIG_FILE} "
-                              "and safetensors weights")
+                              f"and safetensors weights, or a {GGUF_SUFFIX} file")
     if not (path / CONFIG_FILE).exists():
         raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a checkpoint directory")
     config = read_config(path / CONFIG_FILE)
     files = weight_files(path)
-    device = torch.device(device or "cpu")
-    with torch.device(device):
-        model = _empty_model(config, list(files))
-    model.to(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    model = _new_model(config, list(files), device, dtype)
     _fill(model, files, path, config)
     model.generation_config = read_generation_config(path)
     return model.eval()
 
 
+def _new_model(config: ModelConfig | DenseConfig, names: list[str], device: torch.device | str | None,
+               dtype: torch.dtype | None) -> LanguageModel:
+    device = torch.device(device or "cpu")
+    with torch.device(device):
+        model = _empty_model(config, names)
+    return model.to(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+
+
+def _load_gguf(path: Path, device: torch.device | str | None, dtype: torch.dtype | None) -> LanguageModel:
+    """A GGUF file (llama, qwen2 or deepseek2), its tensors dequantised and copied into the same slots a
+    checkpoint directory fills (`gguf_files.read_gguf`); the file's sampling defaults as generation_config."""
+    contents = read_gguf(path, tokenizer=False)
+    model = _new_model(contents.config, list(contents.tensors), device, dtype)
+    _fill_slots(model, list(contents.tensors), contents.tensors.__getitem__, path, contents.config,
+                mtp_source="the file's nextn_predict_layers")
+    model.generation_config = contents.generation
+    return model.eval()
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer of a checkpoint: a directory's tokenizer.json, or a GGUF file's metadata; None if it has none."""
+    return read_gguf_tokenizer(path) if is_gguf(path) else Tokenizer.from_dir(path)
+
+
 def _fill(model: LanguageModel, files: dict[str, Path], path: Path, config: ModelConfig | DenseConfig) -> None:
     """Copy every checkpoint tensor into the model's slot for it; CheckpointError listing what is missing,
     unexpected or mis-shaped."""
-    slots = model.checkpoint_slots()
     quantization = getattr(config, "quantization_config", None) or {}
     block = tuple(quantization.get("weight_block_size", (128, 128)))
     handles = {file: open_safetensors(file) for file in sorted(set(files.values()))}
-    unexpected, mismatched, loaded = [], [], set()
-    for name, file in files.items():
-        if name.endswith("_scale_inv"):
-            if name.removesuffix("_scale_inv") not in files:
-                unexpected.append(name)
-            continue
+
+    def read(name: str) -> Tensor:
+        tensor = read_tensor(handles[files[name]], name, files[name])
+        return _dequantized(tensor, name, files, handles, block) if tensor.dtype in FP8_TYPES else tensor
+
+    scales = [name for name in files if name.endswith("_scale_inv")]  # read with their weights
+    orphans = [name for name in scales if name.removesuffix("_scale_inv") not in files]
+    _fill_slots(model, [name for name in files if not name.endswith("_scale_inv")], read, path, config, orphans)
+
+
+def _fill_slots(model: LanguageModel, names: list[str], read: Callable[[str], Tensor], path: Path,
+                config: ModelConfig | DenseConfig, unexpected: list[str] | None = None,
+                mtp_source: str = "config.json's num_nextn_predict_layers") -> None:
+    """Copy each named tensor (`read(name)`) into the model's slot for it; CheckpointError listing what is
+    missing, unexpected or mis-shaped. Shared by checkpoint directories and GGUF files."""
+    slots = model.checkpoint_slots()
+    unexpected, mismatched, loaded = list(unexpected or []), [], set()
+    for name in names:
         slot = slots.get(name)
         if slot is None:
             unexpected.append(name)
             continue
-        tensor = read_tensor(handles[file], name, file)
-        if tensor.dtype in FP8_TYPES:
-            tensor = _dequantized(tensor, name, files, handles, block)
+        tensor = read(name)
         if tuple(tensor.shape) != slot.shape:
             mismatched.append(f"{name}: checkpoint {list(tensor.shape)}, model {list(slot.shape)}")
             continue
@@ -109,7 +147,7 @@ def _fill(model: LanguageModel, files: dict[str, Path], path: Path, config: Mode
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if names]
     if isinstance(config, ModelConfig) and any(_layer_index(name) >= config.num_hidden_layers for name in unexpected):
         problems.append(f"tensors under model.layers.{config.num_hidden_layers} and above are MTP modules: "
-                        "config.json's num_nextn_predict_layers says how many the model has")
+                        f"{mtp_source} says how many the model has")
     if problems:
         raise CheckpointError(f"{path}: weights do not match the config: " + "; ".join(problems))
 

@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import PRESETS, ConfigError, DenseConfig, ModelConfig, preset, read_config_file
-from .flags import CONFIG_FLAG, RunFileError, with_run_file
-from .sizing import forward_flops_per_token, human, kv_cache_bytes_per_token, parameter_counts
+from .flags import CONFIG_FLAG, RunFileError, add_dtype_flag, with_run_file
+from .sizing import (
+    QUANTIZED_FORMATS,
+    forward_flops_per_token,
+    human,
+    kv_cache_bytes_per_token,
+    parameter_counts,
+    weight_bytes,
+)
 
 if TYPE_CHECKING:  # the engine loads torch: imported where a command needs it
     from .engine import LLM
@@ -20,7 +27,8 @@ if TYPE_CHECKING:  # the engine loads torch: imported where a command needs it
 PUBLISHED = {
     "deepseek-v3": "published: 671B total, 37B activated (V3 paper); 36.6B activated including the 0.9B head, "
                    "11.5B MTP, 685B on the hub (README_WEIGHTS.md)",
-    "deepseek-v2-lite": "published: 15.7B total, 2.4B activated (DeepSeek-V2 report)",
+    "deepseek-v2-lite": "published: 15.7B total, 2.4B activated (DeepSeek-V2 report, appendix B)",
+    "deepseek-v2": "published: 236B total, 21B activated (DeepSeek-V2 report, §3.1.2)",
 }
 
 
@@ -28,17 +36,33 @@ def _load_config(args: argparse.Namespace) -> tuple[ModelConfig | DenseConfig, s
     if args.preset:
         return preset(args.preset), f"preset {args.preset}"
     path = Path(args.model)
+    if path.suffix.lower() == ".gguf" and path.is_file():  # a llama.cpp file: the config is its metadata
+        from .gguf_files import read_gguf_config
+
+        return read_gguf_config(path), str(path)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.exists():
         raise ConfigError(f"{path}: no config.json; give a checkpoint directory, a config.json or --preset")
     return read_config_file(config_file), str(path)
 
 
-def _info_report(config: ModelConfig | DenseConfig, source: str, context: int, cache_bytes: int) -> dict:
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _memory_report(config: ModelConfig | DenseConfig, args: argparse.Namespace, cache_per_token: int) -> dict:
+    weights, mtp = weight_bytes(config, DTYPE_BYTES[args.dtype], args.quantize)
+    budget = int(args.memory * 1024**3)
+    return {"weight_bytes": weights, "mtp_weight_bytes": mtp, "weight_format": args.quantize or args.dtype,
+            "weight_dtype": args.dtype,
+            "memory_bytes": budget, "context_tokens_that_fit": max(0, budget - weights) // cache_per_token}
+
+
+def _info_report(config: ModelConfig | DenseConfig, source: str, args: argparse.Namespace) -> dict:
+    context, cache_bytes = args.context, args.cache_bytes
     counts = parameter_counts(config)
     cached, expanded = kv_cache_bytes_per_token(config, cache_bytes)
     weight_flops, attention_flops = forward_flops_per_token(config, context)
-    return {
+    return {**_memory_report(config, args, cached),
         "model": source, "architecture": config.architecture,
         "parameters": counts.total, "activated_parameters": counts.activated,
         "mtp_modules": config.num_nextn_predict_layers,
@@ -76,13 +100,25 @@ def _info_lines(c: ModelConfig | DenseConfig, r: dict) -> list[str]:
         f"{human(r['mha_kv_cache_bytes_per_token'], 'B')}: {r['kv_cache_ratio']:.1f}x smaller",
         f"forward FLOPs     {human(weights + attention, 'FLOP')} per token at {r['context']} tokens of "
         f"context ({human(weights, 'FLOP')} weights + {human(attention, 'FLOP')} attention)",
+        _memory_line(r),
     ]
+
+
+def _memory_line(r: dict) -> str:
+    form, rest = r["weight_format"], r["weight_dtype"]
+    if form in QUANTIZED_FORMATS:
+        group = QUANTIZED_FORMATS[form][1]
+        form = f"{form} matrices {'with per-channel scales' if group is None else f'in groups of {group}'}, " \
+               f"the rest {rest}"
+    mtp = f" (MTP modules {human(r['mtp_weight_bytes'], 'B')} more)" if r["mtp_weight_bytes"] else ""
+    return (f"memory            weights {human(r['weight_bytes'], 'B')}{mtp}, {form}: {human(r['memory_bytes'], 'B')} "
+            f"holds them and {r['context_tokens_that_fit']:,} tokens of cache")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Sizes from the config alone (any family): parameters, KV cache, FLOPs. Never allocates the weights."""
     config, source = _load_config(args)
-    report = _info_report(config, source, args.context, args.cache_bytes)
+    report = _info_report(config, source, args)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -107,7 +143,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     CausalLM(config).save_pretrained(out)
     model = load_model(out)
     print(f"wrote and reloaded an HF checkpoint of preset {args.preset!r} at {out}")
-    info = argparse.Namespace(preset=None, model=str(out), context=args.tokens, cache_bytes=4, json=False)
+    info = argparse.Namespace(preset=None, model=str(out), context=args.tokens, cache_bytes=4, json=False,
+                              quantize=None, dtype="float32", memory=24.0)
     cmd_info(info)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens))
     with torch.inference_mode():
@@ -137,6 +174,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory or preset name")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--speculative", action="store_true", help="draft with the MTP module (V3 paper §5.4.3)")
+    add_dtype_flag(parser)
 
 
 CLI_SAMPLING = {"max_tokens": 256, "temperature": 0.6, "top_p": 0.95}  # R1's model card, without a checkpoint's own
@@ -157,7 +195,7 @@ def _sampling_params(args: argparse.Namespace, llm: LLM, **changes):
 def _llm(args: argparse.Namespace):
     from .engine import LLM
 
-    return LLM(args.model, device=args.device, speculative=args.speculative,
+    return LLM(args.model, device=args.device, dtype=args.dtype, speculative=args.speculative,
                max_num_seqs=max(1, getattr(args, "n", 1)))
 
 
@@ -239,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs")
     info.add_argument("--cache-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--quantize", choices=list(QUANTIZED_FORMATS), help="size the weights in this format")
+    info.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16", help="the weights not quantised")
+    info.add_argument("--memory", type=float, default=24.0, help="GiB to fit weights and cache in")
     info.set_defaults(func=cmd_info)
 
     demo = sub.add_parser("demo", help="build a model, save and reload it, run a forward pass and a cached decode")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .engine import LLM, SamplingParams
+from .flags import add_dtype_flag
 from .r1 import ANSWER_OPEN, LAYOUTS, THINK_OPEN, Layout, layout
 from .tasks import (
     HELD_OUT_PROBLEMS,
@@ -171,6 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve", action="store_true", help="also report pass@k for k = 1, 2, 4, ... samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    add_dtype_flag(parser)
     parser.add_argument("--json", help="also write the report to this file")
 
 
@@ -194,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
                     for i in range(args.problems)]
     if args.samples < 1:
         raise ValueError(f"--samples = {args.samples}: must be >= 1")
-    llm = LLM(args.model, device=args.device, max_num_seqs=max(args.samples, min(256, len(problems) * args.samples)),
+    llm = LLM(args.model, device=args.device, dtype=args.dtype,
+              max_num_seqs=max(args.samples, min(256, len(problems) * args.samples)),
               max_model_len=args.max_tokens + 512)
     report = evaluate(llm, problems, args.samples, args.temperature, args.top_p, args.max_tokens, args.seed,
                       args.template, args.force, args.curve)

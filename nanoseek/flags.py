@@ -87,6 +87,15 @@ def settings_from(cls: type[Settings], args: argparse.Namespace,
     return cls(**values).validate()  # type: ignore[attr-defined]
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    """--dtype of the commands that run a model (the engine's `LLM(dtype=...)`)."""
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and compute: auto is bfloat16 on "
+                        "CUDA, float32 on CPU (where bfloat16 matmuls are far slower)")
+
+
 # ---- run files -------------------------------------------------------------------------------------
 def _config_path(argv: Sequence[str]) -> str | None:
     for i, token in enumerate(argv):

@@ -4,7 +4,9 @@ Nothing is allocated, so this sizes DeepSeek-V3 (671B) as readily as the tiny te
 parameters follow DeepSeek's accounting (README_WEIGHTS.md: 36.6B for V3 including the 0.9B output head;
 an earlier revision said 36.7B counting the embedding too): per token the embedding table contributes one
 row, so it is not counted; the head, every attention and dense weight, the router, the shared experts and K
-routed experts are. The V3 paper rounds the same figure to 37B.
+routed experts are. The V3 paper rounds the same figure to 37B. DeepSeek-V2's routers have no correction bias
+(V2 paper §2.2); counted the same way, V2 is 235.7B total, 20.9B activated (the paper's 236B and 21B, §3.1.2),
+and V2-Lite 15.7B total, 2.45B activated, which appendix B gives as 2.4B.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _swiglu(d: int, inner: int) -> int:
 def _moe(c: ModelConfig, activated: bool) -> int:
     d = c.hidden_size
     experts = c.num_experts_per_tok if activated else c.n_routed_experts
-    router = c.n_routed_experts * d + c.n_routed_experts
+    router = c.n_routed_experts * d + (c.n_routed_experts if c.correction_bias else 0)  # V2: no bias
     return router + (experts + c.n_shared_experts) * _swiglu(d, c.moe_intermediate_size)
 
 
@@ -116,3 +118,43 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{' ' if unit else ''}{prefix}{unit}"
     return f"{n:.0f}{' ' + unit if unit else ''}"
+
+
+# Weight-only quantised formats, as llama.cpp's Q8_0 / Q4_0 family and PyTorch's int8/int4 CPU matmuls store
+# them: int8 with one bf16 scale per output channel; int4 in groups of 64 inputs, a bf16 scale and zero each.
+QUANTIZED_FORMATS = {"int8": (8, None), "int4": (4, 64)}
+
+
+def _matrix_bytes(numel: int, outputs: int, quantize: str) -> int:
+    bits, group = QUANTIZED_FORMATS[quantize]
+    extra = 2 * outputs if group is None else 4 * (numel // group)
+    return numel * bits // 8 + extra
+
+
+def weight_bytes(c: ModelConfig | DenseConfig, dtype_bytes: int = 2, quantize: str | None = None) -> tuple[int, int]:
+    """(main model, MTP modules) weight bytes in memory: every matmul weight (attention, dense and expert MLPs,
+    the head) in `quantize`'s format when given, the rest (embedding, norms, router) at `dtype_bytes`.
+    Counted on the meta device: exact, nothing allocated."""
+    import torch
+
+    from .model import MoE, build_model
+
+    with torch.device("meta"):
+        model = build_model(c)
+    matrices: dict[int, tuple[int, int]] = {}  # parameter id -> (elements, output channels)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not model.model.embed_tokens.weight:
+            matrices[id(module.weight)] = (module.weight.numel(), module.weight.shape[0])
+        elif isinstance(module, MoE):
+            for stacked in (module.experts.w_gate_up, module.experts.w_down):  # [E, in, out]
+                matrices[id(stacked)] = (stacked.numel(), stacked.shape[0] * stacked.shape[2])
+    totals = [0, 0]
+    for name, param in model.named_parameters():
+        numel, outputs = matrices.get(id(param), (param.numel(), 0))
+        size = _matrix_bytes(numel, outputs, quantize) if quantize and outputs else param.numel() * dtype_bytes
+        totals[name.startswith("mtp.")] += size
+    parameters = {name for name, _ in model.named_parameters()}
+    for name, buffer in model.state_dict().items():  # persistent buffers (router biases), kept in fp32
+        if name not in parameters:
+            totals[name.startswith("mtp.")] += buffer.numel() * 4
+    return totals[0], totals[1]

@@ -36,6 +36,20 @@ def test_info_reproduces_deepseek_v3_sizes_without_allocating():
     assert "671.03B total, 36.63B activated" in text and "71.1x smaller" in text
 
 
+def test_info_reproduces_deepseek_v2_sizes():
+    report = json.loads(run("info", "--preset", "deepseek-v2-lite", "--json").stdout)
+    assert report["architecture"] == "DeepseekV2ForCausalLM" and report["mtp_modules"] == 0
+    assert abs(report["parameters"] / 15.7e9 - 1) < 0.01  # V2 paper appendix B
+    # Appendix B's 2.4B activated: counted as V3's 36.6B is (head included, embedding not) V2-Lite has 2.45B; no
+    # consistent accounting lands within 1% of 2.4B (without the head 2.24B, with the embedding too 2.66B).
+    assert abs(report["activated_parameters"] / 2.4e9 - 1) < 0.025
+    assert report["kv_cache_bytes_per_token"] == 576 * 27 * 2
+    text = run("info", "--preset", "deepseek-v2-lite").stdout
+    assert "15.71B total, 2.45B activated" in text and "published: 15.7B total, 2.4B activated" in text
+    full = json.loads(run("info", "--preset", "deepseek-v2", "--json").stdout)
+    assert abs(full["parameters"] / 236e9 - 1) < 0.01 and abs(full["activated_parameters"] / 21e9 - 1) < 0.01
+
+
 def test_info_reads_a_checkpoint_directory(tiny_checkpoint):
     report = json.loads(run("info", str(tiny_checkpoint), "--json").stdout)
     model = nanoseek.load_model(tiny_checkpoint)
@@ -177,3 +191,39 @@ def test_the_tiny_preset_pretrains_on_a_text_file(tmp_path):
                  "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "1")
     assert "using 320 (--vocab-size sets it)" in result.stdout
     assert nanoseek.load_model(tmp_path / "run" / "latest").config.vocab_size == 320
+
+
+def test_weight_memory_is_what_the_model_holds():
+    from nanoseek.sizing import weight_bytes
+
+    config = nanoseek.preset("tiny")
+    model = nanoseek.CausalLM(config)  # fp32: 4 bytes a value, parameters and persistent buffers
+    held = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}
+    main, mtp = weight_bytes(config, dtype_bytes=4)
+    assert main == sum(v for n, v in held.items() if not n.startswith("mtp."))
+    assert mtp == sum(v for n, v in held.items() if n.startswith("mtp.")) > 0
+
+
+def test_int8_and_int4_weights_of_a_dense_model(tmp_path):
+    from nanoseek.config import DenseConfig
+    from nanoseek.model import DenseLM
+    from nanoseek.sizing import weight_bytes
+
+    config = DenseConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = DenseLM(config)
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    other = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in linears)
+    assert weight_bytes(config, 2, "int8")[0] == sum(w.numel() + 2 * w.shape[0] for w in linears) + 2 * other
+    assert weight_bytes(config, 2, "int4")[0] == sum(w.numel() // 2 + 4 * (w.numel() // 64) for w in linears) \
+        + 2 * other
+
+
+def test_info_says_deepseek_v2_lite_fits_24_gib_at_int4_not_at_bf16():
+    bf16 = json.loads(run("info", "--preset", "deepseek-v2-lite", "--json").stdout)
+    int4 = json.loads(run("info", "--preset", "deepseek-v2-lite", "--quantize", "int4", "--json").stdout)
+    assert bf16["weight_bytes"] > 24 * 1024**3 and bf16["context_tokens_that_fit"] == 0
+    assert int4["weight_bytes"] < 10 * 1024**3
+    room = 24 * 1024**3 - int4["weight_bytes"]
+    assert int4["context_tokens_that_fit"] == room // int4["kv_cache_bytes_per_token"] > 100_000
+    assert "int4 matrices in groups of 64" in run("info", "--preset", "deepseek-v2-lite", "--quantize", "int4").stdout

@@ -327,3 +327,10 @@ def test_text_ends_with_held_back_bytes_flushed(tmp_path):
         assert out.text == tokenizer.decode(out.token_ids)
         cut += out.text.endswith("\ufffd")
     assert cut  # the case was met
+
+
+def test_dtype_by_name_as_vllm_takes_it(tiny_checkpoint):
+    assert LLM(tiny_checkpoint, device="cpu", dtype="bfloat16", max_model_len=64).model.dtype == torch.bfloat16
+    assert LLM(tiny_checkpoint, device="cpu", dtype="auto", max_model_len=64).model.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype = 'int3': one of auto, float32, bfloat16, float16"):
+        LLM(tiny_checkpoint, device="cpu", dtype="int3")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, load_tokenizer
 from ..config import PRESETS, preset
 from ..model import CausalLM, LanguageModel
 from ..r1 import conversation_prompt, split_reply
@@ -51,11 +51,11 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | LanguageModel, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 dtype: torch.dtype | str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  speculative: bool = False, max_prefill_tokens: int = 4096, seed: int = 0,
                  tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = _resolve_dtype(dtype, device)
         if isinstance(model, LanguageModel):
             self.model = model.to(device=device, dtype=dtype).eval()
         elif isinstance(model, torch.nn.Module):
@@ -66,7 +66,7 @@ class LLM:
                 self.model = CausalLM(preset(model)).to(dtype).eval()
         else:
             self.model = load_model(model, device=device, dtype=dtype)
-            tokenizer = tokenizer or Tokenizer.from_dir(model)
+            tokenizer = tokenizer or load_tokenizer(model)  # tokenizer.json, or a GGUF file's metadata
         self.tokenizer = tokenizer
         config = self.model.config
         if speculative and not len(self.model.mtp):
@@ -243,6 +243,18 @@ class LLM:
                         yield StreamDelta(request_id, seq.index, text, tokens, seq.finish_reason)
         finally:
             self.abort(request_id)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype, or its name as vLLM takes it ("auto": bfloat16 on CUDA, float32 on CPU)."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype = {dtype!r}: one of auto, {', '.join(names)}")
+    return names[dtype]
 
 
 def _child_seed(seed: int, index: int) -> int:

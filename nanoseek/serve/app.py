@@ -141,8 +141,9 @@ def _add_service_routes(app: FastAPI, server: Server) -> None:
 def build_server(args: argparse.Namespace) -> Server:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue = {args.max_queue}: must be >= 0")
-    llm = LLM(args.model, device=args.device, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              speculative=args.speculative, prefix_cache_tokens=0 if args.speculative else args.prefix_cache_tokens)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_model_len=args.max_model_len, speculative=args.speculative,
+              prefix_cache_tokens=0 if args.speculative else args.prefix_cache_tokens)
     config = ServerConfig(args.served_model_name or str(args.model), args.api_key, args.compat, args.max_queue)
     return Server(llm, config, str(args.model))
 

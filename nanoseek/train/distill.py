@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, read_config
+from ..checkpoint import load_model, load_tokenizer, read_config
 from ..config import DENSE_PRESETS, DenseConfig
 from ..data import Batch, ChatSequences
 from ..flags import add_flags, settings_field, settings_from
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--student is a preset: --teacher gives the tokenizer it starts with")
         torch.manual_seed(config.seed)
         student, tokenizer_dir = new_student(args.student, Path(args.teacher)).to(device), args.teacher
-    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer is None or not tokenizer.chat_template:
         raise ValueError(f"{tokenizer_dir}: distillation needs a tokenizer with a chat_template")
     teacher = load_model(args.teacher, device=device, dtype=torch.float32) if args.teacher and settings.kd_weight \

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoint import load_model, weights_sha256
+from ..checkpoint import load_model, load_tokenizer, weights_sha256
 from ..engine import LLM, SamplingParams
 from ..eval import evaluate, parse_difficulties
 from ..flags import add_flags, settings_field, settings_from
@@ -518,7 +518,7 @@ def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "start.json").write_text(json.dumps({"model": str(args.model),
                                                     "sha256": weights_sha256(args.model)}, indent=2) + "\n")
-    tokenizer = Tokenizer.from_dir(args.model)
+    tokenizer = load_tokenizer(args.model)
     if tokenizer is None or (template.name == "chat" and not tokenizer.chat_template):
         raise ValueError(f"--model {args.model}: GRPO with --template {template.name} needs a tokenizer"
                          + (" with a chat_template" if template.name == "chat" else "") + " in the checkpoint")

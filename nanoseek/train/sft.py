@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, load_tokenizer
 from ..data import ChatSequences, read_conversations
 from ..flags import add_flags, settings_field, settings_from
 from ..r1 import ChatLayout
 from ..tasks import MAX_DIFFICULTY, parse_tasks, training_problem, without_held_out
-from ..tokenizer import Tokenizer
 from .config import NO_COST_PROJECTION, add_run_arguments, add_train_arguments, train_config_from
 from .loop import Trainer, run_distributed
 
@@ -96,7 +95,7 @@ def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
     config = train_config_from(args, NO_COST_PROJECTION)
     rows = conversations(settings_from(ConversationData, args), config.seed)
     model = load_model(args.model, device=device, dtype=torch.float32)
-    tokenizer = Tokenizer.from_dir(args.model)
+    tokenizer = load_tokenizer(args.model)
     if tokenizer is None or not tokenizer.chat_template:
         raise ValueError(f"--model {args.model}: SFT needs a tokenizer with a chat_template in the checkpoint")
     data = ChatSequences(rows, tokenizer, config.seq_len, config.seed)
