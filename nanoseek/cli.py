@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     from . import eval as eval_module
-    from . import report, serve, speedrun
+    from . import gguf_export, report, serve, speedrun
     from .train import distill, grpo, pretrain, rejection, sft
 
     for name, module, summary in (
@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
              "logits"),
             ("serve", serve, "OpenAI/DeepSeek-compatible HTTP server with a web chat page"),
             ("speedrun", speedrun, "the whole R1 pipeline on the built-in corpus, evaluated, with report.md"),
-            ("plot", report, "training curves of runs (their metrics.jsonl) as a PNG")):
+            ("plot", report, "training curves of runs (their metrics.jsonl) as a PNG"),
+            ("export-gguf", gguf_export, "write a llama.cpp / Ollama GGUF file (weights, tokenizer, chat template)")):
         command = sub.add_parser(name, help=summary)
         module.add_arguments(command)
         command.set_defaults(func=module.run)

@@ -20,6 +20,7 @@ gguf_tokenizer_mapping.py`) reads llama and qwen2 the same way; the conventions 
   default llama.cpp gives files without the key); YaRN's mscale as `yarn_log_multiplier` = 0.1 * mscale_all_dim.
 
 Everything is dequantised to fp32 on read, tensor by tensor (keeping blocks quantised is later work).
+`gguf_export` writes these same conventions (its name tables are the ones here, inverted).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ from .config import FAMILIES, ConfigError, DenseConfig, ModelConfig, config_from
 from .hf_files import CheckpointError
 from .tokenizer import Tokenizer
 
-__all__ = ["GGUF_SUFFIX", "SUPPORTED_ARCHITECTURES", "SUPPORTED_TYPES", "GGUFContents", "GGUFTensors", "is_gguf",
-           "read_gguf", "read_gguf_config", "read_gguf_tokenizer"]
+__all__ = ["DENSE_BLOCK_TENSORS", "EXPERT_TENSORS", "GGUF_SUFFIX", "GLOBAL_TENSORS", "MLA_BLOCK_TENSORS",
+           "PRE_TOKENIZER_SPLITS", "SAMPLING_KEYS", "SUPPORTED_ARCHITECTURES", "SUPPORTED_TYPES", "GGUFContents",
+           "GGUFTensors", "block_leaf", "is_gguf", "read_gguf", "read_gguf_config", "read_gguf_tokenizer"]
 
 GGUF_SUFFIX = ".gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "deepseek2")
@@ -59,12 +61,13 @@ _SOFTMAX, _SIGMOID = 1, 2  # llama.cpp's `expert_gating_func` values (gguf.const
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (gguf.constants.TokenType)
 
 T = MODEL_TENSOR
-_GLOBAL = {T.TOKEN_EMBD: "model.embed_tokens", T.OUTPUT_NORM: "model.norm", T.OUTPUT: "lm_head"}
-_DENSE_BLOCK = {
+# llama.cpp tensor (gguf.constants) -> HF name: the tables `gguf_export` inverts to write what is read here
+GLOBAL_TENSORS = {T.TOKEN_EMBD: "model.embed_tokens", T.OUTPUT_NORM: "model.norm", T.OUTPUT: "lm_head"}
+DENSE_BLOCK_TENSORS = {
     T.ATTN_NORM: "input_layernorm", T.ATTN_Q: "self_attn.q_proj", T.ATTN_K: "self_attn.k_proj",
     T.ATTN_V: "self_attn.v_proj", T.ATTN_OUT: "self_attn.o_proj", T.FFN_NORM: "post_attention_layernorm",
     T.FFN_GATE: "mlp.gate_proj", T.FFN_UP: "mlp.up_proj", T.FFN_DOWN: "mlp.down_proj"}
-_MLA_BLOCK = {
+MLA_BLOCK_TENSORS = {
     T.ATTN_NORM: "input_layernorm", T.ATTN_Q: "self_attn.q_proj", T.ATTN_Q_A: "self_attn.q_a_proj",
     T.ATTN_Q_A_NORM: "self_attn.q_a_layernorm", T.ATTN_Q_B: "self_attn.q_b_proj",
     T.ATTN_KV_A_MQA: "self_attn.kv_a_proj_with_mqa", T.ATTN_KV_A_NORM: "self_attn.kv_a_layernorm",
@@ -75,7 +78,7 @@ _MLA_BLOCK = {
     # the MTP module's own tensors (DeepSeek-V3.2's and GLM's converters); the rest of it is a decoder layer
     T.NEXTN_EH_PROJ: "eh_proj", T.NEXTN_EMBED_TOKENS: "embed_tokens", T.NEXTN_ENORM: "enorm",
     T.NEXTN_HNORM: "hnorm", T.NEXTN_SHARED_HEAD_HEAD: "shared_head.head", T.NEXTN_SHARED_HEAD_NORM: "shared_head.norm"}
-_EXPERTS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
+EXPERT_TENSORS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)\.(weight|bias)")
 
 # Pre-tokenizer splits by `tokenizer.ggml.pre` (the regexes of the models' own tokenizer.json files; llama.cpp's
@@ -94,8 +97,8 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 }
 _GPT2_PRE = ("gpt-2", "gpt2", "default")
 # general.sampling.* (the sampler settings a file recommends) -> generation_config.json keys
-_SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-                  "penalty_repeat": "repetition_penalty"}
+SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "penalty_repeat": "repetition_penalty"}
 
 
 class GGUFContents(NamedTuple):
@@ -405,7 +408,8 @@ def _plan(meta: _Metadata, reader: GGUFReader, config: ModelConfig | DenseConfig
         match = _BLOCK_NAME.fullmatch(name)
         if match is None:
             base, _, suffix = name.rpartition(".")
-            hf = next((f"{hf}.{suffix}" for t, hf in _GLOBAL.items() if TENSOR_NAMES[t] == base), name)
+            hf = next((f"{hf}.{suffix}" for t, hf in GLOBAL_TENSORS.items() if TENSOR_NAMES[t] == base),
+                      name)
             loaders[hf] = _plain(tensor, path)
             continue
         layer, leaf, suffix = int(match[1]), match[2], match[3]
@@ -416,28 +420,29 @@ def _plan(meta: _Metadata, reader: GGUFReader, config: ModelConfig | DenseConfig
             for expert in range(tensor.data.shape[0]):
                 loaders[prefix + f"mlp.experts.{expert}.{_EXPERT_LEAVES[leaf]}.{suffix}"] = \
                     (lambda t=tensor, e=expert: _dequantize(t, path, e))
-        elif leaf == _leaf(T.FFN_EXP_PROBS_B) and deepseek:
+        elif leaf == block_leaf(T.FFN_EXP_PROBS_B) and deepseek:
             loaders[prefix + "mlp.gate.e_score_correction_bias"] = _plain(tensor, path)
-        elif leaf == _leaf(T.ATTN_K_B) and f"blk.{layer}.{_leaf(T.ATTN_V_B)}.{suffix}" in tensors:
-            value = tensors[f"blk.{layer}.{_leaf(T.ATTN_V_B)}.{suffix}"]
+        elif leaf == block_leaf(T.ATTN_K_B) and f"blk.{layer}.{block_leaf(T.ATTN_V_B)}.{suffix}" in tensors:
+            value = tensors[f"blk.{layer}.{block_leaf(T.ATTN_V_B)}.{suffix}"]
             loaders[prefix + f"self_attn.kv_b_proj.{suffix}"] = _joined_kv_b(tensor, value, path)
-        elif leaf == _leaf(T.ATTN_V_B) and f"blk.{layer}.{_leaf(T.ATTN_K_B)}.{suffix}" in tensors:
+        elif leaf == block_leaf(T.ATTN_V_B) and f"blk.{layer}.{block_leaf(T.ATTN_K_B)}.{suffix}" in tensors:
             continue  # joined with attn_k_b above
         else:
             loaders[name] = _plain(tensor, path)
     return loaders
 
 
-def _leaf(kind: MODEL_TENSOR) -> str:
+def block_leaf(kind: MODEL_TENSOR) -> str:
     """`blk.{bid}.attn_q` -> `attn_q`."""
     return TENSOR_NAMES[kind].split("{bid}.", 1)[1]
 
 
 def _leaf_names(table: dict[MODEL_TENSOR, str]) -> dict[str, str]:
-    return {_leaf(kind): hf for kind, hf in table.items()}
+    return {block_leaf(kind): hf for kind, hf in table.items()}
 
 
-_DENSE_LEAVES, _MLA_LEAVES, _EXPERT_LEAVES = (_leaf_names(table) for table in (_DENSE_BLOCK, _MLA_BLOCK, _EXPERTS))
+_DENSE_LEAVES, _MLA_LEAVES, _EXPERT_LEAVES = (_leaf_names(table) for table in
+                                              (DENSE_BLOCK_TENSORS, MLA_BLOCK_TENSORS, EXPERT_TENSORS))
 
 
 def _plain(tensor: ReaderTensor, path: Path) -> Loader:
@@ -447,9 +452,9 @@ def _plain(tensor: ReaderTensor, path: Path) -> Loader:
 def _plain_or_unpermuted(tensor: ReaderTensor, leaf: str, meta: _Metadata, config: ModelConfig | DenseConfig) -> Loader:
     """llama's q and k rows back in HF order: the converter stored each head's rotate-half halves interleaved
     (`LlamaModel.permute`, per kv head for k); transformers' `_reverse_permute_weights` undoes it the same way."""
-    if meta.arch != "llama" or leaf not in (_leaf(T.ATTN_Q), _leaf(T.ATTN_K)):
+    if meta.arch != "llama" or leaf not in (block_leaf(T.ATTN_Q), block_leaf(T.ATTN_K)):
         return _plain(tensor, meta.path)
-    heads = config.num_attention_heads if leaf == _leaf(T.ATTN_Q) else config.num_key_value_heads
+    heads = config.num_attention_heads if leaf == block_leaf(T.ATTN_Q) else config.num_key_value_heads
 
     def load() -> np.ndarray:
         array = _dequantize(tensor, meta.path)
@@ -585,7 +590,7 @@ def _generation(meta: _Metadata) -> dict[str, Any]:
     ends = list(dict.fromkeys(ends))
     if ends:
         generation["eos_token_id"] = ends[0] if len(ends) == 1 else ends
-    for key, field in _SAMPLING_KEYS.items():
+    for key, field in SAMPLING_KEYS.items():
         if (value := meta.get(f"general.sampling.{key}")) is not None:
             generation[field] = value
     return generation
