@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
     for command in sub.choices.values():
+        command.allow_abbrev = False  # `--conf x` must not pass for the --config a run file is read from
         command.add_argument(CONFIG_FLAG, metavar="RUN.toml", help="settings from a TOML file: this command's "
                              "flags as keys (top level or in a [command] table); flags given here override it")
     return parser

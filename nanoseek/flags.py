@@ -7,7 +7,8 @@ is not a flag of that stage: passing it is refused with the reason, never accept
 
 A run file is TOML (stdlib `tomllib`): top-level keys are flags of the command that reads it (`max-steps = 40`
 or `max_steps = 40`); a table named after a command (`[grpo]`) holds keys for that command only, so one file
-can describe a whole pipeline. Flags on the command line override the file.
+can describe a whole pipeline. Flags on the command line override the file (a repeatable one replaces the file's
+list; one of mutually exclusive flags drops the file's choice among them).
 """
 
 from __future__ import annotations
@@ -98,14 +99,18 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 
 # ---- run files -------------------------------------------------------------------------------------
 def _config_path(argv: Sequence[str]) -> str | None:
+    """The --config file named in argv (the parsers take no abbreviations, so this is its only spelling)."""
+    paths = []
     for i, token in enumerate(argv):
         if token == CONFIG_FLAG:
             if i + 1 >= len(argv):
                 raise RunFileError(f"{CONFIG_FLAG}: expected a TOML file")
-            return argv[i + 1]
-        if token.startswith(CONFIG_FLAG + "="):
-            return token.split("=", 1)[1]
-    return None
+            paths.append(argv[i + 1])
+        elif token.startswith(CONFIG_FLAG + "="):
+            paths.append(token.split("=", 1)[1])
+    if len(paths) > 1:
+        raise RunFileError(f"{CONFIG_FLAG} given {len(paths)} times ({', '.join(paths)}): one run file at a time")
+    return paths[0] if paths else None
 
 
 def read_run_file(path: str | Path, command: str, commands: Sequence[str]) -> dict[str, Any]:
@@ -154,8 +159,21 @@ def _value_tokens(action: argparse.Action, key: str, value: Any, path: Path) -> 
             raise bad(f"must be one of {', '.join(map(str, action.choices))}")
     flag = action.option_strings[0]
     if isinstance(action, argparse._AppendAction):
-        return [token for item in items for token in (flag, str(item))]
+        return [f"{flag}={item}" for item in items]
+    if action.nargs is None:  # one value, `=`-joined so that a value starting with "-" stays a value
+        return [f"{flag}={items[0]}"]
     return [flag, *map(str, items)]
+
+
+def _given_on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[argparse.Action]:
+    """The actions the command line sets itself, and the others of their mutually exclusive groups: the file's
+    value for any of them gives way (a flag overrides the file, a repeated flag replaces the file's list)."""
+    named = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    given = {action for option, action in parser._option_string_actions.items() if option in named}
+    for group in parser._mutually_exclusive_groups:
+        if given & set(group._group_actions):
+            given |= set(group._group_actions)
+    return given
 
 
 def with_run_file(argv: Sequence[str], command: str, parser: argparse.ArgumentParser,
@@ -166,11 +184,12 @@ def with_run_file(argv: Sequence[str], command: str, parser: argparse.ArgumentPa
     if path is None:
         return list(argv)
     tokens: list[str] = []
+    given = _given_on_command_line(parser, argv)
     for key, value in read_run_file(path, command, commands).items():
         action = parser._option_string_actions.get(_flag(key))  # argparse's table of the command's flags
         if action is None or isinstance(action, _Refused) or _flag(key) == CONFIG_FLAG:
             reason = f": {action.reason}" if isinstance(action, _Refused) else ""
             raise RunFileError(f"{path}: `{key}` is not a setting of `nanoseek {command}`{reason}")
-        tokens += _value_tokens(action, key, value, Path(path))
+        tokens += [] if action in given else _value_tokens(action, key, value, Path(path))
     position = list(argv).index(command) + 1
     return [*argv[:position], *tokens, *argv[position:]]

@@ -198,10 +198,15 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError(f"this tokenizer has no chat template ({CHAT_TEMPLATE_FILE} or `chat_template` in "
                              f"{TOKENIZER_CONFIG_FILE})")
+        from jinja2 import TemplateError
+
         specials = {name: self.special_token(name) for name in
                     ("bos_token", "eos_token", "pad_token", "unk_token") if self.special_token(name) is not None}
-        return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                              **specials, **kwargs)
+        try:
+            return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  **specials, **kwargs)
+        except TemplateError as exc:  # a template that cannot render this conversation
+            raise ValueError(f"chat template: {exc}") from exc
 
 
 class IncrementalDetokenizer:

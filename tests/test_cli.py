@@ -227,3 +227,20 @@ def test_info_says_deepseek_v2_lite_fits_24_gib_at_int4_not_at_bf16():
     room = 24 * 1024**3 - int4["weight_bytes"]
     assert int4["context_tokens_that_fit"] == room // int4["kv_cache_bytes_per_token"] > 100_000
     assert "int4 matrices in groups of 64" in run("info", "--preset", "deepseek-v2-lite", "--quantize", "int4").stdout
+
+
+def test_the_command_line_replaces_the_run_files_lists_and_exclusive_choices(tmp_path):
+    from nanoseek.cli import _apply_run_file, build_parser
+    from nanoseek.flags import RunFileError
+
+    parser = build_parser()
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('[grpo]\nreward = ["a:b", "c:d"]\ntasks = "-x"\n[pretrain]\npreset = "nano"\n')
+    args = parser.parse_args(_apply_run_file(parser, ["grpo", "--model", "m", "--config", str(run_file),
+                                                      "--reward", "e:f"]))
+    assert args.reward == ["e:f"] and args.tasks == "-x"
+    args = parser.parse_args(_apply_run_file(parser, ["pretrain", "--config", str(run_file), "--model-config", "c"]))
+    assert args.preset is None and args.model_config == "c"
+    with pytest.raises(RunFileError, match="given 2 times"):
+        _apply_run_file(parser, ["eval", "--config", str(run_file), f"--config={run_file}"])
+    assert run("eval", "--model", "m", "--conf", str(run_file), check=False).returncode == 2  # no abbreviation

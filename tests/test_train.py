@@ -421,3 +421,33 @@ def test_padding_is_not_counted_as_expert_load():
     assert counts[0].tolist() == [1, 2, 1, 0]
     add_routed_counts(counts, out, None)
     assert counts[0].tolist() == [2, 4, 2, 4]
+
+
+def test_a_resume_from_shards_keeps_this_runs_optimizer_settings(tmp_path):
+    """dcp.load fills the state dict in place: this run's hyperparameters must still win, as on the other paths."""
+    from nanoseek.train.checkpointing import load_shards, save_shards
+
+    torch.manual_seed(0)
+    model = nanoseek.CausalLM(nanoseek.preset("tiny"))
+    saved = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.5, betas=(0.8, 0.9))
+    model(torch.randint(0, 128, (1, 8))).sum().backward()
+    saved.step()
+    save_shards(model, saved, tmp_path / "dcp")
+    model.zero_grad(set_to_none=True)  # as in a fresh run, where the optimizer's state is built on load
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    load_shards(model, resumed, tmp_path / "dcp")
+    assert resumed.param_groups[0]["weight_decay"] == 0.1 and resumed.param_groups[0]["betas"] == (0.9, 0.95)
+    for param, moments in saved.state.items():  # the moments came back
+        assert torch.equal(resumed.state[param]["exp_avg_sq"], moments["exp_avg_sq"])
+    # the MTP module had no gradient, so no saved state: it keeps its fresh zeros instead of failing the load
+    assert all(not resumed.state[p]["exp_avg"].any() for p in model.mtp.parameters())
+
+
+def test_balance_loss_on_a_model_without_routers_is_refused(tmp_path):
+    from nanoseek.config import DenseConfig
+    from nanoseek.model import DenseLM
+
+    dense = DenseLM(DenseConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    with pytest.raises(ValueError, match="--balance-alpha = 0.0001: this model has no router"):
+        Trainer(dense, None, None, TrainConfig(balance_alpha=1e-4), tmp_path)

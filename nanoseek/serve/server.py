@@ -86,7 +86,10 @@ class Server:
                 continue
             role = "system" if message.role == "developer" else message.role
             messages.append({"role": role, "content": message.text()})  # reasoning never enters the prompt
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as exc:  # the template's raise_exception: the conversation breaks its rules
+            raise APIError(400, f"messages: {exc}", "messages") from exc
         in_reasoning = opens_think(text)
         if in_reasoning and (body.thinking or {}).get("type") == "disabled":
             text, in_reasoning = text + THINK_CLOSE + "\n", False

@@ -12,6 +12,7 @@ DCP reshards on load: shards written by N ranks resume on M (one process include
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import warnings
@@ -100,11 +101,16 @@ def load_shards(model: LanguageModel, optimizer: torch.optim.Optimizer, director
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    groups = optimizer_state["param_groups"]
+    groups = copy.deepcopy(optimizer_state["param_groups"])  # dcp.load writes into these dicts in place
     state = {"model": model_state, "optimizer": optimizer_state}
+    no_dist = not dist.is_initialized()
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent then
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
+        dcp.load({"model": state["model"]}, checkpoint_id=directory, no_dist=no_dist)  # every weight, strictly
+        # AdamW keeps no state for a parameter that never had a gradient (MTP modules at --mtp-lambda 0), while
+        # the fresh optimizer has one for each: those keep their fresh (zero) moments, as they would have
+        dcp.load({"optimizer": state["optimizer"]}, checkpoint_id=directory, no_dist=no_dist,
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     # this run's hyperparameters and AdamW implementation (fused or foreach) stay, as on the other resume paths
     state["optimizer"]["param_groups"] = groups
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

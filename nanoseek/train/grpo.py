@@ -287,6 +287,8 @@ class GRPOTrainer(Trainer):
     """The training loop with rollouts as data and the GRPO objective as loss (the same model object samples
     with the engine and computes the training log-probs)."""
 
+    data_position_is_global = False  # each rank draws its own prompts (PromptSource.rank, .world)
+
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, prompts: PromptSource, config: TrainConfig,
                  out: Path, settings: GRPOConfig, rewards: RewardSet, resume: bool = False):
         self.settings = settings.validate()

@@ -78,10 +78,16 @@ class Trainer:
     fully_shard); rank 0 logs and writes. `resume` continues from DIR/latest. Under FSDP, checkpoints are each
     rank's shards; the last one, and every `export_every` steps one, holds the full HF directory too."""
 
+    # The data's position is one count over all processes, so a run may resume on another process count (with
+    # the same global batch); a stage whose position is per process (GRPO's prompts) says False.
+    data_position_is_global = True
+
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer | None, data: PackedSequences, config: TrainConfig,
                  out: Path, resume: bool = False, parallel: str = "ddp", export_every: int = 0):
         if export_every < 0:
             raise ValueError(f"--export-every = {export_every}: must be >= 0 (0: at the end of the run only)")
+        if config.balance_alpha and not any(isinstance(m, MoE) for m in model.modules()):
+            raise ValueError(f"--balance-alpha = {config.balance_alpha}: this model has no router to balance")
         self.model, self.tokenizer, self.data, self.config = model, tokenizer, data, config.validate()
         self.out, self.export_every = Path(out), export_every
         self.step = 0
@@ -175,7 +181,7 @@ class Trainer:
             extra = mtp_loss(out, targets, denominator)
             loss = loss + config.mtp_lambda * extra
             parts["mtp"] = extra.item()
-        if config.balance_alpha:
+        if config.balance_alpha:  # refused for a model without routers (__init__)
             balance = sequence_balance_loss(out, inputs.shape[0], model.config.num_experts_per_tok)
             loss = loss + config.balance_alpha * balance
             parts["balance"] = balance.item()
@@ -306,6 +312,9 @@ class Trainer:
                 raise ValueError(f"--resume: {latest} was trained with {key} = {state['config'][key]}, "
                                  f"not {getattr(self.config, key)}")
         world, batch_size = state.get("world", 1), state["config"]["batch_size"]
+        if world != self.world and not self.data_position_is_global:
+            raise ValueError(f"--resume: {latest} was trained on {world} process(es), not {self.world} (this "
+                             "stage's data position is kept per process)")
         if world * batch_size != self.world * self.config.batch_size:  # any split of the same rows resumes
             raise ValueError(f"--resume: {latest} was trained on {world} process(es) x batch_size {batch_size}, "
                              f"not {self.world} x {self.config.batch_size} (the data order follows the sequences "
