@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -372,15 +373,22 @@ def test_32_concurrent_streaming_clients(server):
     assert server.metric("nanoseek_num_requests_running") == 0
 
 
+@contextmanager
+def busy_stream(server: Server):
+    """A long streaming completion that holds one sequence of the running batch while the block runs."""
+    with httpx.stream("POST", server.base + "/v1/completions",
+                      json={"model": MODEL, "prompt": "hi", "max_tokens": 2000, "stream": True,
+                            "ignore_eos": True}) as busy:
+        lines = busy.iter_lines()  # held: a dropped iterator closes the stream, which cancels the request
+        assert busy.status_code == 200, next(lines)
+        yield
+
+
 def test_queue_full_is_429(checkpoint):
     small = Server(checkpoint, "--max-num-seqs", "1", "--max-queue", "0", "--max-model-len", "2048")
     try:
         client = small.client(max_retries=0)
-        with httpx.stream("POST", small.base + "/v1/completions",
-                          json={"model": MODEL, "prompt": "hi", "max_tokens": 2000, "stream": True,
-                                "ignore_eos": True}) as busy:
-            lines = busy.iter_lines()  # held: a dropped iterator closes the stream, which cancels the request
-            assert busy.status_code == 200, next(lines)
+        with busy_stream(small):
             with pytest.raises(openai.RateLimitError) as refused:
                 client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
             assert refused.value.response.headers["retry-after"] == "1"
@@ -395,11 +403,7 @@ def test_a_refused_multi_prompt_request_holds_no_capacity(checkpoint):
     small = Server(checkpoint, "--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "2048")
     try:
         client = small.client(max_retries=0)
-        with httpx.stream("POST", small.base + "/v1/completions",
-                          json={"model": MODEL, "prompt": "hi", "max_tokens": 2000, "stream": True,
-                                "ignore_eos": True}) as busy:
-            lines = busy.iter_lines()
-            assert busy.status_code == 200, next(lines)
+        with busy_stream(small):
             with pytest.raises(openai.RateLimitError):
                 client.completions.create(model=MODEL, prompt=["hello", "there"], max_tokens=2)
         for _ in range(100):  # the closed stream's request leaves the batch
