@@ -34,6 +34,7 @@ from .hf_files import (
     weights_sha256,
 )
 from .model import LanguageModel, build_model
+from .model.quantized import quantize_model
 from .tokenizer import Tokenizer
 
 __all__ = ["CheckpointError", "INDEX_FILE", "load_model", "load_tokenizer", "read_config", "save_model",
@@ -64,13 +65,14 @@ def _empty_model(config: ModelConfig | DenseConfig, names: list[str]) -> Languag
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None) -> LanguageModel:
+               dtype: torch.dtype | None = None, quantize: str | None = None) -> LanguageModel:
     """Load an HF-format checkpoint directory: DeepSeek-V3 or V2, or a Llama / Qwen2 dense model (R1's distilled
     students), or a GGUF file (`x.gguf`: llama, qwen2, deepseek2; dequantised by `gguf_files`); fp32 on CPU and
-    bf16 on CUDA unless `dtype` says."""
+    bf16 on CUDA unless `dtype` says. With `quantize` ("int8" or "int4") each layer's matrices are quantised as
+    soon as the layer is read (`LanguageModel.quantize`), so that the float model is never whole in memory."""
     path = Path(path)
     if is_gguf(path):
-        return _load_gguf(path, device, dtype)
+        return _load_gguf(path, device, dtype, quantize)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; expected a checkpoint directory with {CONFIG_FILE} "
                               f"and safetensors weights, or a {GGUF_SUFFIX} file")
@@ -79,26 +81,34 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     config = read_config(path / CONFIG_FILE)
     files = weight_files(path)
     model = _new_model(config, list(files), device, dtype)
-    _fill(model, files, path, config)
+    _fill(model, files, path, config, quantize)
     model.generation_config = read_generation_config(path)
     return model.eval()
 
 
 def _new_model(config: ModelConfig | DenseConfig, names: list[str], device: torch.device | str | None,
                dtype: torch.dtype | None) -> LanguageModel:
+    """The model with uninitialised weights, every one of which the checkpoint fills: built on the meta device,
+    then given empty storage, so that no memory is written twice (nor at all, for matrices quantised on load)."""
     device = torch.device(device or "cpu")
-    with torch.device(device):
+    with torch.device("meta"):
         model = _empty_model(config, names)
-    return model.to(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    model = model.to(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    with torch.device(device):
+        model.rotary = type(model.rotary)(config)  # RoPE frequencies: computed, not loaded
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    return model
 
 
-def _load_gguf(path: Path, device: torch.device | str | None, dtype: torch.dtype | None) -> LanguageModel:
+def _load_gguf(path: Path, device: torch.device | str | None, dtype: torch.dtype | None,
+               quantize: str | None) -> LanguageModel:
     """A GGUF file (llama, qwen2 or deepseek2), its tensors dequantised and copied into the same slots a
     checkpoint directory fills (`gguf_files.read_gguf`); the file's sampling defaults as generation_config."""
     contents = read_gguf(path, tokenizer=False)
     model = _new_model(contents.config, list(contents.tensors), device, dtype)
     _fill_slots(model, list(contents.tensors), contents.tensors.__getitem__, path, contents.config,
-                mtp_source="the file's nextn_predict_layers")
+                mtp_source="the file's nextn_predict_layers", quantize=quantize)
     model.generation_config = contents.generation
     return model.eval()
 
@@ -108,7 +118,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     return read_gguf_tokenizer(path) if is_gguf(path) else Tokenizer.from_dir(path)
 
 
-def _fill(model: LanguageModel, files: dict[str, Path], path: Path, config: ModelConfig | DenseConfig) -> None:
+def _fill(model: LanguageModel, files: dict[str, Path], path: Path, config: ModelConfig | DenseConfig,
+          quantize: str | None) -> None:
     """Copy every checkpoint tensor into the model's slot for it; CheckpointError listing what is missing,
     unexpected or mis-shaped."""
     quantization = getattr(config, "quantization_config", None) or {}
@@ -121,28 +132,35 @@ def _fill(model: LanguageModel, files: dict[str, Path], path: Path, config: Mode
 
     scales = [name for name in files if name.endswith("_scale_inv")]  # read with their weights
     orphans = [name for name in scales if name.removesuffix("_scale_inv") not in files]
-    _fill_slots(model, [name for name in files if not name.endswith("_scale_inv")], read, path, config, orphans)
+    _fill_slots(model, [name for name in files if not name.endswith("_scale_inv")], read, path, config, orphans,
+                quantize=quantize)
 
 
 def _fill_slots(model: LanguageModel, names: list[str], read: Callable[[str], Tensor], path: Path,
                 config: ModelConfig | DenseConfig, unexpected: list[str] | None = None,
-                mtp_source: str = "config.json's num_nextn_predict_layers") -> None:
-    """Copy each named tensor (`read(name)`) into the model's slot for it; CheckpointError listing what is
-    missing, unexpected or mis-shaped. Shared by checkpoint directories and GGUF files."""
+                mtp_source: str = "config.json's num_nextn_predict_layers", quantize: str | None = None) -> None:
+    """Copy each named tensor (`read(name)`) into the model's slot for it, a layer at a time, quantising each
+    layer once it is complete when `quantize` says; CheckpointError listing what is missing, unexpected or
+    mis-shaped. Shared by checkpoint directories and GGUF files."""
     slots = model.checkpoint_slots()
+    required = {name for name, slot in slots.items() if not slot.optional}
     unexpected, mismatched, loaded = list(unexpected or []), [], set()
-    for name in names:
-        slot = slots.get(name)
+    by_layer = sorted(names, key=_layer_index)  # the layers in order; embedding, norm and head (-1) first
+    for position, name in enumerate(by_layer):
+        slot = slots.pop(name, None)  # dropped once written: a slot keeps its float tensor alive
         if slot is None:
             unexpected.append(name)
-            continue
-        tensor = read(name)
-        if tuple(tensor.shape) != slot.shape:
-            mismatched.append(f"{name}: checkpoint {list(tensor.shape)}, model {list(slot.shape)}")
-            continue
-        slot.write(tensor.to(model.device))
-        loaded.add(name)
-    missing = [name for name, slot in slots.items() if name not in loaded and not slot.optional]
+        else:
+            tensor = read(name)
+            if tuple(tensor.shape) != slot.shape:
+                mismatched.append(f"{name}: checkpoint {list(tensor.shape)}, model {list(slot.shape)}")
+            else:
+                slot.write(tensor.to(model.device))
+                loaded.add(name)
+        layer = _layer_index(name)
+        if quantize and layer >= 0 and (position + 1 == len(by_layer) or _layer_index(by_layer[position + 1]) != layer):
+            _quantize_layer(model, layer, quantize)
+    missing = sorted(required - loaded)
     problems = [_listed(label, names) for label, names in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if names]
     if isinstance(config, ModelConfig) and any(_layer_index(name) >= config.num_hidden_layers for name in unexpected):
@@ -150,6 +168,17 @@ def _fill_slots(model: LanguageModel, names: list[str], read: Callable[[str], Te
                         f"{mtp_source} says how many the model has")
     if problems:
         raise CheckpointError(f"{path}: weights do not match the config: " + "; ".join(problems))
+    if quantize:
+        model.quantize(quantize)  # the head and whatever lies outside the layers
+
+
+def _quantize_layer(model: LanguageModel, layer: int, quantize: str) -> None:
+    """Quantise checkpoint layer `layer`: a decoder layer, or past them an MTP module."""
+    layers = model.model.layers
+    if layer < len(layers):
+        quantize_model(layers[layer], quantize)
+    elif layer - len(layers) < len(model.mtp):
+        quantize_model(model.mtp[layer - len(layers)], quantize)
 
 
 def _dequantized(tensor: Tensor, name: str, files: dict[str, Path], handles: dict, block: tuple[int, int]) -> Tensor:

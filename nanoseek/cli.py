@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import PRESETS, ConfigError, DenseConfig, ModelConfig, preset, read_config_file
-from .flags import CONFIG_FLAG, RunFileError, add_dtype_flag, with_run_file
+from .flags import CONFIG_FLAG, DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, RunFileError, add_weight_flags, with_run_file
 from .sizing import (
-    QUANTIZED_FORMATS,
     forward_flops_per_token,
     human,
     kv_cache_bytes_per_token,
@@ -106,10 +105,9 @@ def _info_lines(c: ModelConfig | DenseConfig, r: dict) -> list[str]:
 
 def _memory_line(r: dict) -> str:
     form, rest = r["weight_format"], r["weight_dtype"]
-    if form in QUANTIZED_FORMATS:
-        group = QUANTIZED_FORMATS[form][1]
-        form = f"{form} matrices {'with per-channel scales' if group is None else f'in groups of {group}'}, " \
-               f"the rest {rest}"
+    if form in WEIGHT_FORMATS:
+        layout = "with per-channel scales" if form == "int8" else f"in groups of {DEFAULT_GROUP_SIZE}"
+        form = f"{form} matrices {layout}, the rest {rest}"
     mtp = f" (MTP modules {human(r['mtp_weight_bytes'], 'B')} more)" if r["mtp_weight_bytes"] else ""
     return (f"memory            weights {human(r['weight_bytes'], 'B')}{mtp}, {form}: {human(r['memory_bytes'], 'B')} "
             f"holds them and {r['context_tokens_that_fit']:,} tokens of cache")
@@ -174,7 +172,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory or preset name")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--speculative", action="store_true", help="draft with the MTP module (V3 paper §5.4.3)")
-    add_dtype_flag(parser)
+    add_weight_flags(parser)
 
 
 CLI_SAMPLING = {"max_tokens": 256, "temperature": 0.6, "top_p": 0.95}  # R1's model card, without a checkpoint's own
@@ -196,7 +194,7 @@ def _llm(args: argparse.Namespace):
     from .engine import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, speculative=args.speculative,
-               max_num_seqs=max(1, getattr(args, "n", 1)))
+               max_num_seqs=max(1, getattr(args, "n", 1)), quantize=args.quantize)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -277,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs")
     info.add_argument("--cache-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.add_argument("--quantize", choices=list(QUANTIZED_FORMATS), help="size the weights in this format")
+    info.add_argument("--quantize", choices=WEIGHT_FORMATS, help="size the weights in this format")
     info.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16", help="the weights not quantised")
     info.add_argument("--memory", type=float, default=24.0, help="GiB to fit weights and cache in")
     info.set_defaults(func=cmd_info)

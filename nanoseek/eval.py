@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .engine import LLM, SamplingParams
-from .flags import add_dtype_flag
+from .flags import add_weight_flags
 from .r1 import ANSWER_OPEN, LAYOUTS, THINK_OPEN, Layout, layout
 from .tasks import (
     HELD_OUT_PROBLEMS,
@@ -172,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve", action="store_true", help="also report pass@k for k = 1, 2, 4, ... samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
-    add_dtype_flag(parser)
+    add_weight_flags(parser)
     parser.add_argument("--json", help="also write the report to this file")
 
 
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples = {args.samples}: must be >= 1")
     llm = LLM(args.model, device=args.device, dtype=args.dtype,
               max_num_seqs=max(args.samples, min(256, len(problems) * args.samples)),
-              max_model_len=args.max_tokens + 512)
+              max_model_len=args.max_tokens + 512, quantize=args.quantize)
     report = evaluate(llm, problems, args.samples, args.temperature, args.top_p, args.max_tokens, args.seed,
                       args.template, args.force, args.curve)
     text = json.dumps(report, indent=2)

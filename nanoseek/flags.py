@@ -89,12 +89,16 @@ def settings_from(cls: type[Settings], args: argparse.Namespace,
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_FORMATS = ("int8", "int4")  # weight-only quantisation (`model.quantized`)
+DEFAULT_GROUP_SIZE = 64  # inputs per int4 scale and zero
 
 
-def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
-    """--dtype of the commands that run a model (the engine's `LLM(dtype=...)`)."""
+def add_weight_flags(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize of the commands that run a model (the engine's `LLM(dtype=..., quantize=...)`)."""
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and compute: auto is bfloat16 on "
                         "CUDA, float32 on CPU (where bfloat16 matmuls are far slower)")
+    parser.add_argument("--quantize", choices=WEIGHT_FORMATS, help="weight-only int8 (per channel) or int4 "
+                        "(groups of 64) matrices on PyTorch's CPU kernels; the rest stays in --dtype")
 
 
 # ---- run files -------------------------------------------------------------------------------------

@@ -12,8 +12,12 @@ and V2-Lite 15.7B total, 2.45B activated, which appendix B gives as 2.4B.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import DenseConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from .model import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -120,40 +124,41 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{' ' + unit if unit else ''}"
 
 
-# Weight-only quantised formats, as llama.cpp's Q8_0 / Q4_0 family and PyTorch's int8/int4 CPU matmuls store
-# them: int8 with one bf16 scale per output channel; int4 in groups of 64 inputs, a bf16 scale and zero each.
-QUANTIZED_FORMATS = {"int8": (8, None), "int4": (4, 64)}
+def _quantized_matrix_bytes(model: LanguageModel, quantize: str) -> dict[int, int]:
+    """Parameter id -> its bytes in `quantize`'s format, for the matrices `model.quantized` quantises."""
+    from .model.moe import RoutedExperts
+    from .model.quantized import quantized_bytes, quantizes
 
-
-def _matrix_bytes(numel: int, outputs: int, quantize: str) -> int:
-    bits, group = QUANTIZED_FORMATS[quantize]
-    extra = 2 * outputs if group is None else 4 * (numel // group)
-    return numel * bits // 8 + extra
+    sizes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts):
+            experts, inner, hidden = module.w_down.shape  # [E, I, d]
+            sizes[id(module.w_gate_up)] = experts * quantized_bytes(2 * inner, hidden, quantize)
+            sizes[id(module.w_down)] = experts * quantized_bytes(hidden, inner, quantize)
+        elif quantizes(name.rsplit(".", 1)[-1], module) and module.weight is not model.model.embed_tokens.weight:
+            sizes[id(module.weight)] = quantized_bytes(*module.weight.shape, quantize)
+    return sizes
 
 
 def weight_bytes(c: ModelConfig | DenseConfig, dtype_bytes: int = 2, quantize: str | None = None) -> tuple[int, int]:
-    """(main model, MTP modules) weight bytes in memory: every matmul weight (attention, dense and expert MLPs,
-    the head) in `quantize`'s format when given, the rest (embedding, norms, router) at `dtype_bytes`.
-    Counted on the meta device: exact, nothing allocated."""
+    """(main model, MTP modules) weight bytes in memory: with `quantize`, every matrix `model.quantized`
+    quantises in that format (by its rule, with its fallbacks), the rest (embedding, norms, router, MLA's
+    kv_b_proj) at `dtype_bytes`. Counted on the meta device: exact, nothing allocated."""
     import torch
 
-    from .model import MoE, build_model
+    from .model import build_model
+    from .model.quantized import quantized_bytes
 
     with torch.device("meta"):
         model = build_model(c)
-    matrices: dict[int, tuple[int, int]] = {}  # parameter id -> (elements, output channels)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight is not model.model.embed_tokens.weight:
-            matrices[id(module.weight)] = (module.weight.numel(), module.weight.shape[0])
-        elif isinstance(module, MoE):
-            for stacked in (module.experts.w_gate_up, module.experts.w_down):  # [E, in, out]
-                matrices[id(stacked)] = (stacked.numel(), stacked.shape[0] * stacked.shape[2])
+    embedding = model.model.embed_tokens.weight
+    quantized = _quantized_matrix_bytes(model, quantize) if quantize else {}
     totals = [0, 0]
     for name, param in model.named_parameters():
-        numel, outputs = matrices.get(id(param), (param.numel(), 0))
-        size = _matrix_bytes(numel, outputs, quantize) if quantize and outputs else param.numel() * dtype_bytes
-        totals[name.startswith("mtp.")] += size
-    parameters = {name for name, _ in model.named_parameters()}
+        totals[name.startswith("mtp.")] += quantized.get(id(param), param.numel() * dtype_bytes)
+    if quantize and model.lm_head.weight is embedding:  # a tied head is quantised as a copy of its own
+        totals[0] += quantized_bytes(*embedding.shape, quantize)
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}  # a tied head: twice
     for name, buffer in model.state_dict().items():  # persistent buffers (router biases), kept in fp32
         if name not in parameters:
             totals[name.startswith("mtp.")] += buffer.numel() * 4

@@ -48,12 +48,14 @@ class LLM:
     slots of `max_model_len` positions. `speculative=True` drafts with the checkpoint's MTP module.
     `prefix_cache_tokens` > 0 keeps that many tokens of prompt latents for reuse by later prompts with the same
     start (not together with speculation, whose MTP draft needs every prompt position's hidden state).
+    `quantize` ("int8" or "int4", CPU only) makes the matrices weight-only quantised after loading
+    (`LanguageModel.quantize`; a model passed in is quantised in place); `dtype` is then the rest's.
     """
 
     def __init__(self, model: str | Path | LanguageModel, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  speculative: bool = False, max_prefill_tokens: int = 4096, seed: int = 0,
-                 tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0):
+                 tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0, quantize: str | None = None):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _resolve_dtype(dtype, device)
         if isinstance(model, LanguageModel):
@@ -65,8 +67,10 @@ class LLM:
             with torch.device(device):
                 self.model = CausalLM(preset(model)).to(dtype).eval()
         else:
-            self.model = load_model(model, device=device, dtype=dtype)
+            self.model = load_model(model, device=device, dtype=dtype, quantize=quantize)
             tokenizer = tokenizer or load_tokenizer(model)  # tokenizer.json, or a GGUF file's metadata
+        if quantize is not None and self.model.weight_format is None:
+            self.model.quantize(quantize)
         self.tokenizer = tokenizer
         config = self.model.config
         if speculative and not len(self.model.mtp):

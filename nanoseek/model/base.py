@@ -20,6 +20,7 @@ from ..hf_files import TensorSlot, param_slot, write_checkpoint
 from .attention import LatentCache
 from .layers import RMSNorm
 from .moe import RouterStats
+from .quantized import DEFAULT_GROUP_SIZE, quantize_model
 
 
 @dataclass
@@ -59,7 +60,7 @@ class LanguageModel(nn.Module):
     """
 
     config: ModelConfig | DenseConfig
-    lm_head: nn.Linear
+    lm_head: nn.Module  # nn.Linear, or a QuantizedLinear after `quantize`
     mtp: nn.ModuleList
     generation_config: dict[str, Any]
 
@@ -103,6 +104,10 @@ class LanguageModel(nn.Module):
                         max_shard_bytes: int | None = None) -> None:
         """Write an HF checkpoint directory that transformers loads (DeepseekV3ForCausalLM, or the dense
         family's LlamaForCausalLM / Qwen2ForCausalLM)."""
+        if self.weight_format is not None:
+            raise ValueError(f"save_pretrained: this model's weights are {self.weight_format}-quantised for "
+                             "inference; save the checkpoint it was loaded from (or export a quantised GGUF file "
+                             "with `nanoseek export-gguf --type q8_0|q4_0`)")
         config = self.checkpoint_config()
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                       **self.generation_config}
@@ -110,6 +115,18 @@ class LanguageModel(nn.Module):
                          max_shard_bytes)
 
     # ---- weights -----------------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share the weights the config ties (the dense family's tied head); again after `to_empty`, which gives
+        every parameter storage of its own."""
+    weight_format: str | None = None  # "int8" or "int4" once `quantize` ran
+
+    def quantize(self, form: str, group_size: int = DEFAULT_GROUP_SIZE) -> LanguageModel:
+        """Weight-only int8 or int4 matrices for CPU inference (`quantized.quantize_model`), in place; the
+        model can no longer be trained or saved."""
+        quantize_model(self, form, group_size)
+        self.weight_format = form
+        return self
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, initializer_range) for every matrix, zero biases, unit norms: module by module, in order
@@ -127,8 +144,8 @@ class LanguageModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype

@@ -20,7 +20,7 @@ from ..config import DENSE_ARCHITECTURES, DENSE_PRESETS, DenseConfig
 from ..hf_files import TensorSlot, param_slot
 from .attention import CacheContext, LatentCache
 from .base import LanguageModel, ModelOutput, module_slots, select_positions
-from .layers import MLP, RMSNorm, apply_keeping_fp32
+from .layers import MLP, RMSNorm, apply_keeping_dtype
 from .rope import apply_rope
 
 __all__ = ["DENSE_ARCHITECTURES", "DENSE_PRESETS", "DenseConfig", "DenseLM"]
@@ -50,7 +50,7 @@ class DenseRotary(nn.Module):
         self.register_buffer("inv_freq", dense_inverse_frequencies(config), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        return apply_keeping_fp32(self, fn, recurse, ("inv_freq",))
+        return apply_keeping_dtype(self, fn, recurse, ("inv_freq",))
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq
@@ -119,12 +119,15 @@ class DenseLM(LanguageModel):
         self.config = config.validate()
         self.model = DenseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.mtp = nn.ModuleList()
         self.rotary = DenseRotary(config)
         self.generation_config: dict = {}
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def run(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
             slots: Tensor | None = None, *, mtp: bool = False, router_stats: bool = False,

@@ -7,13 +7,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def apply_keeping_fp32(module: nn.Module, fn, recurse: bool, buffers: tuple[str, ...]) -> nn.Module:
-    """nn.Module._apply that moves the named buffers across devices but keeps them fp32 whatever dtype the
-    model is cast to (RoPE frequencies and the router's correction bias lose too much in bf16)."""
+def apply_keeping_dtype(module: nn.Module, fn, recurse: bool, buffers: tuple[str, ...],
+                        dtype: torch.dtype = torch.float32) -> nn.Module:
+    """nn.Module._apply that moves the named buffers across devices but keeps them in `dtype` whatever dtype the
+    model is cast to (RoPE frequencies and the router's correction bias lose too much in bf16; the quantised
+    kernels take their scales in bf16 only)."""
     kept = {name: module._buffers.pop(name) for name in buffers}
     nn.Module._apply(module, fn, recurse)
     for name, tensor in kept.items():
-        module._buffers[name] = tensor.to(device=fn(tensor).device, dtype=torch.float32)
+        if tensor is not None:
+            moved = fn(tensor)  # a meta tensor given storage by to_empty takes fn's result
+            tensor = (moved if tensor.is_meta else tensor.to(moved.device)).to(dtype)
+        module._buffers[name] = tensor
     return module
 
 

@@ -4,6 +4,7 @@ fine-grained routed experts computed per expert over its own tokens, and always-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..hf_files import TensorSlot
-from .layers import MLP, apply_keeping_fp32
+from .layers import MLP, apply_keeping_dtype
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Router(nn.Module):
         if self.e_score_correction_bias is None:
             return super()._apply(fn, recurse)
         # fp32 as in transformers: bias updates of gamma = 0.001 would vanish in bf16
-        return apply_keeping_fp32(self, fn, recurse, ("e_score_correction_bias",))
+        return apply_keeping_dtype(self, fn, recurse, ("e_score_correction_bias",))
 
 
 def _grouped_mm_supported(x: Tensor, weights: Tensor) -> bool:
@@ -118,6 +119,26 @@ def _cpu_strategy(rows: int, experts: int) -> str:
     return "padded" if rows < 4 * experts else "grouped"
 
 
+ExpertOutputs = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def route_to_experts(x: Tensor, indices: Tensor, weights: Tensor, experts: int,
+                     expert_outputs: ExpertOutputs) -> tuple[Tensor, Tensor]:
+    """Sort the (token, expert) pairs by expert, let `expert_outputs(rows, expert_of_row, counts)` run each
+    expert over its rows, and sum each token's K outputs weighted by its gates: (y [N, d], counts [E])."""
+    top_k = indices.shape[1]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)  # group the (token, expert) pairs by expert
+    token = order // top_k
+    counts = torch.bincount(flat, minlength=experts)
+    # index_select, not x[token]: indexing's backward sums each token's K gradient rows with
+    # index_put_(accumulate=True), which on CPU adds atomically across threads, in no fixed order, from 32,768
+    # elements on (training runs differed by 1e-7); index_select's backward, index_add_, sums in index order.
+    rows = x.index_select(0, token)
+    out = expert_outputs(rows, flat[order], counts) * weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype)), counts
+
+
 class RoutedExperts(nn.Module):
     """All routed experts' SwiGLU weights, stacked for grouped matmuls.
 
@@ -133,24 +154,15 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, d], indices/weights [N, K] -> (sum_k weights * expert_k(x) [N, d], counts [E])."""
-        top_k, experts = indices.shape[1], self.w_gate_up.shape[0]
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)  # group the (token, expert) pairs by expert
-        token = order // top_k
-        counts = torch.bincount(flat, minlength=experts)
-        strategy = _cpu_strategy(flat.numel(), experts) if x.device.type == "cpu" else "grouped"
-        # index_select, not x[token]: indexing's backward sums each token's K gradient rows with
-        # index_put_(accumulate=True), which on CPU adds atomically across threads, in no fixed order, from 32,768
-        # elements on (training runs differed by 1e-7); index_select's backward, index_add_, sums in index order.
-        rows = x.index_select(0, token)
+        return route_to_experts(x, indices, weights, self.w_gate_up.shape[0], self._expert_outputs)
+
+    def _expert_outputs(self, rows: Tensor, expert_of_row: Tensor, counts: Tensor) -> Tensor:
+        strategy = _cpu_strategy(rows.shape[0], counts.shape[0]) if rows.device.type == "cpu" else "grouped"
         if strategy == "padded":
-            out = self._padded(rows, flat[order], counts)
-        else:
-            matmul = _loop_matmul if strategy == "loop" else grouped_matmul
-            gate, up = matmul(rows, self.w_gate_up, counts).chunk(2, dim=-1)
-            out = matmul(F.silu(gate) * up, self.w_down, counts)
-        out = out * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype)), counts
+            return self._padded(rows, expert_of_row, counts)
+        matmul = _loop_matmul if strategy == "loop" else grouped_matmul
+        gate, up = matmul(rows, self.w_gate_up, counts).chunk(2, dim=-1)
+        return matmul(F.silu(gate) * up, self.w_down, counts)
 
     def _padded(self, rows: Tensor, expert_of_row: Tensor, counts: Tensor) -> Tensor:
         """Every expert over its rows padded to the largest group: two batched GEMMs, no per-expert loop."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig, yarn_mscale
-from .layers import apply_keeping_fp32
+from .layers import apply_keeping_dtype
 
 
 def inverse_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
@@ -68,7 +68,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        return apply_keeping_fp32(self, fn, recurse, ("inv_freq",))  # angles p * f need fp32 at long contexts
+        return apply_keeping_dtype(self, fn, recurse, ("inv_freq",))  # angles p * f need fp32 at long contexts
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions [..., T] (int) -> cos, sin [..., T, d_r/2] in `dtype`."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..flags import add_dtype_flag
+from ..flags import add_weight_flags
 
 COMPAT_MODES = ("openai", "deepseek-r1")
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (turns the "
                         "prefix cache off)")
     parser.add_argument("--device", default=None)
-    add_dtype_flag(parser)
+    add_weight_flags(parser)
     parser.add_argument("--log-level", default="warning")
 
 

@@ -56,8 +56,8 @@ class Server:
         self.created = int(time.time())
         self.model_path = model_path
         self.think_close_id = self.tokenizer.token_id(THINK_CLOSE)
-        identity = json.dumps([model_path, llm.model.config.to_dict(), str(llm.model.dtype), llm.max_model_len,
-                               config.compat], sort_keys=True, default=str)
+        identity = json.dumps([model_path, llm.model.config.to_dict(), str(llm.model.dtype),
+                               llm.model.weight_format, llm.max_model_len, config.compat], sort_keys=True, default=str)
         self.fingerprint = "fp_" + hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()
 
     def response_meta(self, id_prefix: str) -> dict[str, Any]:
