@@ -103,7 +103,7 @@ def main() -> None:
           f"{len(prompts)} greedy continuations of {args.new_tokens} tokens; decode at batch 1")
     base = perplexity(llms["fp32"], documents)
     base_speed = timings["fp32"]
-    print("| format | weights | perplexity | vs fp32 | greedy identical | tokens before a difference | "
+    print("| format | weights | perplexity | vs fp32 | greedy identical | common prefix (tokens) | "
           "decode tok/s | vs fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, llm in llms.items():

@@ -98,7 +98,7 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and compute: auto is bfloat16 on "
                         "CUDA, float32 on CPU (where bfloat16 matmuls are far slower)")
     parser.add_argument("--quantize", choices=WEIGHT_FORMATS, help="weight-only int8 (per channel) or int4 "
-                        "(groups of 64) matrices on PyTorch's CPU kernels; the rest stays in --dtype")
+                        f"(groups of {DEFAULT_GROUP_SIZE}) matrices on PyTorch CPU kernels; the rest stays in --dtype")
 
 
 # ---- run files -------------------------------------------------------------------------------------

@@ -152,6 +152,8 @@ def test_quantisation_errors_name_the_setting_and_save_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"kernels used are PyTorch's CPU ones and the model is on meta"):
         copy.deepcopy(model).to("meta").quantize("int8")
     model.quantize("int8")
+    with pytest.raises(ValueError, match=r"quantize = 'int4': this model's weights are int8 already"):
+        model.quantize("int4")
     with pytest.raises(ValueError, match=r"save_pretrained: this model's weights are int8-quantised"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()

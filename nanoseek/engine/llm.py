@@ -69,8 +69,8 @@ class LLM:
         else:
             self.model = load_model(model, device=device, dtype=dtype, quantize=quantize)
             tokenizer = tokenizer or load_tokenizer(model)  # tokenizer.json, or a GGUF file's metadata
-        if quantize is not None and self.model.weight_format is None:
-            self.model.quantize(quantize)
+        if quantize is not None:
+            self.model.quantize(quantize)  # after load_model(quantize=...), nothing is left to do
         self.tokenizer = tokenizer
         config = self.model.config
         if speculative and not len(self.model.mtp):
