@@ -483,23 +483,20 @@ def _joined_kv_b(key: ReaderTensor, value: ReaderTensor, path: Path) -> Loader:
 
 # ---- the tokenizer and the generation defaults ----------------------------------------------------
 def _tokenizer(meta: _Metadata) -> Tokenizer | None:
-    """A byte-level BPE tokenizer from `tokenizer.ggml.*` (transformers' `byte_level_tokenizer` and
-    `add_gguf_special_tokens`): tokens and merges, control tokens special, user-defined ones added, the split of
-    `tokenizer.ggml.pre`, BOS/EOS added as `add_bos_token`/`add_eos_token` say, the chat template."""
+    """The tokenizer of `tokenizer.ggml.*` as transformers' GGUF loader builds it (`gguf_tokenizer_mapping.py`):
+    byte-level BPE (`gpt2`: Llama 3, Qwen2, DeepSeek) or SentencePiece BPE (`llama`: Llama 2, Mistral, TinyLlama);
+    control tokens special, user-defined ones added whole, BOS/EOS added as `add_bos_token`/`add_eos_token` say
+    (a SentencePiece vocabulary adds BOS unless the file says not, as llama.cpp does), the chat template."""
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         return None
-    if kind != "gpt2":
+    if kind not in _TOKENIZER_BUILDERS:
         raise CheckpointError(f"{meta.path}: tokenizer.ggml.model = {kind!r} is not supported; supported: gpt2 "
-                              "(byte-level BPE: Llama 3, Qwen2, DeepSeek); pass a tokenizer of your own")
-    tokens, merges = meta.need("tokenizer.ggml.tokens"), meta.need("tokenizer.ggml.merges")
+                              "(byte-level BPE: Llama 3, Qwen2, DeepSeek), llama (SentencePiece BPE: Llama 2, "
+                              "Mistral); pass a tokenizer of your own")
+    tokens = meta.need("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type") or []
-    spelled = _respelled(tokens, types)
-    vocab = {token: index for index, token in enumerate(spelled)}
-    backend = _RustTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
-                                        fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = _pre_tokenizer(meta)
-    backend.decoder = decoders.ByteLevel()
+    backend, spelled = _TOKENIZER_BUILDERS[kind](meta, tokens, types)
     backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                 for i, token_type in enumerate(types) if token_type == _CONTROL])
     backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
@@ -508,7 +505,7 @@ def _tokenizer(meta: _Metadata) -> Tokenizer | None:
                                                   ("unk_token", "unknown"))
                if isinstance(i := meta.get(f"tokenizer.ggml.{key}_token_id"), int) and 0 <= i < len(tokens)}
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
                               "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
     if (post_processor := _post_processor(config, backend)) is not None:
         backend.post_processor = post_processor
@@ -516,6 +513,56 @@ def _tokenizer(meta: _Metadata) -> Tokenizer | None:
     if template is not None:
         config["chat_template"] = template
     return Tokenizer(backend, config)
+
+
+def _byte_level(meta: _Metadata, tokens: list[str], types: list[int]) -> tuple[_RustTokenizer, list[str]]:
+    """tokenizer.ggml.model = gpt2: the file's tokens (respelled in the byte alphabet) and merges, the split of
+    `tokenizer.ggml.pre`."""
+    merges = meta.need("tokenizer.ggml.merges")
+    spelled = _respelled(tokens, types)
+    vocab = {token: index for index, token in enumerate(spelled)}
+    backend = _RustTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                                        fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _pre_tokenizer(meta)
+    backend.decoder = decoders.ByteLevel()
+    return backend, spelled
+
+
+def _sentencepiece(meta: _Metadata, tokens: list[str], types: list[int]) -> tuple[_RustTokenizer, list[str]]:
+    """tokenizer.ggml.model = llama: SentencePiece BPE over pieces spelled with U+2581 for a space, `<0xXX>`
+    tokens for bytes no piece covers, a space before the text when `tokenizer.ggml.add_space_prefix` (default
+    true) says, and merges from the file or else from the scores (transformers' `generate_merges`)."""
+    given = meta.get("tokenizer.ggml.merges")
+    merges = [tuple(m.split(" ", 1)) for m in given] if given else \
+        _merges_from_scores(tokens, meta.need("tokenizer.ggml.scores"))
+    unknown = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unknown] if isinstance(unknown, int) and 0 <= unknown < len(tokens) else None
+    backend = _RustTokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges,
+                                        unk_token=unk, fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first" if prefix else "never",
+                                                     split=False)
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return backend, list(tokens)
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """A SentencePiece vocabulary's merges: each way of cutting a piece into two pieces, ranked by the whole
+    piece's score (highest first), then by the longer left and right parts; cuts of one piece in the order of
+    their parts' ids (llama.cpp's SPM tokenizer joins the best-scoring adjacent pair first)."""
+    ids = {token: index for index, token in enumerate(tokens)}
+    ranked = []
+    for token, score in zip(tokens, scores, strict=True):
+        cuts = [(token[:at], token[at:]) for at in range(1, len(token)) if token[:at] in ids and token[at:] in ids]
+        cuts.sort(key=lambda cut: (ids[cut[0]], ids[cut[1]]))
+        ranked += [(-score, -len(left), -len(right), left, right) for left, right in cuts]
+    ranked.sort(key=lambda entry: entry[:3])  # stable: ties keep the order above
+    return [(left, right) for *_, left, right in ranked]
+
+
+_TOKENIZER_BUILDERS = {"gpt2": _byte_level, "llama": _sentencepiece}
+_SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def _respelled(tokens: list[str], types: list[int]) -> list[str]:

@@ -8,6 +8,7 @@ environment with `trim_blocks` and `lstrip_blocks`, `raise_exception` and `strft
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from functools import cached_property
@@ -65,6 +66,7 @@ def _byte_of_char() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_of_char()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _token_text(value: Any) -> str | None:
@@ -141,9 +143,13 @@ class Tokenizer:
         piece = self.backend.id_to_token(token_id)
         if piece is None:
             return b""
-        if token_id in self._added_ids or type(self.backend.decoder).__name__ != "ByteLevel":
+        if token_id in self._added_ids:
             return self.backend.decode([token_id], skip_special_tokens=False).encode()
-        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if type(self.backend.decoder).__name__ == "ByteLevel":
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        # SentencePiece: a byte-fallback token `<0xE6>` is that byte, and U+2581 marks a space
+        byte = _BYTE_TOKEN.fullmatch(piece)
+        return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode()
 
     @cached_property
     def _added_ids(self) -> set[int]:

@@ -28,6 +28,7 @@ from nanoseek.cli import main as cli_main
 from nanoseek.engine.errors import EngineError
 from nanoseek.gguf_files import read_gguf
 from nanoseek.model import build_model
+from nanoseek.tokenizer import IncrementalDetokenizer
 
 CONTROL = ["<|begin_of_text|>", "<|end_of_text|>", "<|user|>", "<|assistant|>"]
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
@@ -228,6 +229,63 @@ def test_tokenizer_and_chat_template_equal_transformers(arch, tmp_path):
     messages = [{"role": "user", "content": "what is 2+2?"}]
     assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False,
                                                                             add_generation_prompt=True)
+
+
+@cache
+def sentencepiece_vocabulary() -> tuple[list[str], list[float], list[int]]:
+    """A Llama-2-style SentencePiece BPE vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then pieces trained
+    here (U+2581 for a space) scored by merge order, with llama.cpp's token types (2 unknown, 3 control, 6 byte)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.train_from_iterator(TEXTS[:3] * 20 + ["the lazy dog sleeps while the fox runs"] * 40,
+                                trainers.BpeTrainer(vocab_size=160, show_progress=False))
+    model = json.loads(backend.to_str())["model"]
+    pieces = sorted(model["vocab"], key=model["vocab"].get)
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256)), *pieces]
+    scores = [0.0] * 259 + [-float(rank) for rank in range(len(pieces))]
+    return tokens, scores, [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+
+
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_sentencepiece_tokenizer_equals_transformers(space_prefix, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokens, scores, types = sentencepiece_vocabulary()
+
+    def sentencepiece(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        if not space_prefix:
+            writer.add_add_space_prefix(False)
+        writer.add_chat_template(TEMPLATE)
+
+    path = copy_gguf(write_dense(tmp_path / "base.gguf", tokenizer=False, layers=1), tmp_path / "spm.gguf",
+                     edit=sentencepiece)
+    ours = read_gguf(path).tokenizer
+    for text in [*TEXTS, "€uro\u00fc <s>inside</s> end", "x"]:
+        ids = ours.encode(text)
+        assert ids[0] == 1  # no add_bos_token key: a SentencePiece vocabulary adds BOS (llama.cpp's default)
+        if not text.startswith(" "):  # a leading space is the prefix the decoder strips (as transformers)
+            assert ours.decode(ids, skip_special_tokens=True) == text.replace("<s>", "").replace("</s>", "")
+        if space_prefix:  # transformers' GGUF loader ignores add_space_prefix = false
+            theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+            assert ids == theirs(text)["input_ids"], text
+            assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids)
+    text = "the fox: 日本語 café"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert any(tokens[i].startswith("<0x") for i in ids)  # bytes no piece covers
+    stream = IncrementalDetokenizer(ours, [])
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == ours.decode(ids)  # never a split character
+    assert b"".join(ours.token_bytes(i) for i in ids) == ((" " if space_prefix else "") + text).encode()
+    first = tokens[ours.encode("the")[1]]
+    assert first.startswith("\u2581") == space_prefix
 
 
 def test_llm_generates_and_chats_with_the_files_tokenizer(tmp_path):
@@ -461,15 +519,16 @@ def test_unsupported_architecture_and_tokenizer_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"gemma.gguf: GGUF architecture 'gemma2' is not supported; "
                                               r"supported: llama, qwen2, deepseek2"):
         nanoseek.load_model(tmp_path / "gemma.gguf")
-    def sentencepiece(writer: gguf.GGUFWriter) -> None:
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(["<unk>", "<s>", "</s>"])
+    def wordpiece(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("bert")
+        writer.add_token_list(["[UNK]", "[CLS]", "[SEP]"])
 
-    copy_gguf(write_dense(tmp_path / "spm.gguf", tokenizer=False, layers=1), tmp_path / "spm2.gguf",
-              edit=sentencepiece)
-    assert nanoseek.load_model(tmp_path / "spm2.gguf") is not None  # weights need no tokenizer
-    with pytest.raises(CheckpointError, match="tokenizer.ggml.model = 'llama' is not supported; supported: gpt2"):
-        nanoseek.LLM(tmp_path / "spm2.gguf", device="cpu")
+    copy_gguf(write_dense(tmp_path / "wpm.gguf", tokenizer=False, layers=1), tmp_path / "wpm2.gguf",
+              edit=wordpiece)
+    assert nanoseek.load_model(tmp_path / "wpm2.gguf") is not None  # weights need no tokenizer
+    with pytest.raises(CheckpointError, match=r"tokenizer.ggml.model = 'bert' is not supported; supported: gpt2 "
+                                              r"\(byte-level BPE.*\), llama \(SentencePiece BPE"):
+        nanoseek.LLM(tmp_path / "wpm2.gguf", device="cpu")
 
 
 def test_unsupported_quantisation_type_names_tensor_and_type(tmp_path):
