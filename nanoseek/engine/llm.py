@@ -15,6 +15,7 @@ import torch
 from ..checkpoint import load_model, load_tokenizer
 from ..config import PRESETS, preset
 from ..model import CausalLM, LanguageModel
+from ..model.layout import right_multiplied
 from ..r1 import conversation_prompt, split_reply
 from ..tokenizer import Tokenizer
 from .errors import CONTEXT_LENGTH_EXCEEDED, EngineError
@@ -58,6 +59,7 @@ class LLM:
                  tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0, quantize: str | None = None):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _resolve_dtype(dtype, device)
+        owned = not isinstance(model, torch.nn.Module)  # a model handed in is left as it is
         if isinstance(model, LanguageModel):
             self.model = model.to(device=device, dtype=dtype).eval()
         elif isinstance(model, torch.nn.Module):
@@ -71,6 +73,8 @@ class LLM:
             tokenizer = tokenizer or load_tokenizer(model)  # tokenizer.json, or a GGUF file's metadata
         if quantize is not None:
             self.model.quantize(quantize)  # after load_model(quantize=...), nothing is left to do
+        elif owned and device.type == "cpu":
+            right_multiplied(self.model)  # the faster layout for CPU decode (model/layout.py)
         self.tokenizer = tokenizer
         config = self.model.config
         if speculative and not len(self.model.mtp):

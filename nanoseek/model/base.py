@@ -42,9 +42,9 @@ def module_slots(prefix: str, module: nn.Module) -> dict[str, TensorSlot]:
     slots: dict[str, TensorSlot] = {}
     custom = []
     for name, sub in module.named_modules():
-        if name and hasattr(sub, "checkpoint_slots"):
-            slots.update(sub.checkpoint_slots(f"{prefix}{name}."))
-            custom.append(f"{name}.")
+        if hasattr(sub, "checkpoint_slots") and (name or not isinstance(sub, LanguageModel)):
+            slots.update(sub.checkpoint_slots(f"{prefix}{name}." if name else prefix))
+            custom.append(f"{name}." if name else "")
     for name, tensor in module.state_dict(keep_vars=True).items():
         if not any(name.startswith(c) for c in custom):
             slots[prefix + name] = param_slot(tensor)
