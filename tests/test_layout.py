@@ -21,7 +21,8 @@ def test_the_engine_multiplies_right_and_saves_the_same_checkpoint(tiny_checkpoi
     with torch.no_grad():
         assert torch.allclose(llm.model(ids), reference(ids), atol=1e-5, rtol=1e-5)
     llm.model.save_pretrained(tmp_path / "again")
-    before, after = load_file(tiny_checkpoint / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    before = load_file(tiny_checkpoint / "model.safetensors")
+    after = load_file(tmp_path / "again" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
