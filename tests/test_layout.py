@@ -30,3 +30,12 @@ def test_a_model_handed_to_the_engine_keeps_its_layers():
     model = nanoseek_model()
     nanoseek.LLM(model, device="cpu", max_model_len=64)
     assert not any(isinstance(m, RightMultiplied) for m in model.modules())
+
+
+def test_quantising_an_engine_model_quantises_every_matrix(tiny_checkpoint):
+    from nanoseek.model.quantized import QuantizedLinear
+
+    llm = nanoseek.LLM(tiny_checkpoint, device="cpu", max_model_len=64)
+    llm.model.quantize("int8")
+    assert not any(isinstance(m, RightMultiplied) for m in llm.model.modules())
+    assert any(isinstance(m, QuantizedLinear) for m in llm.model.modules())

@@ -59,6 +59,9 @@ class LLM:
                  tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0, quantize: str | None = None):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _resolve_dtype(dtype, device)
+        if quantize is not None and device.type != "cpu":
+            raise ValueError(f"quantize = {quantize!r}: the int8/int4 kernels are PyTorch's CPU ones and the device "
+                             f"is {device}; pass device='cpu', or run bfloat16 on the GPU")
         owned = not isinstance(model, torch.nn.Module)  # a model handed in is left as it is
         if isinstance(model, LanguageModel):
             self.model = model.to(device=device, dtype=dtype).eval()

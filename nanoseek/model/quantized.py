@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..flags import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS
 from .layers import apply_keeping_dtype
+from .layout import RightMultiplied
 from .moe import RoutedExperts, route_to_experts
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -178,7 +179,8 @@ def quantize_model(model: nn.Module, form: str, group_size: int = DEFAULT_GROUP_
 
 def quantizes(name: str, module: nn.Module) -> bool:
     """Whether `quantize_model` replaces a child module of this attribute name by a quantised one."""
-    return isinstance(module, RoutedExperts) or (isinstance(module, nn.Linear) and name not in UNQUANTISED)
+    matrix = isinstance(module, (nn.Linear, RightMultiplied))  # the engine's decode layout holds the same W
+    return isinstance(module, RoutedExperts) or (matrix and name not in UNQUANTISED)
 
 
 def _quantized(name: str, module: nn.Module, form: str, group_size: int) -> nn.Module | None:
