@@ -10,6 +10,7 @@ the same slots.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -145,20 +146,20 @@ def _fill_slots(model: LanguageModel, names: list[str], read: Callable[[str], Te
     slots = model.checkpoint_slots()
     required = {name for name, slot in slots.items() if not slot.optional}
     unexpected, mismatched, loaded = list(unexpected or []), [], set()
-    by_layer = sorted(names, key=_layer_index)  # the layers in order; embedding, norm and head (-1) first
-    for position, name in enumerate(by_layer):
-        slot = slots.pop(name, None)  # dropped once written: a slot keeps its float tensor alive
-        if slot is None:
-            unexpected.append(name)
-        else:
+    # the layers in order (embedding, norm and head, index -1, first), each quantised once it is complete
+    for layer, layer_names in itertools.groupby(sorted(names, key=_layer_index), key=_layer_index):
+        for name in layer_names:
+            slot = slots.pop(name, None)  # dropped once written: a slot keeps its float tensor alive
+            if slot is None:
+                unexpected.append(name)
+                continue
             tensor = read(name)
             if tuple(tensor.shape) != slot.shape:
                 mismatched.append(f"{name}: checkpoint {list(tensor.shape)}, model {list(slot.shape)}")
-            else:
-                slot.write(tensor.to(model.device))
-                loaded.add(name)
-        layer = _layer_index(name)
-        if quantize and layer >= 0 and (position + 1 == len(by_layer) or _layer_index(by_layer[position + 1]) != layer):
+                continue
+            slot.write(tensor.to(model.device))
+            loaded.add(name)
+        if quantize and layer >= 0:
             _quantize_layer(model, layer, quantize)
     missing = sorted(required - loaded)
     problems = [_listed(label, names) for label, names in

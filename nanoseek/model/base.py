@@ -115,10 +115,11 @@ class LanguageModel(nn.Module):
                          max_shard_bytes)
 
     # ---- weights -----------------------------------------------------------------------------------
+    weight_format: str | None = None  # "int8" or "int4" once `quantize` ran
+
     def tie_weights(self) -> None:
         """Share the weights the config ties (the dense family's tied head); again after `to_empty`, which gives
         every parameter storage of its own."""
-    weight_format: str | None = None  # "int8" or "int4" once `quantize` ran
 
     def quantize(self, form: str, group_size: int = DEFAULT_GROUP_SIZE) -> LanguageModel:
         """Weight-only int8 or int4 matrices for CPU inference (`quantized.quantize_model`), in place; the

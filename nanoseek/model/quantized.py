@@ -190,6 +190,3 @@ def _quantized(name: str, module: nn.Module, form: str, group_size: int) -> nn.M
         return QuantizedExperts(module, form, group_size)
     return quantized_linear(module.weight, module.bias, form, group_size)
 
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedLinear) for m in model.modules())
