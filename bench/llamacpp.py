@@ -6,9 +6,10 @@ Two configs with random weights (seed 0) and a byte-level BPE tokenizer trained 
 `small` DeepSeek-V3 reference config (MLA + MoE, no MTP) and a dense Llama-shaped config of 135M parameters
 (30 layers, hidden 576, 9 heads, 3 KV heads, vocabulary 49,152, tied head: SmolLM-135M's shape). Each is
 saved as a checkpoint, exported with `nanoseek export-gguf` as f32, q8_0 and q4_0, and run as fp32 / int8 /
-int4 (`LLM(quantize=...)`) against llama.cpp's F32 / Q8_0 / Q4_0. Work: greedy decode of 128 new tokens after a
-64-token prompt at batch 1 and 16 (16 sequences in one batch, each its own), and prefill of 64 and 1,024 tokens
-at batch 1; medians of --repeats, the two engines alternating. Decode tok/s counts only the decode steps.
+int4 (`LLM(quantize=...)`; fp32 with `compile=True`, int8/int4 eager) against llama.cpp's F32 / Q8_0 / Q4_0.
+Work: greedy decode of 128 new tokens after a 64-token prompt at batch 1 and 16 (16 sequences in one batch,
+each its own), and prefill of 64 and 1,024 tokens at batch 1; medians of --repeats, the two engines
+alternating, after a warm-up of each shape. Decode tok/s counts only the decode steps.
 
 The floor: a batch-1 step must read every activated weight once. Its bytes (activated parameters x bytes per
 value of the format: 4, 1 + a scale per row, 0.5 + a scale and zero per 64 (llama.cpp's Q4_0: 18 bytes per 32))
@@ -153,7 +154,8 @@ class LlamaCpp:
 
 
 def nanoseek_runner(path: Path, quantize: str | None) -> Callable[[list[list[int]], int], list[list[int]]]:
-    llm = LLM(path, quantize=quantize, max_num_seqs=BATCH, max_model_len=LONG + 8)
+    # float weights decode compiled (the faster path); the int8/int4 kernels run eager
+    llm = LLM(path, quantize=quantize, max_num_seqs=BATCH, max_model_len=LONG + 8, compile=quantize is None)
 
     def run(prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -165,8 +167,9 @@ def measure(runners: dict[str, Callable], prompts: list[list[int]], long: list[i
     """engine -> {decode b1, decode b16 (tok/s), prefill 64, prefill 1024 (tok/s)}: medians, engines alternating."""
     work = {"decode b1": (prompts[:1], NEW), "decode b1 one": (prompts[:1], 1),
             "decode b16": (prompts, NEW), "decode b16 one": (prompts, 1), "prefill 1024": ([long], 1)}
-    for run in runners.values():
-        run(prompts[:2], 2)  # warm-up
+    for run in runners.values():  # warm-up, each shape once (nanoseek compiles its decode steps here)
+        run(prompts[:1], 3)
+        run(prompts, 3)
     times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in work} for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():

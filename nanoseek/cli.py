@@ -194,7 +194,8 @@ def _llm(args: argparse.Namespace):
     from .engine import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, speculative=args.speculative,
-               max_num_seqs=max(1, getattr(args, "n", 1)), quantize=args.quantize)
+               max_num_seqs=max(1, getattr(args, "n", 1)), quantize=args.quantize,
+               compile=args.compile)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -51,17 +51,23 @@ class LLM:
     start (not together with speculation, whose MTP draft needs every prompt position's hidden state).
     `quantize` ("int8" or "int4", CPU only) makes the matrices weight-only quantised after loading
     (`LanguageModel.quantize`; a model passed in is quantised in place); `dtype` is then the rest's.
+    `compile=True` (CPU) compiles the decode steps (`LanguageModel.compile_decode`): faster decoding after a
+    warm-up of seconds per new shape.
     """
 
     def __init__(self, model: str | Path | LanguageModel, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  speculative: bool = False, max_prefill_tokens: int = 4096, seed: int = 0,
-                 tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0, quantize: str | None = None):
+                 tokenizer: Tokenizer | None = None, prefix_cache_tokens: int = 0, quantize: str | None = None,
+                 compile: bool = False):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _resolve_dtype(dtype, device)
         if quantize is not None and device.type != "cpu":
             raise ValueError(f"quantize = {quantize!r}: the int8/int4 kernels are PyTorch's CPU ones and the device "
                              f"is {device}; pass device='cpu', or run bfloat16 on the GPU")
+        if compile and (device.type != "cpu" or quantize is not None):
+            raise ValueError(f"compile = True: the compiled decode steps are written for float weights on the CPU, "
+                             f"and here the device is {device}, quantize = {quantize!r}")
         owned = not isinstance(model, torch.nn.Module)  # a model handed in is left as it is
         if isinstance(model, LanguageModel):
             self.model = model.to(device=device, dtype=dtype).eval()
@@ -76,8 +82,10 @@ class LLM:
             tokenizer = tokenizer or load_tokenizer(model)  # tokenizer.json, or a GGUF file's metadata
         if quantize is not None:
             self.model.quantize(quantize)  # after load_model(quantize=...), nothing is left to do
-        elif owned and device.type == "cpu":
-            right_multiplied(self.model)  # the faster layout for CPU decode (model/layout.py)
+        elif owned and device.type == "cpu" and not compile:
+            right_multiplied(self.model)  # the faster layout for eager CPU decode (model/layout.py)
+        if compile:
+            self.model.compile_decode()
         self.tokenizer = tokenizer
         config = self.model.config
         if speculative and not len(self.model.mtp):

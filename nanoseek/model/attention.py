@@ -13,14 +13,14 @@ same weights and the same latents:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .rope import apply_rope, softmax_scale
 
 
@@ -46,9 +46,11 @@ class LatentCache:
 
 @dataclass
 class CacheContext:
-    """Where a forward pass reads and writes the cache: built once per forward, shared by all layers."""
+    """Where a forward pass reads and writes the cache: built once per forward; `layer(i)` gives layer i its
+    part (a view of its own cache tensor, so that a layer's code never indexes by layer number and one compiled
+    layer serves every layer: `LanguageModel.compile_decode`)."""
 
-    cache: LatentCache
+    data: Tensor  # [num_slots, max_len, D] for one layer; [num_layers, ...] for the whole cache
     slots: Tensor | None  # [B] slot of each batch row; None = rows 0..B-1 use slots 0..B-1
     positions: Tensor  # [B, T] absolute positions of the new tokens
     key_len: int  # keys 0..key_len-1 of each slot are read
@@ -62,16 +64,20 @@ class CacheContext:
         if key_len > cache.max_len:
             raise ValueError(f"position {key_len - 1} is beyond the cache length {cache.max_len}")
         if positions.shape[1] == 1 and lowest == highest and not first_key:
-            return cls(cache, slots, positions, key_len, None)  # one token per row, all at one position
+            return cls(cache.data, slots, positions, key_len, None)  # one token per row, all at one position
         keys = torch.arange(key_len, device=positions.device)
         mask = keys <= positions[..., None]
         if first_key:
             mask &= keys >= first_key
-        return cls(cache, slots, positions, key_len, mask)
+        return cls(cache.data, slots, positions, key_len, mask)
 
-    def store(self, layer: int, latent: Tensor) -> Tensor:
-        """Write latent [B, T, D] at (slot, position) and return the keys [B, key_len, D] of each row."""
-        layer_cache = self.cache.data[layer]
+    def layer(self, index: int) -> CacheContext:
+        return replace(self, data=self.data[index])
+
+    def store(self, latent: Tensor) -> Tensor:
+        """Write latent [B, T, D] at (slot, position) of this layer's cache and return the keys [B, key_len, D]
+        of each row."""
+        layer_cache = self.data
         batch = latent.shape[0]
         rows = torch.arange(batch, device=latent.device) if self.slots is None else self.slots
         layer_cache[rows[:, None], self.positions] = latent.to(layer_cache.dtype)
@@ -81,9 +87,8 @@ class CacheContext:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
@@ -92,23 +97,23 @@ class MultiHeadLatentAttention(nn.Module):
         d, heads, qk = config.hidden_size, config.num_attention_heads, config.qk_head_dim
         bias = config.attention_bias
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, heads * qk, bias=False)
+            self.q_proj = Linear(d, heads * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(d, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, heads * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(config.q_lora_rank, heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(config.kv_lora_rank, heads * (config.qk_nope_head_dim + config.v_head_dim),
+        self.kv_b_proj = Linear(config.kv_lora_rank, heads * (config.qk_nope_head_dim + config.v_head_dim),
                                    bias=False)
-        self.o_proj = nn.Linear(heads * config.v_head_dim, d, bias=bias)
+        self.o_proj = Linear(heads * config.v_head_dim, d, bias=bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheContext | None = None,
                 absorbed: bool = False) -> Tensor:
         """x [B, T, d]; cos/sin [B or 1, T, d_r/2]. Without a cache, attention is causal over x itself."""
         q_nope, q_pe = self.queries(x, cos, sin)
         latent = self.latent(x, cos, sin)
-        keys, mask = (latent, None) if cache is None else (cache.store(self.layer_idx, latent), cache.mask)
+        keys, mask = (latent, None) if cache is None else (cache.store(latent), cache.mask)
         attend = self._absorbed if absorbed else self._expanded
         return self.o_proj(attend(q_nope, q_pe, keys.to(x.dtype), mask, cache is None).flatten(2))
 

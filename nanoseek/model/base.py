@@ -36,6 +36,19 @@ def select_positions(hidden: Tensor, index: Tensor | None) -> Tensor:
     return hidden if index is None else hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+# Decode steps: a speculative step runs two tokens per row.
+DECODE_STEPS = 2
+
+
+def _run_layer(layer: nn.Module, *args: Any) -> Tensor:
+    return layer(*args)
+
+
+def _run_final(norm: nn.Module, head: nn.Module, h: Tensor, logits_index: Tensor | None) -> tuple[Tensor, Tensor]:
+    hidden = norm(h)
+    return hidden, head(select_positions(hidden, logits_index))
+
+
 def module_slots(prefix: str, module: nn.Module) -> dict[str, TensorSlot]:
     """Checkpoint slots of a module's parameters and persistent buffers under `prefix`; a submodule with a
     `checkpoint_slots(prefix)` method (stacked experts stored per expert) supplies its own."""
@@ -113,6 +126,37 @@ class LanguageModel(nn.Module):
                       **self.generation_config}
         write_checkpoint(path, self.checkpoint_slots(), config.to_dict(), generation, dtype or self.dtype,
                          max_shard_bytes)
+
+    # ---- compiled decode ---------------------------------------------------------------------------
+    _compiled: tuple[Any, Any] | None = None  # (layer, final norm + head) once `compile_decode` ran
+
+    def compile_decode(self) -> LanguageModel:
+        """Compile the decode steps (a few tokens per row over a cache) for the CPU with torch.compile.
+
+        Regional compilation: one compiled program per kind of layer, shared by every layer of that kind (the
+        layer's weights and its cache are the program's inputs, never constants), and one for the final norm
+        and the head; dynamic shapes, so that batch sizes and cache lengths do not recompile. A layer then runs
+        as a few fused loops instead of tens of eager operations, and its few-row products as row reductions
+        (`layers.linear`, `RoutedExperts._gathered`). Prefill and training stay eager. The model computes the
+        same function; the first steps of each new shape pay for compilation (seconds).
+        """
+        if self.weight_format is not None:
+            raise ValueError(f"compile_decode: the {self.weight_format} kernels run eager (compiled, they are slower "
+                             "than eager); compile a float model")
+        for module in self.modules():
+            if hasattr(module, "reduce_over_contiguous"):
+                module.reduce_over_contiguous()
+        self._compiled = (torch.compile(_run_layer, dynamic=True), torch.compile(_run_final, dynamic=True))
+        return self
+
+    def layer_runner(self, steps: int, cached: bool) -> Any:
+        """How `run` calls each layer, `runner(layer, *args)`: compiled for decode steps after `compile_decode`."""
+        return self._compiled[0] if self._compiled and cached and steps <= DECODE_STEPS else _run_layer
+
+    def final(self, h: Tensor, logits_index: Tensor | None, cached: bool) -> tuple[Tensor, Tensor]:
+        """(hidden after the final norm, logits at `logits_index`), compiled for decode steps."""
+        decode = self._compiled and cached and h.shape[1] <= DECODE_STEPS
+        return (self._compiled[1] if decode else _run_final)(self.model.norm, self.lm_head, h, logits_index)
 
     # ---- weights -----------------------------------------------------------------------------------
     weight_format: str | None = None  # "int8" or "int4" once `quantize` ran

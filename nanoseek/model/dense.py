@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from ..config import DENSE_ARCHITECTURES, DENSE_PRESETS, DenseConfig
 from ..hf_files import TensorSlot, param_slot
 from .attention import CacheContext, LatentCache
-from .base import LanguageModel, ModelOutput, module_slots, select_positions
-from .layers import MLP, RMSNorm, apply_keeping_dtype
+from .base import LanguageModel, ModelOutput, module_slots
+from .layers import MLP, Linear, RMSNorm, apply_keeping_dtype
 from .rope import apply_rope
 
 __all__ = ["DENSE_ARCHITECTURES", "DENSE_PRESETS", "DenseConfig", "DenseLM"]
@@ -60,16 +60,15 @@ class DenseRotary(nn.Module):
 class GroupedQueryAttention(nn.Module):
     """Causal attention with `num_key_value_heads` key/value heads shared by groups of query heads."""
 
-    def __init__(self, config: DenseConfig, layer_idx: int):
+    def __init__(self, config: DenseConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, \
             config.head_size
         bias = config.qkv_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.q_proj = Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheContext | None = None) -> Tensor:
         batch, steps, _ = x.shape
@@ -80,7 +79,7 @@ class GroupedQueryAttention(nn.Module):
         k = apply_rope(k, cos[:, :, None], sin[:, :, None], interleaved=False)
         mask = None
         if cache is not None:  # store this step's keys and values, attend over the slot's
-            stored = cache.store(self.layer_idx, torch.cat((k, v), dim=-1).flatten(2))
+            stored = cache.store(torch.cat((k, v), dim=-1).flatten(2))
             k, v = stored.view(batch, -1, self.kv_heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
             mask = None if cache.mask is None else cache.mask[:, None]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -91,9 +90,9 @@ class GroupedQueryAttention(nn.Module):
 
 
 class DenseLayer(nn.Module):
-    def __init__(self, config: DenseConfig, layer_idx: int):
+    def __init__(self, config: DenseConfig):
         super().__init__()
-        self.self_attn = GroupedQueryAttention(config, layer_idx)
+        self.self_attn = GroupedQueryAttention(config)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -107,7 +106,7 @@ class DenseModel(nn.Module):
     def __init__(self, config: DenseConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DenseLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DenseLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -118,7 +117,7 @@ class DenseLM(LanguageModel):
         super().__init__()
         self.config = config.validate()
         self.model = DenseModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.mtp = nn.ModuleList()
         self.rotary = DenseRotary(config)
@@ -140,10 +139,11 @@ class DenseLM(LanguageModel):
         context = None if cache is None else CacheContext.build(cache, positions, slots)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, context)
-        hidden = self.model.norm(h)
-        return ModelOutput(self.lm_head(select_positions(hidden, logits_index)), hidden)
+        run_layer = self.layer_runner(steps, context is not None)
+        for i, layer in enumerate(self.model.layers):
+            h = run_layer(layer, h, cos, sin, None if context is None else context.layer(i))
+        hidden, logits = self.final(h, logits_index, context is not None)
+        return ModelOutput(logits, hidden)
 
     def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
         """A key/value cache: per layer, slot and position the token's keys and values."""

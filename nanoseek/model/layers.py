@@ -1,4 +1,4 @@
-"""The small building blocks: RMSNorm and the SwiGLU MLP (dense FFN, shared expert)."""
+"""The small building blocks: the linear map, RMSNorm and the SwiGLU MLP (dense FFN, shared expert)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,32 @@ def apply_keeping_dtype(module: nn.Module, fn, recurse: bool, buffers: tuple[str
     return module
 
 
+# Up to this many rows, a compiled CPU linear map runs as row dot products (`linear`); beyond, as a GEMM.
+ROW_DOT_ROWS = 4
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T + b for W [out, in], as nn.Linear.
+
+    Compiled for the CPU (`LanguageModel.compile_decode`) with a few rows, the product is written as what it is
+    at decode, one dot product per output row: inductor emits a vectorised, multi-threaded reduction that streams
+    W once, contiguously, where an `mm` would run MKL's GEMV, which uses one thread for a matrix vector product
+    (measured in docs/benchmarks.md: 576 x 1536 fp32, 23-33 GB/s against 9-15). The same sums; only the order
+    of the additions differs.
+    """
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= ROW_DOT_ROWS * x.shape[-1]:
+        y = (x[..., None, :] * weight).sum(-1)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `linear`: the same module, parameters and checkpoint names."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the weight (transformers'
     `DeepseekV3RMSNorm`)."""
@@ -42,9 +68,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..hf_files import TensorSlot
 from .attention import CacheContext, LatentCache, MultiHeadLatentAttention
 from .base import LanguageModel, ModelOutput, module_slots, select_positions
-from .layers import MLP, RMSNorm
+from .layers import MLP, Linear, RMSNorm
 from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
 
@@ -39,10 +39,10 @@ def absorbed_is_cheaper(config: ModelConfig, steps: int, key_len: int) -> bool:
 class DecoderLayer(nn.Module):
     """Pre-norm block: h += MLA(norm(h)); h += FFN(norm(h)), the FFN dense or MoE."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, moe: bool):
+    def __init__(self, config: ModelConfig, moe: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.self_attn = MultiHeadLatentAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
 
@@ -58,12 +58,12 @@ class MTPLayer(DecoderLayer):
     (as the released eh_proj weights expect, the reverse of eq. 21's order) -- then a full MoE block; its
     logits are lm_head(shared_head.norm(h^k)) with the shared head."""
 
-    def __init__(self, config: ModelConfig, depth_idx: int):
-        super().__init__(config, depth_idx, moe=True)  # the MTP block is always MoE, as in V3's layer 61
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, moe=True)  # the MTP block is always MoE, as in V3's layer 61
         d = config.hidden_size
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d, bias=False)
         self.shared_head = nn.ModuleDict({"norm": RMSNorm(d, config.rms_norm_eps)})
 
     def forward(self, embeddings: Tensor, previous: Tensor, cos: Tensor, sin: Tensor,  # type: ignore[override]
@@ -83,7 +83,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, config.is_moe_layer(i)) for i in range(config.num_hidden_layers))
+            DecoderLayer(config, config.is_moe_layer(i)) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -99,10 +99,10 @@ class CausalLM(LanguageModel):
         super().__init__()
         self.config = config.validate()
         self.model = Transformer(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         depth = config.num_nextn_predict_layers if num_mtp_modules is None else num_mtp_modules
         # MTP module k is `model.layers.{num_hidden_layers + k}` in the checkpoint; its cache index is k.
-        self.mtp = nn.ModuleList(MTPLayer(config, k) for k in range(depth))
+        self.mtp = nn.ModuleList(MTPLayer(config) for _ in range(depth))
         self.rotary = RotaryEmbedding(config)
         self.generation_config: dict = {}
         self.init_weights()
@@ -122,10 +122,11 @@ class CausalLM(LanguageModel):
         stats: list[RouterStats] | None = [] if router_stats else None
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, context, absorbed, stats)
-        hidden = self.model.norm(h)
-        out = ModelOutput(self.lm_head(select_positions(hidden, logits_index)), hidden, router_stats=stats or [])
+        run_layer = self.layer_runner(steps, context is not None and stats is None)
+        for i, layer in enumerate(self.model.layers):
+            h = run_layer(layer, h, cos, sin, None if context is None else context.layer(i), absorbed, stats)
+        hidden, logits = self.final(h, logits_index, context is not None)
+        out = ModelOutput(logits, hidden, router_stats=stats or [])
         if mtp:
             out.mtp_logits = self.mtp_logits(input_ids, hidden, positions, stats)
         return out
@@ -157,7 +158,7 @@ class CausalLM(LanguageModel):
         context = CacheContext.build(cache, positions, slots, first_key=1)
         cos, sin = self.rotary(positions, previous.dtype)
         absorbed = absorbed_is_cheaper(self.config, input_ids.shape[1], context.key_len)
-        h, normed = module(self.model.embed_tokens(input_ids), previous, cos, sin, context, absorbed)
+        h, normed = module(self.model.embed_tokens(input_ids), previous, cos, sin, context.layer(0), absorbed)
         return self.lm_head(select_positions(normed, logits_index)), h
 
     # ---- weights ---------------------------------------------------------------------------

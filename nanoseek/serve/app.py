@@ -143,7 +143,8 @@ def build_server(args: argparse.Namespace) -> Server:
         raise ValueError(f"--max-queue = {args.max_queue}: must be >= 0")
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, speculative=args.speculative,
-              prefix_cache_tokens=0 if args.speculative else args.prefix_cache_tokens, quantize=args.quantize)
+              prefix_cache_tokens=0 if args.speculative else args.prefix_cache_tokens, quantize=args.quantize,
+              compile=args.compile)
     config = ServerConfig(args.served_model_name or str(args.model), args.api_key, args.compat, args.max_queue)
     return Server(llm, config, str(args.model))
 

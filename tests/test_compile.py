@@ -1,0 +1,67 @@
+"""The compiled decode steps (`LLM(compile=True)`): transformers' greedy tokens and the eager engine's log-probs,
+for both families, one row and many, plain and speculative; and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hf_model
+from test_dense import CASES, hf_dense
+from test_engine import GREEDY, hf_greedy, prompts
+
+from nanoseek import LLM, SamplingParams
+from nanoseek.model.layers import ROW_DOT_ROWS
+
+# four rows take the row-reduction path of the compiled step, six its GEMM path (ROW_DOT_ROWS = 4)
+LENGTHS = (7, 23, 3, 15, 9, 4)
+
+
+def test_compiled_moe_decode_gives_transformers_greedy_tokens(tmp_path):
+    assert len(LENGTHS) > ROW_DOT_ROWS
+    hf = hf_model(num_nextn_predict_layers=1)
+    hf.save_pretrained(tmp_path)
+    llm = LLM(tmp_path, max_num_seqs=6, compile=True)
+    batch = prompts(*LENGTHS)
+    expected = [hf_greedy(hf, p, 64) for p in batch]
+    assert llm.generate(batch[1], GREEDY)[0].outputs[0].token_ids == expected[1]
+    for rows in (ROW_DOT_ROWS, len(batch)):
+        outputs = llm.generate(batch[:rows], GREEDY)
+        assert [o.outputs[0].token_ids for o in outputs] == expected[:rows]
+
+
+def test_compiled_speculative_decode_equals_plain_greedy(tiny_checkpoint):
+    batch = prompts(5, 17, 9)
+    expected = LLM(tiny_checkpoint).generate(batch, GREEDY)
+    got = LLM(tiny_checkpoint, speculative=True, compile=True).generate(batch, GREEDY)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_compiled_decode_log_probs_equal_eager(tiny_checkpoint):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    batch = prompts(6, 11)
+    eager = LLM(tiny_checkpoint).generate(batch, params)
+    compiled = LLM(tiny_checkpoint, compile=True).generate(batch, params)
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert x.keys() == y.keys()
+            assert max(abs(x[k] - y[k]) for k in x) < 1e-4
+
+
+def test_compiled_dense_decode_gives_transformers_greedy_tokens(tmp_path):
+    family, overrides = CASES["qwen2-tied"]
+    reference = hf_dense(family, seed=2, **overrides)
+    reference.save_pretrained(tmp_path)
+    batch = [[5, 9, 17, 33, 2], [7] * 11 + [40, 41], [3, 4], [60] * 9, [8, 8, 8], [99] * 6]
+    llm = LLM(tmp_path, max_num_seqs=6, compile=True)
+    for rows in (1, len(batch)):
+        outputs = llm.generate(batch[:rows], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+        for prompt, output in zip(batch, outputs, strict=False):
+            generated = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0)
+            assert output.outputs[0].token_ids == generated[0, len(prompt):].tolist()
+
+
+def test_compile_refuses_quantised_weights_before_loading(tiny_checkpoint):
+    with pytest.raises(ValueError, match="compile"):
+        LLM(tiny_checkpoint, compile=True, quantize="int8")
