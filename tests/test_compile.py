@@ -9,11 +9,19 @@ from conftest import hf_model
 from test_dense import CASES, hf_dense
 from test_engine import GREEDY, hf_greedy, prompts
 
+import nanoseek
 from nanoseek import LLM, SamplingParams
 from nanoseek.model.layers import ROW_DOT_ROWS
 
 # four rows take the row-reduction path of the compiled step, six its GEMM path (ROW_DOT_ROWS = 4)
 LENGTHS = (7, 23, 3, 15, 9, 4)
+
+
+@pytest.fixture(autouse=True)
+def no_silent_eager_fallback():
+    """Past its recompile limit dynamo would run the layer eager, and eager would be tested against eager."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
 
 
 def test_compiled_moe_decode_gives_transformers_greedy_tokens(tmp_path):
@@ -30,17 +38,19 @@ def test_compiled_moe_decode_gives_transformers_greedy_tokens(tmp_path):
 
 
 def test_compiled_speculative_decode_equals_plain_greedy(tiny_checkpoint):
-    batch = prompts(5, 17, 9)
+    batch = prompts(17)  # one row of two tokens: the row reductions and the gathered experts
     expected = LLM(tiny_checkpoint).generate(batch, GREEDY)
     got = LLM(tiny_checkpoint, speculative=True, compile=True).generate(batch, GREEDY)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
 
 
 def test_compiled_decode_log_probs_equal_eager(tiny_checkpoint):
+    """The eager engine's model (stored [in, out] for eager CPU decode) handed on and compiled."""
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
     batch = prompts(6, 11)
-    eager = LLM(tiny_checkpoint).generate(batch, params)
-    compiled = LLM(tiny_checkpoint, compile=True).generate(batch, params)
+    llm = LLM(tiny_checkpoint)
+    eager = llm.generate(batch, params)
+    compiled = LLM(llm.model, compile=True).generate(batch, params)
     for a, b in zip(eager, compiled, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
@@ -62,6 +72,9 @@ def test_compiled_dense_decode_gives_transformers_greedy_tokens(tmp_path):
             assert output.outputs[0].token_ids == generated[0, len(prompt):].tolist()
 
 
-def test_compile_refuses_quantised_weights_before_loading(tiny_checkpoint):
+def test_compile_refuses_quantised_weights(tiny_checkpoint):
     with pytest.raises(ValueError, match="compile"):
-        LLM(tiny_checkpoint, compile=True, quantize="int8")
+        LLM(tiny_checkpoint, compile=True, quantize="int8")  # before loading
+    model = nanoseek.load_model(tiny_checkpoint).quantize("int8")
+    with pytest.raises(ValueError, match="int8 kernels run eager"):
+        model.compile_decode()

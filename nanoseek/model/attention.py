@@ -72,11 +72,14 @@ class CacheContext:
         return cls(cache.data, slots, positions, key_len, mask)
 
     def layer(self, index: int) -> CacheContext:
+        """This context over layer `index`'s part of the cache."""
         return replace(self, data=self.data[index])
 
     def store(self, latent: Tensor) -> Tensor:
         """Write latent [B, T, D] at (slot, position) of this layer's cache and return the keys [B, key_len, D]
         of each row."""
+        if self.data.dim() != 3:
+            raise ValueError("CacheContext.store: this context spans every layer; store through .layer(i)")
         layer_cache = self.data
         batch = latent.shape[0]
         rows = torch.arange(batch, device=latent.device) if self.slots is None else self.slots

@@ -9,6 +9,8 @@ convention, weight init, `save_pretrained`, device and dtype) is shared here.
 from __future__ import annotations
 
 import os
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,7 @@ from ..config import DenseConfig, ModelConfig
 from ..hf_files import TensorSlot, param_slot, write_checkpoint
 from .attention import LatentCache
 from .layers import RMSNorm
+from .layout import standard_layout
 from .moe import RouterStats
 from .quantized import DEFAULT_GROUP_SIZE, quantize_model
 
@@ -38,6 +41,12 @@ def select_positions(hidden: Tensor, index: Tensor | None) -> Tensor:
 
 # Decode steps: a speculative step runs two tokens per row.
 DECODE_STEPS = 2
+
+
+def _compiled_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile of a copy of `fn` with a code object of its own: dynamo keeps compiled programs, and its
+    limit on recompilations, per code object, so that each model and each kind of layer has its own."""
+    return torch.compile(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__), dynamic=True)
 
 
 def _run_layer(layer: nn.Module, *args: Any) -> Tensor:
@@ -128,35 +137,49 @@ class LanguageModel(nn.Module):
                          max_shard_bytes)
 
     # ---- compiled decode ---------------------------------------------------------------------------
-    _compiled: tuple[Any, Any] | None = None  # (layer, final norm + head) once `compile_decode` ran
+    _decode_programs: list[Callable[..., Any]] | None = None  # per layer, then the final one; `compile_decode`
 
     def compile_decode(self) -> LanguageModel:
-        """Compile the decode steps (a few tokens per row over a cache) for the CPU with torch.compile.
+        """Compile the decode steps (up to `DECODE_STEPS` tokens per row over a cache) for the CPU with
+        torch.compile, in place.
 
         Regional compilation: one compiled program per kind of layer, shared by every layer of that kind (the
         layer's weights and its cache are the program's inputs, never constants), and one for the final norm
-        and the head; dynamic shapes, so that batch sizes and cache lengths do not recompile. A layer then runs
-        as a few fused loops instead of tens of eager operations, and its few-row products as row reductions
-        (`layers.linear`, `RoutedExperts._gathered`). Prefill and training stay eager. The model computes the
-        same function; the first steps of each new shape pay for compilation (seconds).
+        and the head; dynamic shapes, so that a new batch size or cache length seldom recompiles. A layer then
+        runs as a few fused loops instead of tens of eager operations, and its few-row products as row
+        reductions (`layers.linear`, `RoutedExperts._gathered`). Longer forwards (prefill) and training stay
+        eager. The same function is computed; each new shape pays for its compilation (tens of seconds the
+        first time, less once inductor's on-disk cache holds it). Quantising afterwards drops the programs.
         """
         if self.weight_format is not None:
             raise ValueError(f"compile_decode: the {self.weight_format} kernels run eager (compiled, they are slower "
                              "than eager); compile a float model")
+        standard_layout(self)  # the row reductions read nn.Linear's [out, in] rows
         for module in self.modules():
             if hasattr(module, "reduce_over_contiguous"):
                 module.reduce_over_contiguous()
-        self._compiled = (torch.compile(_run_layer, dynamic=True), torch.compile(_run_final, dynamic=True))
+        programs: dict[tuple[type, ...], Callable[..., Any]] = {}
+        for layer in self.model.layers:
+            kind = tuple(type(m) for m in layer.modules())
+            if kind not in programs:
+                programs[kind] = _compiled_copy(_run_layer)
+        self._decode_programs = [programs[tuple(type(m) for m in layer.modules())] for layer in self.model.layers]
+        self._decode_programs.append(_compiled_copy(_run_final))
         return self
 
-    def layer_runner(self, steps: int, cached: bool) -> Any:
+    def _decoding(self, steps: int, cached: bool) -> bool:
+        return self._decode_programs is not None and cached and steps <= DECODE_STEPS and self.device.type == "cpu"
+
+    def layer_runners(self, steps: int, cached: bool) -> list[Callable[..., Tensor]]:
         """How `run` calls each layer, `runner(layer, *args)`: compiled for decode steps after `compile_decode`."""
-        return self._compiled[0] if self._compiled and cached and steps <= DECODE_STEPS else _run_layer
+        if self._decoding(steps, cached):
+            return self._decode_programs[:-1]
+        return [_run_layer] * len(self.model.layers)
 
     def final(self, h: Tensor, logits_index: Tensor | None, cached: bool) -> tuple[Tensor, Tensor]:
         """(hidden after the final norm, logits at `logits_index`), compiled for decode steps."""
-        decode = self._compiled and cached and h.shape[1] <= DECODE_STEPS
-        return (self._compiled[1] if decode else _run_final)(self.model.norm, self.lm_head, h, logits_index)
+        run = self._decode_programs[-1] if self._decoding(h.shape[1], cached) else _run_final
+        return run(self.model.norm, self.lm_head, h, logits_index)
 
     # ---- weights -----------------------------------------------------------------------------------
     weight_format: str | None = None  # "int8" or "int4" once `quantize` ran
@@ -172,6 +195,7 @@ class LanguageModel(nn.Module):
             raise ValueError(f"quantize = {form!r}: this model's weights are {self.weight_format} already")
         quantize_model(self, form, group_size)
         self.weight_format = form
+        self._decode_programs = None  # compiled for the float layers
         return self
 
     @torch.no_grad()

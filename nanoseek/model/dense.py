@@ -139,8 +139,8 @@ class DenseLM(LanguageModel):
         context = None if cache is None else CacheContext.build(cache, positions, slots)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
-        run_layer = self.layer_runner(steps, context is not None)
-        for i, layer in enumerate(self.model.layers):
+        runners = self.layer_runners(steps, context is not None)
+        for i, (layer, run_layer) in enumerate(zip(self.model.layers, runners, strict=True)):
             h = run_layer(layer, h, cos, sin, None if context is None else context.layer(i))
         hidden, logits = self.final(h, logits_index, context is not None)
         return ModelOutput(logits, hidden)

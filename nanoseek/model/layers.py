@@ -31,9 +31,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     Compiled for the CPU (`LanguageModel.compile_decode`) with a few rows, the product is written as what it is
     at decode, one dot product per output row: inductor emits a vectorised, multi-threaded reduction that streams
-    W once, contiguously, where an `mm` would run MKL's GEMV, which uses one thread for a matrix vector product
-    (measured in docs/benchmarks.md: 576 x 1536 fp32, 23-33 GB/s against 9-15). The same sums; only the order
-    of the additions differs.
+    W once, contiguously, where an `mm` would run MKL's matrix-vector product, which runs as fast on one thread
+    as on two (docs/benchmarks.md: fp32 matrices of the 135M Llama shape on 2 threads, 23-35 GB/s against MKL's
+    8-19). The same sums; only the order of the additions differs.
     """
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= ROW_DOT_ROWS * x.shape[-1]:
         y = (x[..., None, :] * weight).sum(-1)

@@ -121,7 +121,7 @@ def _cpu_strategy(rows: int, experts: int) -> str:
 
 # Compiled, up to this many (token, expert) pairs per expert run as `RoutedExperts._gathered`: reading a chosen
 # expert once per token costs at most twice the bytes of all experts. `small` at 16 sequences (64 pairs of 32
-# experts): 349 tok/s against 214 with the sorted path, which breaks the compiled graph (docs/benchmarks.md).
+# experts): 349-368 tok/s against 214 with the sorted path, which breaks the compiled graph (docs/benchmarks.md).
 GATHERED_PAIRS = 2
 
 ExpertOutputs = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -173,7 +173,7 @@ class RoutedExperts(nn.Module):
         gate_up = (x[:, None, :, None] * self.w_gate_up[indices]).sum(2)  # [N, K, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
         down = ((F.silu(gate) * up)[..., None] * self.w_down[indices]).sum(2)  # [N, K, d]
-        y = (down * weights[..., None].to(down.dtype)).sum(1)
+        y = (down.float() * weights[..., None]).sum(1)  # gates in fp32, as `route_to_experts` applies them
         counts = torch.zeros(self.w_gate_up.shape[0], dtype=torch.long, device=x.device).index_add_(
             0, indices.flatten(), torch.ones_like(indices.flatten()))
         return y.to(x.dtype), counts

@@ -122,8 +122,8 @@ class CausalLM(LanguageModel):
         stats: list[RouterStats] | None = [] if router_stats else None
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
-        run_layer = self.layer_runner(steps, context is not None and stats is None)
-        for i, layer in enumerate(self.model.layers):
+        runners = self.layer_runners(steps, context is not None and stats is None)
+        for i, (layer, run_layer) in enumerate(zip(self.model.layers, runners, strict=True)):
             h = run_layer(layer, h, cos, sin, None if context is None else context.layer(i), absorbed, stats)
         hidden, logits = self.final(h, logits_index, context is not None)
         out = ModelOutput(logits, hidden, router_stats=stats or [])
