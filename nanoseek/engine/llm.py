@@ -51,8 +51,8 @@ class LLM:
     start (not together with speculation, whose MTP draft needs every prompt position's hidden state).
     `quantize` ("int8" or "int4", CPU only) makes the matrices weight-only quantised after loading
     (`LanguageModel.quantize`; a model passed in is quantised in place); `dtype` is then the rest's.
-    `compile=True` (CPU) compiles the decode steps (`LanguageModel.compile_decode`): faster decoding after a
-    warm-up of seconds per new shape.
+    `compile=True` (CPU, float weights) compiles the decode steps (`LanguageModel.compile_decode`; a model passed
+    in is compiled in place): faster decoding after a warm-up of tens of seconds the first time.
     """
 
     def __init__(self, model: str | Path | LanguageModel, device: str | torch.device | None = None,

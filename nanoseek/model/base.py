@@ -158,12 +158,13 @@ class LanguageModel(nn.Module):
         for module in self.modules():
             if hasattr(module, "reduce_over_contiguous"):
                 module.reduce_over_contiguous()
-        programs: dict[tuple[type, ...], Callable[..., Any]] = {}
+        programs: dict[tuple[type, ...], Callable[..., Any]] = {}  # a layer's kind: the types of its modules
+        self._decode_programs = []
         for layer in self.model.layers:
             kind = tuple(type(m) for m in layer.modules())
             if kind not in programs:
                 programs[kind] = _compiled_copy(_run_layer)
-        self._decode_programs = [programs[tuple(type(m) for m in layer.modules())] for layer in self.model.layers]
+            self._decode_programs.append(programs[kind])
         self._decode_programs.append(_compiled_copy(_run_final))
         return self
 
