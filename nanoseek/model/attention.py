@@ -108,7 +108,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_proj_with_mqa = Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = Linear(config.kv_lora_rank, heads * (config.qk_nope_head_dim + config.v_head_dim),
-                                   bias=False)
+                                bias=False)
         self.o_proj = Linear(heads * config.v_head_dim, d, bias=bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheContext | None = None,
