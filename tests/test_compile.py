@@ -8,6 +8,7 @@ import torch
 from conftest import hf_model
 from test_dense import CASES, hf_dense
 from test_engine import GREEDY, hf_greedy, prompts
+from torch._dynamo.utils import counters
 
 import nanoseek
 from nanoseek import LLM, SamplingParams
@@ -20,8 +21,15 @@ LENGTHS = (7, 23, 3, 15, 9, 4)
 @pytest.fixture(autouse=True)
 def no_silent_eager_fallback():
     """Past its recompile limit dynamo would run the layer eager, and eager would be tested against eager."""
+    counters.clear()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         yield
+
+
+def assert_compiled(llm: LLM) -> None:
+    """The decode steps ran as compiled programs, not eager: dynamo captured graphs for them."""
+    assert llm.model.layer_runners(1, cached=True)[0] is not llm.model.layer_runners(1, cached=False)[0]
+    assert counters["stats"]["unique_graphs"] >= 2  # a layer kind and the final norm + head
 
 
 def test_compiled_moe_decode_gives_transformers_greedy_tokens(tmp_path):
@@ -35,13 +43,16 @@ def test_compiled_moe_decode_gives_transformers_greedy_tokens(tmp_path):
     for rows in (ROW_DOT_ROWS, len(batch)):
         outputs = llm.generate(batch[:rows], GREEDY)
         assert [o.outputs[0].token_ids for o in outputs] == expected[:rows]
+    assert_compiled(llm)
 
 
 def test_compiled_speculative_decode_equals_plain_greedy(tiny_checkpoint):
     batch = prompts(17)  # one row of two tokens: the row reductions and the gathered experts
     expected = LLM(tiny_checkpoint).generate(batch, GREEDY)
-    got = LLM(tiny_checkpoint, speculative=True, compile=True).generate(batch, GREEDY)
+    llm = LLM(tiny_checkpoint, speculative=True, compile=True)
+    got = llm.generate(batch, GREEDY)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert_compiled(llm)
 
 
 def test_compiled_decode_log_probs_equal_eager(tiny_checkpoint):
@@ -50,7 +61,9 @@ def test_compiled_decode_log_probs_equal_eager(tiny_checkpoint):
     batch = prompts(6, 11)
     llm = LLM(tiny_checkpoint)
     eager = llm.generate(batch, params)
-    compiled = LLM(llm.model, compile=True).generate(batch, params)
+    compiled_llm = LLM(llm.model, compile=True)
+    compiled = compiled_llm.generate(batch, params)
+    assert_compiled(compiled_llm)
     for a, b in zip(eager, compiled, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
@@ -66,10 +79,11 @@ def test_compiled_dense_decode_gives_transformers_greedy_tokens(tmp_path):
     llm = LLM(tmp_path, max_num_seqs=6, compile=True)
     for rows in (1, len(batch)):
         outputs = llm.generate(batch[:rows], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-        for prompt, output in zip(batch, outputs, strict=False):
+        for prompt, output in zip(batch[:rows], outputs, strict=True):
             generated = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                            eos_token_id=None, pad_token_id=0)
             assert output.outputs[0].token_ids == generated[0, len(prompt):].tolist()
+    assert_compiled(llm)
 
 
 def test_compile_refuses_quantised_weights(tiny_checkpoint):

@@ -68,7 +68,7 @@ class LLM:
         if compile and (device.type != "cpu" or quantize is not None):
             raise ValueError(f"compile = True: the compiled decode steps are written for float weights on the CPU, "
                              f"and here the device is {device}, quantize = {quantize!r}")
-        owned = not isinstance(model, torch.nn.Module)  # a model handed in is left as it is
+        owned = not isinstance(model, torch.nn.Module)  # a model handed in keeps its layout
         if isinstance(model, LanguageModel):
             self.model = model.to(device=device, dtype=dtype).eval()
         elif isinstance(model, torch.nn.Module):
