@@ -55,13 +55,16 @@ def test_compiled_speculative_decode_equals_plain_greedy(tiny_checkpoint):
     assert_compiled(llm)
 
 
-def test_compiled_decode_log_probs_equal_eager(tiny_checkpoint):
-    """The eager engine's model (stored [in, out] for eager CPU decode) handed on and compiled."""
+@pytest.mark.parametrize("rows", [2, 12])
+def test_compiled_decode_log_probs_equal_eager(tiny_checkpoint, rows):
+    """The eager engine's model (stored [in, out] for eager CPU decode) handed on and compiled. Two rows take
+    the row reductions and the gathered experts; twelve (36 (token, expert) pairs of 8 experts) the GEMMs and
+    the sorted experts' grouped path."""
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
-    batch = prompts(6, 11)
-    llm = LLM(tiny_checkpoint)
+    batch = prompts(*(6 + 5 * i for i in range(rows)))
+    llm = LLM(tiny_checkpoint, max_num_seqs=rows)
     eager = llm.generate(batch, params)
-    compiled_llm = LLM(llm.model, compile=True)
+    compiled_llm = LLM(llm.model, max_num_seqs=rows, compile=True)
     compiled = compiled_llm.generate(batch, params)
     assert_compiled(compiled_llm)
     for a, b in zip(eager, compiled, strict=True):

@@ -81,12 +81,13 @@ class Router(nn.Module):
 
 
 def _grouped_mm_supported(x: Tensor, weights: Tensor) -> bool:
-    """torch's grouped GEMM runs on CPU and on CUDA in bf16 (SM >= 80), with rows aligned to 16 bytes."""
+    """torch's grouped GEMM runs on CPU (eager: any float; compiled: bf16) and on CUDA in bf16 (SM >= 80), with
+    rows aligned to 16 bytes."""
     if not hasattr(F, "grouped_mm") or (x.shape[-1] * x.element_size()) % 16 or \
             (weights.shape[-1] * weights.element_size()) % 16:
         return False
-    if x.device.type == "cpu":
-        return True
+    if x.device.type == "cpu":  # compiled, its meta function takes bf16 only (torch 2.13)
+        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and \
         torch.cuda.get_device_capability(x.device)[0] >= 8
 
