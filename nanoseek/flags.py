@@ -101,7 +101,7 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=WEIGHT_FORMATS, help="weight-only int8 (per channel) or int4 "
                         f"(groups of {DEFAULT_GROUP_SIZE}) matrices on PyTorch CPU kernels; the rest stays in --dtype")
     parser.add_argument("--compile", action="store_true", help="compile the decode steps with torch.compile (CPU, "
-                        "float weights): faster decoding after a warm-up of tens of seconds the first time")
+                        "float or int8 weights): faster decoding after a warm-up of tens of seconds the first time")
 
 
 # ---- run files -------------------------------------------------------------------------------------

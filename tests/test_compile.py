@@ -89,9 +89,36 @@ def test_compiled_dense_decode_gives_transformers_greedy_tokens(tmp_path):
     assert_compiled(llm)
 
 
-def test_compile_refuses_quantised_weights(tiny_checkpoint):
+def assert_same_but_at_near_ties(eager: list, compiled: list, tolerance: float) -> None:
+    """Each row's tokens equal and its log-probs within `tolerance` up to a first difference, if any, which
+    must be a near-tie: the compiled path's token among eager's top ones, within `tolerance` of eager's choice.
+    (int8 layers round their outputs to bf16, so a difference in the order of the fp32 sums can move a value
+    by a bf16 step.)"""
+    for a, b in zip(eager, compiled, strict=True):
+        a, b = a.outputs[0], b.outputs[0]
+        for token_a, token_b, top_a, top_b in zip(a.token_ids, b.token_ids, a.logprobs, b.logprobs, strict=True):
+            if token_a != token_b:
+                assert token_b in top_a and abs(top_a[token_b] - top_a[token_a]) < tolerance
+                break
+            assert max(abs(top_a[k] - top_b[k]) for k in top_a.keys() & top_b.keys()) < tolerance
+
+
+def test_compiled_int8_decode_follows_the_eager_int8_one(tiny_checkpoint):
+    """int8 weights, compiled: the kernel's products as row reductions and the stacked int8 experts gathered
+    at two rows; the kernel and the sorted experts at twelve."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    batch = prompts(*(6 + 5 * i for i in range(12)))
+    eager = LLM(tiny_checkpoint, max_num_seqs=12, quantize="int8")
+    compiled = LLM(tiny_checkpoint, max_num_seqs=12, quantize="int8", compile=True)
+    for rows in (2, 12):
+        assert_same_but_at_near_ties(eager.generate(batch[:rows], params), compiled.generate(batch[:rows], params),
+                                     tolerance=0.02)
+    assert_compiled(compiled)
+
+
+def test_compile_refuses_int4_weights(tiny_checkpoint):
     with pytest.raises(ValueError, match="compile"):
-        LLM(tiny_checkpoint, compile=True, quantize="int8")  # before loading
-    model = nanoseek.load_model(tiny_checkpoint).quantize("int8")
-    with pytest.raises(ValueError, match="int8 kernels run eager"):
+        LLM(tiny_checkpoint, compile=True, quantize="int4")  # before loading
+    model = nanoseek.load_model(tiny_checkpoint).quantize("int4")
+    with pytest.raises(ValueError, match="int4 weights run eager"):
         model.compile_decode()

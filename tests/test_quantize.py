@@ -18,7 +18,14 @@ import nanoseek
 from nanoseek.config import DenseConfig
 from nanoseek.model import DenseLM
 from nanoseek.model.moe import RoutedExperts
-from nanoseek.model.quantized import Int4Linear, Int8Linear, QuantizedExperts, QuantizedLinear, quantized_linear
+from nanoseek.model.quantized import (
+    Int4Linear,
+    Int8Experts,
+    Int8Linear,
+    QuantizedExperts,
+    QuantizedLinear,
+    quantized_linear,
+)
 from nanoseek.sizing import weight_bytes
 
 BF16_STEP = 2.0**-8  # relative rounding of a bf16 value
@@ -74,6 +81,10 @@ def float_twin(model: nanoseek.LanguageModel, quantized: nanoseek.LanguageModel)
                 experts = float_modules[name]
                 experts.w_gate_up.copy_(torch.stack([dequantized(m).T for m in module.gate_up]))
                 experts.w_down.copy_(torch.stack([dequantized(m).T for m in module.down]))
+            elif isinstance(module, Int8Experts):
+                gate_up, down = module.dequantized()
+                float_modules[name].w_gate_up.copy_(gate_up)
+                float_modules[name].w_down.copy_(down)
     return twin
 
 

@@ -51,8 +51,8 @@ class LLM:
     start (not together with speculation, whose MTP draft needs every prompt position's hidden state).
     `quantize` ("int8" or "int4", CPU only) makes the matrices weight-only quantised after loading
     (`LanguageModel.quantize`; a model passed in is quantised in place); `dtype` is then the rest's.
-    `compile=True` (CPU, float weights) compiles the decode steps (`LanguageModel.compile_decode`; a model passed
-    in is compiled in place): faster decoding after a warm-up of tens of seconds the first time.
+    `compile=True` (CPU, float or int8 weights) compiles the decode steps (`LanguageModel.compile_decode`; a
+    model passed in is compiled in place): faster decoding after a warm-up of tens of seconds the first time.
     """
 
     def __init__(self, model: str | Path | LanguageModel, device: str | torch.device | None = None,
@@ -65,9 +65,9 @@ class LLM:
         if quantize is not None and device.type != "cpu":
             raise ValueError(f"quantize = {quantize!r}: the int8/int4 kernels are PyTorch's CPU ones and the device "
                              f"is {device}; pass device='cpu', or run bfloat16 on the GPU")
-        if compile and (device.type != "cpu" or quantize is not None):
-            raise ValueError(f"compile = True: the compiled decode steps are written for float weights on the CPU, "
-                             f"and here the device is {device}, quantize = {quantize!r}")
+        if compile and (device.type != "cpu" or quantize not in (None, "int8")):
+            raise ValueError(f"compile = True: the compiled decode steps are written for float or int8 weights on "
+                             f"the CPU, and here the device is {device}, quantize = {quantize!r}")
         owned = not isinstance(model, torch.nn.Module)  # a model handed in keeps its layout
         if isinstance(model, LanguageModel):
             self.model = model.to(device=device, dtype=dtype).eval()

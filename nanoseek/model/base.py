@@ -147,13 +147,13 @@ class LanguageModel(nn.Module):
         layer's weights and its cache are the program's inputs, never constants), and one for the final norm
         and the head; dynamic shapes, so that a new batch size or cache length seldom recompiles. A layer then
         runs as a few fused loops instead of tens of eager operations, and its few-row products as row
-        reductions (`layers.linear`, `RoutedExperts._gathered`). Longer forwards (prefill) and training stay
+        reductions (`layers.linear`, `moe.gathered_experts`). Longer forwards (prefill) and training stay
         eager. The same function is computed; each new shape pays for its compilation (tens of seconds the
         first time, less once inductor's on-disk cache holds it). Quantising afterwards drops the programs.
         """
-        if self.weight_format is not None:
-            raise ValueError(f"compile_decode: the {self.weight_format} kernels run eager (compiled, they are slower "
-                             "than eager); compile a float model")
+        if self.weight_format not in (None, "int8"):
+            raise ValueError(f"compile_decode: the {self.weight_format} weights run eager on their kernel; compile "
+                             "a float or int8 model")
         standard_layout(self)  # the row reductions read nn.Linear's [out, in] rows
         for module in self.modules():
             if hasattr(module, "reduce_over_contiguous"):

@@ -120,7 +120,7 @@ def _cpu_strategy(rows: int, experts: int) -> str:
     return "padded" if rows < 4 * experts else "grouped"
 
 
-# Compiled, up to this many (token, expert) pairs per expert run as `RoutedExperts._gathered`: reading a chosen
+# Compiled, up to this many (token, expert) pairs per expert run as `gathered_experts`: reading a chosen
 # expert once per token costs at most twice the bytes of all experts. `small` at 16 sequences (64 pairs of 32
 # experts): 349-368 tok/s against 214 with the sorted path, which breaks the compiled graph (docs/benchmarks.md).
 GATHERED_PAIRS = 2
@@ -145,6 +145,30 @@ def route_to_experts(x: Tensor, indices: Tensor, weights: Tensor, experts: int,
     return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype)), counts
 
 
+def gathers(x: Tensor, indices: Tensor, experts: int) -> bool:
+    """Whether the routed experts run as `gathered_experts`: compiled for the CPU, with few (token, expert)
+    pairs per expert."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and indices.numel() <= GATHERED_PAIRS * experts
+
+
+ExpertMap = Callable[[Tensor, Tensor], Tensor]  # (h [N, K or 1, in], indices [N, K]) -> [N, K, out]
+
+
+def gathered_experts(x: Tensor, indices: Tensor, weights: Tensor, experts: int, gate_up: ExpertMap,
+                     down: ExpertMap) -> tuple[Tensor, Tensor]:
+    """Few tokens, compiled (`LanguageModel.compile_decode`): each token's K experts as row reductions over the
+    selected experts' matrices, indexed in place (inductor loads `w[indices]` inside the reduction; no copy, no
+    sort, no per-expert loop, no graph break). `gate_up` maps x [N, 1, d] to [N, K, 2I] and `down` [N, K, I]
+    to [N, K, d], each with the matrices of `indices`. An expert chosen by several tokens is read once per token,
+    hence the limit `GATHERED_PAIRS`; fast when the reduced dimension is the contiguous one in memory."""
+    gate, up = gate_up(x[:, None, :], indices).chunk(2, dim=-1)
+    out = down(F.silu(gate) * up, indices)
+    y = (out.float() * weights[..., None]).sum(1)  # gates in fp32, as `route_to_experts` applies them
+    flat = indices.flatten()
+    counts = torch.zeros(experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+    return y.to(x.dtype), counts
+
+
 class RoutedExperts(nn.Module):
     """All routed experts' SwiGLU weights, stacked for grouped matmuls.
 
@@ -161,27 +185,19 @@ class RoutedExperts(nn.Module):
     def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, d], indices/weights [N, K] -> (sum_k weights * expert_k(x) [N, d], counts [E])."""
         experts = self.w_gate_up.shape[0]
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and indices.numel() <= GATHERED_PAIRS * experts:
-            return self._gathered(x, indices, weights)
+        if gathers(x, indices, experts):
+            return gathered_experts(x, indices, weights, experts, self._gate_up_rows, self._down_rows)
         return route_to_experts(x, indices, weights, experts, self._expert_outputs)
 
-    def _gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-        """Few tokens, compiled (`LanguageModel.compile_decode`): each token's K experts as row reductions over
-        the selected experts' matrices, indexed in place (inductor loads `w[indices]` inside the reduction; no
-        copy, no sort, no per-expert loop, no graph break). An expert chosen by several tokens is read once per
-        token, hence the limit `GATHERED_PAIRS`. Fast when the reduced dimension is the contiguous one, the
-        layout `compile_decode` gives these tensors."""
-        gate_up = (x[:, None, :, None] * self.w_gate_up[indices]).sum(2)  # [N, K, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        down = ((F.silu(gate) * up)[..., None] * self.w_down[indices]).sum(2)  # [N, K, d]
-        y = (down.float() * weights[..., None]).sum(1)  # gates in fp32, as `route_to_experts` applies them
-        counts = torch.zeros(self.w_gate_up.shape[0], dtype=torch.long, device=x.device).index_add_(
-            0, indices.flatten(), torch.ones_like(indices.flatten()))
-        return y.to(x.dtype), counts
+    def _gate_up_rows(self, h: Tensor, indices: Tensor) -> Tensor:
+        return (h[..., None] * self.w_gate_up[indices]).sum(-2)
+
+    def _down_rows(self, h: Tensor, indices: Tensor) -> Tensor:
+        return (h[..., None] * self.w_down[indices]).sum(-2)
 
     def reduce_over_contiguous(self) -> None:
         """Store each expert's matrices [out, in] (nn.Linear's layout) behind the same [E, in, out] shapes, so
-        that `_gathered`'s reductions read contiguous rows; the GEMM paths take either layout."""
+        that the gathered reductions read contiguous rows; the GEMM paths take either layout."""
         for param in (self.w_gate_up, self.w_down):
             param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
 

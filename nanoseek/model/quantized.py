@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..flags import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS
-from .layers import apply_keeping_dtype
+from .layers import ROW_DOT_ROWS, apply_keeping_dtype
 from .layout import RightMultiplied
-from .moe import RoutedExperts, route_to_experts
+from .moe import RoutedExperts, gathered_experts, gathers, route_to_experts
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _INT4_OUTPUT_MULTIPLE = 16  # `_convert_weight_to_int4pack_for_cpu` packs rows in blocks of 16
@@ -75,26 +75,47 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int8Linear(QuantizedLinear):
-    """int8 codes [out, in] and one bf16 scale per output channel (symmetric, absmax / 127).
+def int8_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Matrices [..., out, in] -> (int8 codes [..., out, in + padding], bf16 scales [..., out]): one symmetric
+    scale per output channel, absmax / 127. The kernel reads the input width in steps of 16 (on torch 2.13 it
+    crashes on a batch of 4 or more rows otherwise): a matrix of another width gets zero columns up to the next
+    multiple, and its input zeros."""
+    w = weight.detach().float().contiguous()
+    scales = (w.abs().amax(dim=-1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+    # the codes are rounded against the bf16 scale the kernel will multiply by, not the exact one
+    codes = (w / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return F.pad(codes, (0, -w.shape[-1] % _INT8_INPUT_MULTIPLE)), scales
 
-    The kernel reads the input width in steps of 16 (on torch 2.13 it crashes on a batch of 4 or more rows
-    otherwise): a matrix of another width gets zero columns up to the next multiple, and its input zeros."""
+
+def int8_rows(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """x [..., in] (any float dtype) times each row of codes [..., out, in + padding] times its scale
+    [..., out] -> [..., out] in x's dtype: the kernel's product (bf16 input, fp32 sums, bf16 output), written as
+    row reductions that dequantise in the loop, for the compiled decode (`layers.linear` says why: the kernel's
+    few-row product, like MKL's, runs on one thread)."""
+    rows = codes[..., :x.shape[-1]].float()
+    y = (x.to(torch.bfloat16).float()[..., None, :] * rows).sum(-1) * scales.float()
+    return y.to(torch.bfloat16).to(x.dtype)
+
+
+def int8_matmul(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """x [M, in] bf16 -> x W^T [M, out] bf16 for W = codes * scales (`int8_codes`)."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[0] <= ROW_DOT_ROWS:
+        return int8_rows(x, codes, scales)
+    padding = codes.shape[-1] - x.shape[-1]
+    return torch._weight_int8pack_mm(F.pad(x, (0, padding)) if padding else x, codes, scales)
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 codes [out, in + padding] and one bf16 scale per output channel (`int8_codes`)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         super().__init__(weight.shape[1], weight.shape[0], bias)
-        w = weight.detach().float().contiguous()
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
-        # the codes are rounded against the bf16 scale the kernel will multiply by, not the exact one
-        codes = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.padding = -self.in_features % _INT8_INPUT_MULTIPLE
-        self.register_buffer("codes", F.pad(codes, (0, self.padding)))
+        codes, scales = int8_codes(weight)
+        self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
 
     def matmul(self, x: Tensor) -> Tensor:
-        if self.padding:
-            x = F.pad(x, (0, self.padding))
-        return torch._weight_int8pack_mm(x, self.codes, self.scales)
+        return int8_matmul(x, self.codes, self.scales)
 
 
 class Int4Linear(QuantizedLinear):
@@ -133,9 +154,58 @@ def quantized_linear(weight: Tensor, bias: Tensor | None, form: str,
     return Int8Linear(weight, bias)
 
 
+class Int8Experts(nn.Module):
+    """The routed experts of `RoutedExperts` in int8 (`int8_codes`), stacked: gate-and-up codes [E, 2I, d] and
+    down codes [E, d, I] (padded), a scale per row. Eager, each expert used by a batch runs its own rows on the
+    kernel (a loop over the experts used, never over tokens); compiled with few tokens, `gathered_experts`."""
+
+    def __init__(self, experts: RoutedExperts):
+        super().__init__()
+        self.inner = experts.w_down.shape[1]
+        for name, weight in (("gate_up", experts.w_gate_up), ("down", experts.w_down)):
+            codes, scales = int8_codes(weight.transpose(1, 2))  # [E, out, in]
+            self.register_buffer(f"{name}_codes", codes)
+            self.register_buffer(f"{name}_scales", scales)
+
+    def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """As `RoutedExperts.forward`."""
+        experts = self.gate_up_codes.shape[0]
+        if gathers(x, indices, experts):
+            return gathered_experts(x, indices, weights, experts, self._gate_up_rows, self._down_rows)
+        return route_to_experts(x, indices, weights, experts, self._expert_outputs)
+
+    def dequantized(self) -> tuple[Tensor, Tensor]:
+        """The float matrices multiplied by, as `RoutedExperts` holds them: ([E, d, 2I], [E, I, d])."""
+        gate_up = self.gate_up_codes[..., :self.down_codes.shape[1]].float() * self.gate_up_scales.float()[..., None]
+        down = self.down_codes[..., :self.inner].float() * self.down_scales.float()[..., None]
+        return gate_up.transpose(1, 2), down.transpose(1, 2)
+
+    def _gate_up_rows(self, h: Tensor, indices: Tensor) -> Tensor:
+        return int8_rows(h, self.gate_up_codes[indices], self.gate_up_scales[indices])
+
+    def _down_rows(self, h: Tensor, indices: Tensor) -> Tensor:
+        return int8_rows(h, self.down_codes[indices], self.down_scales[indices])
+
+    def _expert_outputs(self, rows: Tensor, expert_of_row: Tensor, counts: Tensor) -> Tensor:
+        outs, start, dtype = [], 0, rows.dtype
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                group = rows[start: start + count].to(torch.bfloat16)
+                h = int8_matmul(group, self.gate_up_codes[expert], self.gate_up_scales[expert]).to(dtype)
+                gate, up = h.chunk(2, dim=-1)
+                inner = (F.silu(gate) * up).to(torch.bfloat16)
+                outs.append(int8_matmul(inner, self.down_codes[expert], self.down_scales[expert]).to(dtype))
+                start += count
+        return torch.cat(outs) if outs else rows.new_zeros(0, rows.shape[1])
+
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_dtype(self, fn, recurse, ("gate_up_scales", "down_scales"), torch.bfloat16)
+
+
 class QuantizedExperts(nn.Module):
-    """The routed experts of `RoutedExperts`, each expert's gate-and-up and down projections quantised;
-    each expert used by a batch runs its own rows (a loop over the experts used, never over tokens)."""
+    """The routed experts of `RoutedExperts` in int4, each expert's gate-and-up and down projections a
+    quantised linear map of its own (int8 where the int4 kernel does not take the shape); each expert used by
+    a batch runs its own rows (a loop over the experts used, never over tokens)."""
 
     def __init__(self, experts: RoutedExperts, form: str, group_size: int = DEFAULT_GROUP_SIZE):
         super().__init__()
@@ -187,6 +257,6 @@ def _quantized(name: str, module: nn.Module, form: str, group_size: int) -> nn.M
     if not quantizes(name, module):
         return None
     if isinstance(module, RoutedExperts):
-        return QuantizedExperts(module, form, group_size)
+        return Int8Experts(module) if form == "int8" else QuantizedExperts(module, form, group_size)
     return quantized_linear(module.weight, module.bias, form, group_size)
 
