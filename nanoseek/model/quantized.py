@@ -161,7 +161,7 @@ class Int8Experts(nn.Module):
 
     def __init__(self, experts: RoutedExperts):
         super().__init__()
-        self.inner = experts.w_down.shape[1]
+        _, self.inner, self.hidden = experts.w_down.shape  # [E, I, d]
         for name, weight in (("gate_up", experts.w_gate_up), ("down", experts.w_down)):
             codes, scales = int8_codes(weight.transpose(1, 2))  # [E, out, in]
             self.register_buffer(f"{name}_codes", codes)
@@ -176,7 +176,7 @@ class Int8Experts(nn.Module):
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
         """The float matrices multiplied by, as `RoutedExperts` holds them: ([E, d, 2I], [E, I, d])."""
-        gate_up = self.gate_up_codes[..., :self.down_codes.shape[1]].float() * self.gate_up_scales.float()[..., None]
+        gate_up = self.gate_up_codes[..., :self.hidden].float() * self.gate_up_scales.float()[..., None]
         down = self.down_codes[..., :self.inner].float() * self.down_scales.float()[..., None]
         return gate_up.transpose(1, 2), down.transpose(1, 2)
 
