@@ -11,7 +11,9 @@ matmul on the CPUs measured in docs/benchmarks.md, while the bf16 ones beat it a
 layer therefore casts its input to bf16 and its output back: a float32 model stays float32 everywhere else (the
 residual stream, norms, attention scores, router). The int4 kernel wants the output width a multiple of 16 and
 the input width a multiple of the group size (32, 64, 128 or 256); a matrix that is neither is kept int8,
-as llama.cpp falls back to another type for rows its blocks do not divide.
+as llama.cpp falls back to another type for rows its blocks do not divide. Compiled for decode
+(`LanguageModel.compile_decode`), the int8 products of a few rows run as row reductions that dequantise in
+the loop (`int8_rows`), the same products; int4 stays on its kernel, whose packing is blocked per 64 rows.
 
 What is quantised: every `nn.Linear` (attention projections, dense MLPs, shared experts, MTP projections, the
 head) and the routed experts. Not quantised: the embedding (a lookup reads one row per token), the router (fp32
