@@ -59,7 +59,7 @@ def test_compiled_speculative_decode_equals_plain_greedy(tiny_checkpoint):
 def test_compiled_decode_log_probs_equal_eager(tiny_checkpoint, rows):
     """The eager engine's model (stored [in, out] for eager CPU decode) handed on and compiled. Two rows take
     the row reductions and the gathered experts; twelve (36 (token, expert) pairs of 8 experts) the GEMMs and
-    the sorted experts' grouped path."""
+    the sorted experts (their per-expert loop: compiled, fp32 grouped GEMMs are refused)."""
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
     batch = prompts(*(6 + 5 * i for i in range(rows)))
     llm = LLM(tiny_checkpoint, max_num_seqs=rows)

@@ -253,6 +253,7 @@ def test_draws_follow_the_distribution_and_skip_impossible_tokens():
     assert (frequencies - p).abs().max() < 0.01 and frequencies[p == 0].sum() == 0
     one = SamplingBatch.build(params[123:124], [123], [7], 6, torch.device("cpu"))
     assert draw(3 * p[None], one, SAMPLE)[0] == tokens[123]
+    assert draw(torch.full((1, 6), float("nan")), one, SAMPLE)[0] == 5  # an id in range, never V
 
 
 def test_speculative_verification_keeps_the_target_distribution():

@@ -163,10 +163,11 @@ def draw(probs: Tensor, batch: SamplingBatch, stream: int) -> Tensor:
     cumulative mass exceeds u times the row's total. In float64, so that a token's chance is its probability
     to within 2^-51 (with a float32 u, each token's would be off by up to 2^-24: over DeepSeek's 129k tokens,
     0.4% of the mass in total variation); a token of probability 0 is never drawn (its cumulative mass equals
-    its predecessor's)."""
+    its predecessor's in the CPU's in-order sum). A row with NaNs (a diverged model) gets the last token, an id
+    in range, as argmax gave it."""
     cumulative = probs.double().cumsum(dim=-1)
     target = uniform(batch.seeds, batch.steps, stream) * cumulative[:, -1]
-    return torch.searchsorted(cumulative, target[:, None], right=True)[:, 0]
+    return torch.searchsorted(cumulative, target[:, None], right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:

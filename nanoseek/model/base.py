@@ -192,11 +192,13 @@ class LanguageModel(nn.Module):
     def quantize(self, form: str, group_size: int = DEFAULT_GROUP_SIZE) -> LanguageModel:
         """Weight-only int8 or int4 matrices for CPU inference (`quantized.quantize_model`), in place; the
         model can no longer be trained or saved. Quantising again in the same format changes nothing."""
-        if self.weight_format not in (None, form):
+        if self.weight_format == form:
+            return self
+        if self.weight_format is not None:
             raise ValueError(f"quantize = {form!r}: this model's weights are {self.weight_format} already")
         quantize_model(self, form, group_size)
         self.weight_format = form
-        self._decode_programs = None  # compiled for the float layers
+        self._decode_programs = None  # compiled for the layers just replaced
         return self
 
     @torch.no_grad()
