@@ -14,6 +14,7 @@ from .flags import CONFIG_FLAG, DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, RunFileError
 from .sizing import (
     forward_flops_per_token,
     human,
+    index_cache_bytes_per_token,
     kv_cache_bytes_per_token,
     parameter_counts,
     weight_bytes,
@@ -60,6 +61,7 @@ def _info_report(config: ModelConfig | DenseConfig, source: str, args: argparse.
     context, cache_bytes = args.context, args.cache_bytes
     counts = parameter_counts(config)
     cached, expanded = kv_cache_bytes_per_token(config, cache_bytes)
+    index_cached, index_fp8 = index_cache_bytes_per_token(config, cache_bytes)
     weight_flops, attention_flops = forward_flops_per_token(config, context)
     return {**_memory_report(config, args, cached),
         "model": source, "architecture": config.architecture,
@@ -69,6 +71,7 @@ def _info_report(config: ModelConfig | DenseConfig, source: str, args: argparse.
         "mtp_stored_parameters": counts.mtp_stored,
         "kv_cache_bytes_per_token": cached, "mha_kv_cache_bytes_per_token": expanded,
         "kv_cache_ratio": expanded / cached,
+        "index_cache_bytes_per_token": index_cached, "index_cache_fp8_bytes_per_token": index_fp8,
         "forward_flops_per_token": weight_flops + attention_flops,
         "weight_flops_per_token": weight_flops, "attention_flops_per_token": attention_flops,
         "context": context, "cache_dtype_bytes": cache_bytes,
@@ -81,7 +84,9 @@ def _info_lines(c: ModelConfig | DenseConfig, r: dict) -> list[str]:
         cache = (f"grouped-query {human(r['kv_cache_bytes_per_token'], 'B')} ({c.num_key_value_heads} KV heads x 2 x "
                  f"{c.head_size} values")
     else:
-        cache = f"latent {human(r['kv_cache_bytes_per_token'], 'B')} ({c.kv_lora_rank} + {c.qk_rope_head_dim} values"
+        index = f" + {c.index_head_dim} indexer key" if c.index_cache_dim else ""
+        cache = (f"latent {human(r['kv_cache_bytes_per_token'], 'B')} ({c.kv_lora_rank} + {c.qk_rope_head_dim}"
+                 f"{index} values")
     lines = [
         f"model             {r['model']} ({r['architecture']})",
         f"parameters        {human(r['parameters'])} total, {human(r['activated_parameters'])} activated per token "
@@ -97,10 +102,20 @@ def _info_lines(c: ModelConfig | DenseConfig, r: dict) -> list[str]:
     return lines + [
         f"KV cache / token  {cache} x {c.num_hidden_layers} layers x {r['cache_dtype_bytes']} bytes) vs multi-head "
         f"{human(r['mha_kv_cache_bytes_per_token'], 'B')}: {r['kv_cache_ratio']:.1f}x smaller",
+        *_index_lines(c, r),
         f"forward FLOPs     {human(weights + attention, 'FLOP')} per token at {r['context']} tokens of "
         f"context ({human(weights, 'FLOP')} weights + {human(attention, 'FLOP')} attention)",
         _memory_line(r),
     ]
+
+
+def _index_lines(c: ModelConfig | DenseConfig, r: dict) -> list[str]:
+    """DeepSeek-V3.2: the indexer keys' share of the cache, and their size in the released FP8 form."""
+    if not r["index_cache_bytes_per_token"]:
+        return []
+    return [f"indexer keys      {human(r['index_cache_bytes_per_token'], 'B')} of it; in DeepSeek-V3.2's FP8 form "
+            f"({c.index_head_dim} bytes + fp32 scales per layer) {r['index_cache_fp8_bytes_per_token']:,} B; "
+            f"sparse attention reads the top {c.index_topk:,} keys"]
 
 
 def _memory_line(r: dict) -> str:

@@ -38,7 +38,15 @@ def _attention(c: ModelConfig) -> int:
     kv = d * c.kv_cache_dim + c.kv_lora_rank + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim)
     out = heads * c.v_head_dim * d
     bias = (c.q_lora_rank or 0) + c.kv_cache_dim + d if c.attention_bias else 0
-    return query + kv + out + bias
+    return query + kv + out + bias + _indexer(c)
+
+
+def _indexer(c: ModelConfig) -> int:
+    """DeepSeek-V3.2's lightning indexer: wq_b, wk, k_norm (weight and bias), weights_proj; none before."""
+    if not c.index_cache_dim:
+        return 0
+    width, heads, d = c.index_head_dim, c.index_n_heads, c.hidden_size
+    return c.q_lora_rank * heads * width + d * width + 2 * width + d * heads
 
 
 def _swiglu(d: int, inner: int) -> int:
@@ -95,20 +103,37 @@ def _head_width(c: ModelConfig | DenseConfig) -> int:
 def kv_cache_bytes_per_token(c: ModelConfig | DenseConfig, dtype_bytes: int = 2) -> tuple[int, int]:
     """(the model's cache, the equivalent multi-head cache) in bytes per token over all layers. MLA caches
     d_c + d_h^R elements per token and layer (DeepSeek-V2 Table 1), grouped-query attention its KV heads'
-    keys and values; multi-head attention would cache every head's."""
-    cached = c.kv_cache_dim * c.num_hidden_layers * dtype_bytes
+    keys and values; multi-head attention would cache every head's. DeepSeek-V3.2's cache also holds each
+    token's indexer key (`index_cache_bytes_per_token` for its own share)."""
+    cached = (c.kv_cache_dim + c.index_cache_dim) * c.num_hidden_layers * dtype_bytes
     expanded = c.num_attention_heads * _head_width(c) * c.num_hidden_layers * dtype_bytes
     return cached, expanded
+
+
+def index_cache_bytes_per_token(c: ModelConfig | DenseConfig, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(the indexer keys in the cache at `dtype_bytes`, the same in the released FP8 form) in bytes per token
+    over all layers; zero before DeepSeek-V3.2. DeepSeek-V3.2-Exp's `inference/model.py` caches each key as
+    index_head_dim FP8 values and one fp32 scale per 128 values (`act_quant`, block size 128)."""
+    if isinstance(c, DenseConfig) or not c.index_cache_dim:
+        return 0, 0
+    fp8 = c.index_head_dim + 4 * -(-c.index_head_dim // 128)
+    return c.index_cache_dim * c.num_hidden_layers * dtype_bytes, fp8 * c.num_hidden_layers
 
 
 def forward_flops_per_token(c: ModelConfig | DenseConfig, context: int) -> tuple[int, int]:
     """(matmul FLOPs with the activated weights, attention FLOPs at `context` keys) for one token's forward.
 
     The first is the usual 2N with N the activated parameters (norm weights, a negligible part, included);
-    the second is QK^T and PV in multi-head form: 2 * heads * (d_qk + d_v) * context per layer.
+    the second is QK^T and PV in multi-head form: 2 * heads * (d_qk + d_v) * context per layer; with
+    DeepSeek-V3.2's sparse attention over min(context, index_topk) keys, plus the indexer's
+    2 * index_n_heads * index_head_dim * context (its ReLU and head weights not counted).
     """
     weights = 2 * parameter_counts(c).activated
-    attention = 2 * c.num_attention_heads * _head_width(c) * context * c.num_hidden_layers
+    if isinstance(c, ModelConfig) and c.index_cache_dim:  # DSA: MLA reads the top-k keys, the indexer all
+        keys, indexer = min(context, c.index_topk), 2 * c.index_n_heads * c.index_head_dim * context
+    else:
+        keys, indexer = context, 0
+    attention = (2 * c.num_attention_heads * _head_width(c) * keys + indexer) * c.num_hidden_layers
     return weights, attention
 
 

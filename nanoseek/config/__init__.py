@@ -8,10 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from .base import ConfigError, HFConfig, read_json_object
-from .deepseek import PRESETS, SUPPORTED_MODEL_TYPES, V2_PRESETS, DeepSeekV2Config, ModelConfig, preset, yarn_mscale
+from .deepseek import (
+    PRESETS,
+    SUPPORTED_MODEL_TYPES,
+    V2_PRESETS,
+    DeepSeekV2Config,
+    DeepSeekV32Config,
+    ModelConfig,
+    preset,
+    yarn_mscale,
+)
 from .dense import DENSE_ARCHITECTURES, DENSE_PRESETS, DenseConfig
 
-FAMILIES: tuple[type[HFConfig], ...] = (ModelConfig, DeepSeekV2Config, DenseConfig)
+FAMILIES: tuple[type[HFConfig], ...] = (ModelConfig, DeepSeekV2Config, DeepSeekV32Config, DenseConfig)
 
 
 def config_from_dict(raw: dict[str, Any]) -> ModelConfig | DenseConfig:
@@ -31,6 +40,6 @@ def read_config_file(path: str | Path) -> ModelConfig | DenseConfig:
 
 __all__ = [
     "DENSE_ARCHITECTURES", "DENSE_PRESETS", "FAMILIES", "PRESETS", "SUPPORTED_MODEL_TYPES", "V2_PRESETS",
-    "ConfigError", "DeepSeekV2Config", "DenseConfig", "HFConfig", "ModelConfig", "config_from_dict", "preset",
-    "read_config_file", "yarn_mscale",
+    "ConfigError", "DeepSeekV2Config", "DeepSeekV32Config", "DenseConfig", "HFConfig", "ModelConfig",
+    "config_from_dict", "preset", "read_config_file", "yarn_mscale",
 ]

@@ -9,13 +9,14 @@ use, which transformers 4.x and 5.x, vLLM and SGLang all read.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .base import COMMON_IGNORED_KEYS, ConfigError, HFConfig
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 # DeepSeek-V2's selections (V2 paper §2.2.1-2.2.2): plain top-K, or top-K within the topk_group groups
 # (devices) holding the best experts ("device-limited routing").
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -85,6 +86,11 @@ class ModelConfig(HFConfig):
     def kv_cache_dim(self) -> int:
         """Values cached per token per layer by absorbed MLA: the normalised c_kv and the roped k_pe."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def index_cache_dim(self) -> int:
+        """Values cached per token per layer for DSA's lightning indexer: none before DeepSeek-V3.2."""
+        return 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace
@@ -195,6 +201,8 @@ class ModelConfig(HFConfig):
         if cls is ModelConfig and raw.get("model_type") != "deepseek_v3":
             if raw.get("model_type") == "deepseek_v2":
                 return DeepSeekV2Config.from_dict(raw)
+            if raw.get("model_type") == "deepseek_v32":
+                return DeepSeekV32Config.from_dict(raw)
             raise ConfigError(f"config field `model_type` = {raw.get('model_type')!r} is not supported; supported: "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         return super().from_dict(raw)
@@ -289,6 +297,67 @@ class DeepSeekV2Config(ModelConfig):
         for key in self.V3_ONLY_KEYS:
             out.pop(key, None)
         return out
+
+
+@dataclass
+class DeepSeekV32Config(ModelConfig):
+    """DeepSeek-V3.2's config.json (transformers' `DeepseekV32Config`): DeepSeek-V3 plus the lightning indexer
+    of DeepSeek Sparse Attention (V3.2 paper §2.1) in every layer.
+
+    transformers' class derives `mlp_layer_types` from `first_k_dense_replace` and makes every layer
+    `indexed_attention`; a config.json that spells either out must agree with that. Its MLA always rotates
+    interleaved pairs (`apply_rotary_pos_emb_interleave`) and always compresses the query (the indexer reads the
+    compressed query), so `rope_interleave` must be true and `q_lora_rank` set.
+    """
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("deepseek_v32",)
+    IGNORED_KEYS: ClassVar[frozenset[str]] = ModelConfig.IGNORED_KEYS | {"mlp_layer_types", "layer_types"}
+
+    index_topk: int = 2048
+    index_head_dim: int = 128
+    index_n_heads: int = 64
+
+    @property
+    def architecture(self) -> str:
+        return "DeepseekV32ForCausalLM"
+
+    @property
+    def index_cache_dim(self) -> int:
+        """The indexer's key, one `index_head_dim` vector per token per layer (V3.2 paper §2.1)."""
+        return self.index_head_dim
+
+    @classmethod
+    def from_v3(cls, config: ModelConfig, **index: Any) -> DeepSeekV32Config:
+        """A V3 config with the indexer added (`index_topk`, `index_head_dim`, `index_n_heads`; defaults
+        V3.2's): the starting point of V3.2's continued pre-training (V3.2 paper §2.1.1)."""
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelConfig)}
+        return cls(**{**fields, "extra": dict(config.extra), **index}).validate()
+
+    def validate(self) -> DeepSeekV32Config:
+        super().validate()
+        need = self.need
+        self.need_positive_ints(("index_topk", "index_head_dim", "index_n_heads"))
+        need(self.q_lora_rank is not None, "q_lora_rank",
+             "must be set for deepseek_v32: the indexer's queries come from the compressed query")
+        need(self.rope_interleave is True, "rope_interleave",
+             "must be true for deepseek_v32: its MLA always rotates interleaved pairs")
+        need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
+             f"must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): the indexer ropes its first "
+             "qk_rope_head_dim values")
+        return self
+
+    @classmethod
+    def read_special(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        special = super().read_special(raw)
+        layers = raw.get("num_hidden_layers", cls.num_hidden_layers)
+        dense = min(raw.get("first_k_dense_replace", cls.first_k_dense_replace), layers)
+        expected = {"mlp_layer_types": ["dense"] * dense + ["sparse"] * (layers - dense),
+                    "layer_types": ["indexed_attention"] * layers}
+        for key, value in expected.items():
+            if raw.get(key) is not None and raw[key] != value:
+                raise ConfigError(f"config field `{key}` = {raw[key]!r}: must be {value!r} (first_k_dense_replace "
+                                  "dense layers, then MoE; every layer indexed), the only layout modelled")
+        return special
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -393,17 +462,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_scaling=_yarn(40, 4096), quantization_config={
             "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
     ),
+    # DeepSeek-V3.2 (-Exp): V3 with the lightning indexer of DeepSeek Sparse Attention, its hub config.json's
+    # values (64 indexer heads of 128, top-2048). Sizing only.
+    "deepseek-v3.2": dict(
+        rope_scaling=_yarn(40, 4096), index_n_heads=64, index_head_dim=128, index_topk=2048,
+        quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                             "weight_block_size": [128, 128]},
+    ),
 }
-# The presets of DeepSeek-V2's family; the rest are DeepSeek-V3's.
+# The presets of DeepSeek-V2's family and of DeepSeek-V3.2's; the rest are DeepSeek-V3's.
 V2_PRESETS = frozenset({"deepseek-v2-lite", "deepseek-v2"})
+V32_PRESETS = frozenset({"deepseek-v3.2"})
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named config (`tiny`, `nano`, `micro`, `small`, `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`),
-    optionally changed; the V2 ones are `DeepSeekV2Config`s."""
+    """A named config (`tiny`, `nano`, `micro`, `small`, `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`,
+    `deepseek-v3.2`), optionally changed; the V2 ones are `DeepSeekV2Config`s, the V3.2 one a
+    `DeepSeekV32Config`."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    family = DeepSeekV2Config if name in V2_PRESETS else ModelConfig
+    family = DeepSeekV2Config if name in V2_PRESETS else DeepSeekV32Config if name in V32_PRESETS else ModelConfig
     return family(**{**PRESETS[name], **overrides}).validate()
 
 

@@ -66,6 +66,11 @@ class DenseConfig(HFConfig):
         return 2 * self.num_key_value_heads * self.head_size
 
     @property
+    def index_cache_dim(self) -> int:
+        """No sparse-attention indexer keys: the dense family attends densely."""
+        return 0
+
+    @property
     def architecture(self) -> str:
         return DENSE_ARCHITECTURES[self.model_type]
 

@@ -9,6 +9,10 @@ same weights and the same latents:
 * absorbed ("MQA mode", decode): `W^UK` is folded into the query and `W^UV` into the output
   (DeepSeek-V3 `inference/model.py`, `attn_impl = "absorb"`), so
   every head attends directly over the shared latents, as one multi-query attention of width d_c + d_r.
+
+DeepSeek-V3.2 adds DeepSeek Sparse Attention (`indexer.py`): the cache row of a token also holds its indexer
+key, and once a query sees more than `index_topk` keys, both paths attend only over the keys the indexer
+selects for it (a mask over the same latents, so prefix caching and slots work as before).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .indexer import LightningIndexer
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, softmax_scale
 
 
 class LatentCache:
-    """Preallocated latent KV cache: `data[layer]` is [num_slots, max_len, kv_lora_rank + qk_rope_head_dim].
+    """Preallocated latent KV cache: `data[layer]` is [num_slots, max_len, kv_lora_rank + qk_rope_head_dim
+    (+ index_head_dim for DeepSeek-V3.2's indexer keys)].
 
     A slot holds one sequence; position p of a slot holds the latent of that sequence's token at position p.
     """
@@ -33,7 +39,8 @@ class LatentCache:
     def __init__(self, config: ModelConfig, num_layers: int, num_slots: int, max_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.max_len = max_len
-        self.data = torch.zeros(num_layers, num_slots, max_len, config.kv_cache_dim, device=device, dtype=dtype)
+        width = config.kv_cache_dim + config.index_cache_dim
+        self.data = torch.zeros(num_layers, num_slots, max_len, width, device=device, dtype=dtype)
 
     @property
     def num_slots(self) -> int:
@@ -96,6 +103,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
         self.rope_interleave = config.rope_interleave
+        self.latent_width = config.kv_cache_dim
         self.scale = softmax_scale(config)
         d, heads, qk = config.hidden_size, config.num_attention_heads, config.qk_head_dim
         bias = config.attention_bias
@@ -110,23 +118,31 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = Linear(config.kv_lora_rank, heads * (config.qk_nope_head_dim + config.v_head_dim),
                                 bias=False)
         self.o_proj = Linear(heads * config.v_head_dim, d, bias=bias)
+        self.indexer = LightningIndexer(config) if config.index_cache_dim else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheContext | None = None,
                 absorbed: bool = False) -> Tensor:
         """x [B, T, d]; cos/sin [B or 1, T, d_r/2]. Without a cache, attention is causal over x itself."""
-        q_nope, q_pe = self.queries(x, cos, sin)
+        q_compressed = None if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x))
+        q_nope, q_pe = self.queries(x if q_compressed is None else q_compressed, cos, sin)
         latent = self.latent(x, cos, sin)
+        if self.indexer is not None:
+            latent = torch.cat((latent, self.indexer.key(x, cos, sin).to(latent.dtype)), dim=-1)
         keys, mask = (latent, None) if cache is None else (cache.store(latent), cache.mask)
+        causal = cache is None
+        if self.indexer is not None and keys.shape[1] > self.indexer.topk:
+            visible = _visible(keys, x.shape[1]) if mask is None else mask
+            index_keys = keys[..., self.latent_width:]
+            mask = self.indexer.select(self.indexer.scores(x, q_compressed, cos, sin, index_keys), visible)
+            causal = False
         attend = self._absorbed if absorbed else self._expanded
-        return self.o_proj(attend(q_nope, q_pe, keys.to(x.dtype), mask, cache is None).flatten(2))
+        return self.o_proj(attend(q_nope, q_pe, keys[..., : self.latent_width].to(x.dtype), mask, causal).flatten(2))
 
-    def queries(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-head query parts: q_nope [B, T, H, d_n] and roped q_pe [B, T, H, d_r]."""
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.rope_dim)
+    def queries(self, q_input: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head query parts q_nope [B, T, H, d_n] and roped q_pe [B, T, H, d_r] of x, or of the normalised
+        compressed query c_q where the query is compressed."""
+        q = self.q_proj(q_input) if hasattr(self, "q_proj") else self.q_b_proj(q_input)
+        q = q.view(*q_input.shape[:2], self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos[..., None, :], sin[..., None, :], self.rope_interleave)
 
@@ -165,3 +181,11 @@ class MultiHeadLatentAttention(nn.Module):
         probs = scores.softmax(dim=-1).to(keys.dtype).view(batch, steps * heads, -1)
         out_latent = torch.bmm(probs, keys[..., : self.latent_dim]).view(batch, steps, heads, -1)
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output
+
+
+def _visible(keys: Tensor, steps: int) -> Tensor:
+    """The causal mask [B, T, key_len] of the last `steps` of `key_len` positions (True = may attend)."""
+    batch, key_len = keys.shape[:2]
+    queries = torch.arange(key_len - steps, key_len, device=keys.device)
+    visible = torch.arange(key_len, device=keys.device) <= queries[:, None]
+    return visible.expand(batch, -1, -1)

@@ -1,0 +1,61 @@
+"""DeepSeek Sparse Attention's lightning indexer (the DeepSeek-V3.2-Exp report, §2.1, eq. 1; DeepSeek-V3.2-Exp's
+`inference/model.py` `Indexer`; transformers' `DeepseekV32Indexer`).
+
+For query token t and earlier token s the index score is I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s]): a few
+heads j of small width, one key per token shared by all heads, per-token head weights w. MLA then attends only
+over the `index_topk` keys with the highest scores, O(k L) instead of O(L^2). The indexer's RoPE rotates the
+first `qk_rope_head_dim` values of each vector as two halves (not interleaved pairs, unlike MLA's).
+
+The released model scores in FP8 after a Hadamard rotation of q and k; the rotation is orthogonal (dot products
+unchanged), so this fp32 form is the same function up to the FP8 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DeepSeekV32Config
+from .layers import Linear
+from .rope import apply_rope
+
+
+class LightningIndexer(nn.Module):
+    """Checkpoint names `self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`, as the released V3.2 weights."""
+
+    def __init__(self, config: DeepSeekV32Config):
+        super().__init__()
+        self.num_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.rope_dim, self.topk = config.qk_rope_head_dim, config.index_topk
+        self.wq_b = Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+        self.wk = Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)  # a LayerNorm with bias, not an RMSNorm
+        self.weights_proj = Linear(config.hidden_size, self.num_heads, bias=False)
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        rotated, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat((apply_rope(rotated, cos, sin, interleaved=False), rest), dim=-1)
+
+    def key(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The indexer key of each token, [B, T, index_head_dim]: what the cache keeps beside the latent."""
+        return self._rope(self.k_norm(self.wk(x)), cos, sin)
+
+    def scores(self, x: Tensor, q_compressed: Tensor, cos: Tensor, sin: Tensor, keys: Tensor) -> Tensor:
+        """Index scores I [B, T, key_len] in fp32 (eq. 1) of the T queries over `keys` [B, key_len, D].
+
+        `q_compressed` is MLA's normalised compressed query c_q [B, T, q_lora_rank]."""
+        batch, steps = x.shape[:2]
+        q = self.wq_b(q_compressed).view(batch, steps, self.num_heads, self.head_dim)
+        q = self._rope(q, cos[..., None, :], sin[..., None, :])
+        logits = torch.einsum("bthd,bkd->bthk", q.float(), keys.float()) * self.head_dim ** -0.5
+        weights = self.weights_proj(x).float() * self.num_heads ** -0.5
+        return torch.einsum("bth,bthk->btk", weights, F.relu(logits))
+
+    def select(self, scores: Tensor, visible: Tensor) -> Tensor:
+        """The attention mask [B, T, key_len] (True = attend) of the top-k visible keys of each query; all
+        visible keys when there are no more than k."""
+        if scores.shape[-1] <= self.topk:
+            return visible
+        chosen = scores.masked_fill(~visible, float("-inf")).topk(self.topk, dim=-1).indices
+        return torch.zeros_like(visible).scatter_(-1, chosen, True) & visible

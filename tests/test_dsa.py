@@ -1,0 +1,192 @@
+"""DeepSeek-V3.2's sparse attention (`model_type: deepseek_v32`): logit parity with transformers'
+DeepseekV32ForCausalLM (fp32, eager) on sequences longer than `index_topk`, weights exchanged both ways, the
+caches, and the config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import perturb, tiny_config
+
+import nanoseek
+from nanoseek.config import ConfigError, DeepSeekV32Config, ModelConfig, config_from_dict, preset, read_config_file
+from nanoseek.sizing import index_cache_bytes_per_token, kv_cache_bytes_per_token
+
+TOL = 1e-4
+# Eight indexer heads make an exact tie of index scores (every head's ReLU zero for two keys) vanishingly rare;
+# top-8 of up to 40 keys makes the selection matter.
+INDEXER = {"index_n_heads": 8, "index_head_dim": 16, "index_topk": 8}
+CASES = {"base": {}, "no-yarn": {"rope_scaling": None}, "all-moe": {"first_k_dense_replace": 0}}
+
+
+def v32_kwargs(**overrides) -> dict:
+    return tiny_config(**{**INDEXER, **overrides})
+
+
+def hf_v32(seed: int = 0, **overrides):
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    torch.manual_seed(seed)
+    config = DeepseekV32Config(**v32_kwargs(**overrides), attn_implementation="eager")
+    return perturb(DeepseekV32ForCausalLM(config).eval(), seed)
+
+
+def ours_v32(seed: int = 0, **overrides) -> nanoseek.CausalLM:
+    torch.manual_seed(seed)
+    return perturb(nanoseek.CausalLM(DeepSeekV32Config(**v32_kwargs(**overrides))).eval(), seed)
+
+
+def _ids(batch: int = 2, steps: int = 40, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, steps), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_checkpoint_loads_with_equal_logits(case, tmp_path):
+    hf = hf_v32(**CASES[case])
+    hf.save_pretrained(tmp_path)
+    ours = nanoseek.load_model(tmp_path)
+    assert isinstance(ours.config, DeepSeekV32Config) and ours.config.index_topk == 8
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert (ours(ids) - expected).abs().max() <= TOL
+        assert (ours(ids, absorbed=True) - expected).abs().max() <= TOL
+        dense = ours_from(ours, index_topk=ids.shape[1])
+        assert (dense(ids) - expected).abs().max() > 1e-2, "the selection should matter at this length"
+
+
+def ours_from(model: nanoseek.CausalLM, **changes) -> nanoseek.CausalLM:
+    """The same weights under a changed config."""
+    config = DeepSeekV32Config(**{**model.config.__dict__, **changes})
+    other = nanoseek.CausalLM(config, num_mtp_modules=len(model.mtp)).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("case", ["base", "no-yarn"])
+def test_nanoseek_checkpoint_with_mtp_loads_in_transformers(case, tmp_path):
+    from transformers import DeepseekV32ForCausalLM
+
+    ours = ours_v32(num_nextn_predict_layers=1, **CASES[case])
+    ours.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == "deepseek_v32" and written["architectures"] == ["DeepseekV32ForCausalLM"]
+    hf, info = DeepseekV32ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                      output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    # transformers does not model the MTP module (layer 3 here), so its weights are the only unexpected ones
+    assert info["unexpected_keys"] and all(k.startswith("model.layers.3.") for k in info["unexpected_keys"])
+    assert any(".indexer.wq_b." in k for k in info["unexpected_keys"])  # the MTP block has its own indexer
+    ids = _ids()
+    with torch.no_grad():
+        assert (hf.eval()(ids).logits - ours(ids)).abs().max() <= TOL
+    again = nanoseek.load_model(tmp_path)
+    assert len(again.mtp) == 1
+    assert torch.equal(again.mtp[0].self_attn.indexer.wk.weight, ours.mtp[0].self_attn.indexer.wk.weight)
+
+
+@pytest.mark.parametrize("absorbed", [True, False])
+def test_token_by_token_decode_equals_full_forward(absorbed):
+    model = ours_v32()
+    ids = _ids(steps=36)
+    cache = model.new_cache(num_slots=2, max_len=36)
+    with torch.no_grad():
+        full = model(ids)
+        for t in range(ids.shape[1]):
+            step = model(ids[:, t:t + 1], torch.full((2, 1), t), cache, absorbed=absorbed)
+            assert (step[:, 0] - full[:, t]).abs().max() <= TOL, f"position {t}"
+
+
+def test_chunked_prefill_in_other_slots_then_decode():
+    """Prefill in chunks over the cache (the expanded path with the cache's mask), rows in arbitrary slots."""
+    model = ours_v32()
+    ids = _ids(steps=34)
+    cache = model.new_cache(num_slots=4, max_len=40)
+    slots = torch.tensor([3, 1])
+    with torch.no_grad():
+        full = model(ids)
+        first = model(ids[:, :5], cache=cache, slots=slots)  # within index_topk: dense
+        assert (first - full[:, :5]).abs().max() <= TOL
+        chunk = model(ids[:, 5:20], torch.arange(5, 20).expand(2, -1), cache, slots=slots)
+        assert (chunk - full[:, 5:20]).abs().max() <= TOL
+        chunk = model(ids[:, 20:30], torch.arange(20, 30).expand(2, -1), cache, slots=slots, absorbed=True)
+        assert (chunk - full[:, 20:30]).abs().max() <= TOL
+        for t in range(30, 34):
+            step = model(ids[:, t:t + 1], torch.full((2, 1), t), cache, slots=slots)
+            assert (step[:, 0] - full[:, t]).abs().max() <= TOL
+
+
+def test_dense_attention_within_index_topk_is_deepseek_v3():
+    """While no query sees more than index_topk keys, V3.2 is V3 with the same weights."""
+    v32 = ours_v32(index_topk=64)
+    v3 = nanoseek.CausalLM(ModelConfig(**tiny_config())).eval()
+    v3.load_state_dict({k: v for k, v in v32.state_dict().items() if ".indexer." not in k})
+    ids = _ids()
+    with torch.no_grad():
+        assert (v32(ids) - v3(ids)).abs().max() <= TOL
+
+
+def test_cache_row_holds_the_latent_and_the_indexer_key():
+    model = ours_v32()
+    cache = model.new_cache(num_slots=1, max_len=8)
+    config = model.config
+    per_layer = config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim
+    assert cache.bytes_per_token() == per_layer * config.num_hidden_layers * 4
+    assert kv_cache_bytes_per_token(config, 4)[0] == cache.bytes_per_token()
+
+
+def test_sizing_reproduces_deepseek_v32_published_cache():
+    """DeepSeek-V3.2-Exp caches each indexer key as 128 FP8 values and one fp32 scale: 132 B per layer,
+    8,052 B per token over 61 layers, beside the 70,272 B bf16 latent (576 values x 61 layers x 2 B)."""
+    config = preset("deepseek-v3.2")
+    assert index_cache_bytes_per_token(config, 2) == (128 * 61 * 2, 8052)
+    latent, _ = kv_cache_bytes_per_token(preset("deepseek-v3"), 2)
+    assert latent == 70272 and kv_cache_bytes_per_token(config, 2)[0] == 70272 + 128 * 61 * 2
+
+
+def test_info_reports_the_indexer_cache(capsys):
+    from nanoseek.cli import main
+
+    assert main(["info", "--preset", "deepseek-v3.2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["architecture"] == "DeepseekV32ForCausalLM"
+    assert report["index_cache_fp8_bytes_per_token"] == 8052
+    assert report["index_cache_bytes_per_token"] == 128 * 61 * 2
+
+
+def test_config_round_trips_with_transformers(tmp_path):
+    from transformers import DeepseekV32Config
+
+    DeepseekV32Config(**v32_kwargs()).save_pretrained(tmp_path)  # transformers 5.x form: rope_parameters
+    config = read_config_file(tmp_path / "config.json")
+    assert isinstance(config, DeepSeekV32Config)
+    assert (config.index_n_heads, config.index_head_dim, config.index_topk) == (8, 16, 8)
+    assert config.rope_scaling["factor"] == 40
+    (tmp_path / "ours.json").write_text(json.dumps(config.to_dict()))
+    again = DeepseekV32Config.from_json_file(tmp_path / "ours.json")
+    assert (again.index_n_heads, again.index_head_dim, again.index_topk) == (8, 16, 8)
+    assert again.mlp_layer_types == ["dense", "sparse", "sparse"]
+    assert DeepSeekV32Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"q_lora_rank": None}, "q_lora_rank"),
+    ({"rope_interleave": False}, "rope_interleave"),
+    ({"index_head_dim": 4}, "index_head_dim"),
+    ({"index_topk": 0}, "index_topk"),
+    ({"mlp_layer_types": ["sparse", "sparse", "sparse"]}, "mlp_layer_types"),
+    ({"layer_types": ["full_attention"] * 3}, "layer_types"),
+])
+def test_bad_config_names_the_field(change, field):
+    raw = {**DeepSeekV32Config(**v32_kwargs()).to_dict(), **change}
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        config_from_dict(raw)
+
+
+def test_from_v3_adds_the_indexer_and_keeps_every_field():
+    v3 = preset("tiny", extra={"ep_size": 1})
+    v32 = DeepSeekV32Config.from_v3(v3, **INDEXER)
+    assert v32.to_dict() == {**v3.to_dict(), **INDEXER, "model_type": "deepseek_v32",
+                             "architectures": ["DeepseekV32ForCausalLM"]}
