@@ -5,6 +5,7 @@ caches, and the config."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -190,3 +191,105 @@ def test_from_v3_adds_the_indexer_and_keeps_every_field():
     v32 = DeepSeekV32Config.from_v3(v3, **INDEXER)
     assert v32.to_dict() == {**v3.to_dict(), **INDEXER, "model_type": "deepseek_v32",
                              "architectures": ["DeepseekV32ForCausalLM"]}
+
+
+# ---- training: the two stages' losses (V3.2-Exp report §2.1.1) ------------------------------------------
+def test_indexer_loss_is_the_kl_of_the_attention_to_the_index_softmax():
+    from nanoseek.model.indexer import indexer_loss
+
+    target = torch.tensor([[[0.5, 0.3, 0.2]]])
+    scores = torch.tensor([[[0.25, 0.25, 0.5]]]).log()
+    every = torch.ones(1, 1, 3, dtype=torch.bool)
+    expected = sum(p * math.log(p / q) for p, q in [(0.5, 0.25), (0.3, 0.25), (0.2, 0.5)])
+    assert indexer_loss(scores, target, every).item() == pytest.approx(expected, rel=1e-6)
+    first_two = torch.tensor([[[True, True, False]]])  # p renormalised to (0.625, 0.375), softmax(I) to halves
+    expected = 0.625 * math.log(0.625 / 0.5) + 0.375 * math.log(0.375 / 0.5)
+    assert indexer_loss(scores, target, first_two).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _transformers_indexer_terms(hf, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(index scores I [B, T, T] by the report's eq. 1 from transformers' own modules, main attention
+    probabilities averaged over heads [B, T, T]) of every layer, from transformers' forward pass."""
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+
+    inputs = []
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.append((module, kwargs)), with_kwargs=True) for layer in hf.model.layers]
+    with torch.no_grad():
+        attentions = hf(ids, output_attentions=True).attentions
+    for hook in hooks:
+        hook.remove()
+    terms = []
+    for (attn, kwargs), probs in zip(inputs, attentions, strict=True):
+        x, (cos, sin), indexer = kwargs["hidden_states"], kwargs["position_embeddings"], attn.indexer
+        batch, steps = x.shape[:2]
+        rope = hf.config.qk_rope_head_dim
+        with torch.no_grad():
+            q = indexer.wq_b(attn.q_a_layernorm(attn.q_a_proj(x))).view(batch, steps, indexer.n_heads, -1)
+            k = indexer.k_norm(indexer.wk(x))[:, :, None]
+            q_rot, k_rot = apply_rotary_pos_emb(q[..., :rope], k[..., :rope], cos, sin, unsqueeze_dim=2)
+            q, k = torch.cat((q_rot, q[..., rope:]), -1), torch.cat((k_rot, k[..., rope:]), -1)[:, :, 0]
+            logits = torch.einsum("bshd,btd->bsht", q, k).relu() * indexer.head_dim ** -0.5
+            weights = indexer.weights_proj(x) * indexer.n_heads ** -0.5
+            index = torch.einsum("bsh,bsht->bst", weights, logits)
+        terms.append((index, probs.mean(dim=1)))
+    return terms
+
+
+def _kl(index: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor) -> float:
+    p = probs * keep
+    p = p / p.sum(-1, keepdim=True)
+    log_q = index.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    return torch.where(keep, p * (p.clamp_min(1e-30).log() - log_q), 0.0).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_stage_losses_and_recall_match_transformers_attention(mode, tmp_path):
+    """The warm-up's loss (dense attention, every causal key) and the sparse stage's (the selected keys), and
+    the recall, computed independently from transformers' attention probabilities and the report's eq. 1."""
+    hf = hf_v32()  # transformers' attention is the deployed one: sparse at top-8, dense at top-64
+    hf.save_pretrained(tmp_path)
+    ours = nanoseek.load_model(tmp_path).train()
+    ids = _ids(steps=24)
+    out = ours.run(ids, dsa=mode)
+    assert len(out.indexer_stats) == ours.config.num_hidden_layers
+    dense_hf = hf_v32(index_topk=64)
+    dense_hf.load_state_dict(hf.state_dict())
+    sparse_terms, dense_terms = _transformers_indexer_terms(hf, ids), _transformers_indexer_terms(dense_hf, ids)
+    causal = torch.ones(24, 24, dtype=torch.bool).tril().expand(2, -1, -1)
+    for layer, (stats, (sparse_index, sparse), (dense_index, dense)) in enumerate(zip(
+            out.indexer_stats, sparse_terms, dense_terms, strict=True)):
+        # each layer's input is the output of the layers below, dense in the warm-up, sparse after it
+        index, probs = (dense_index, dense) if mode == "dense" else (sparse_index, sparse)
+        chosen = index.masked_fill(~causal, float("-inf")).topk(8, dim=-1).indices
+        selected = torch.zeros_like(causal).scatter(-1, chosen, True) & causal
+        keep = causal if mode == "dense" else selected
+        assert stats.loss.item() == pytest.approx(_kl(index, probs, keep), rel=1e-4, abs=1e-6)
+        assert 0 < stats.recall.item() < 1
+        if mode == "dense" or layer == 0:  # above layer 0 the sparse stage's dense reference has other inputs
+            assert stats.recall.item() == pytest.approx((dense * selected).sum(-1).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_indexer_learns_only_from_its_loss(mode):
+    """The indexer's inputs are detached: the language-model loss reaches every weight but the indexer's,
+    the indexer loss the indexer's alone."""
+    model = ours_v32(num_nextn_predict_layers=1).train()
+    ids = _ids(steps=24)
+    out = model.run(ids, dsa=mode, mtp=True)
+    assert len(out.indexer_stats) == model.config.num_hidden_layers + 1  # the MTP block's indexer too
+    index_loss = sum(s.loss for s in out.indexer_stats)
+    index_grads = torch.autograd.grad(index_loss, list(model.parameters()), allow_unused=True, retain_graph=True)
+    lm_loss = out.logits.logsumexp(-1).mean() + sum(m.logsumexp(-1).mean() for m in out.mtp_logits)
+    lm_grads = torch.autograd.grad(lm_loss, list(model.parameters()), allow_unused=True)
+    for (name, _), from_index, from_lm in zip(model.named_parameters(), index_grads, lm_grads, strict=True):
+        if ".indexer." in name:
+            assert from_index is not None and from_index.abs().sum() > 0, name
+            assert from_lm is None, name
+        else:
+            assert from_index is None, name
+
+
+def test_dsa_needs_an_indexer():
+    with pytest.raises(ValueError, match="dsa"):
+        nanoseek.CausalLM(ModelConfig(**tiny_config())).run(_ids(), dsa="dense")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .indexer import LightningIndexer
+from .indexer import IndexerProbe, IndexerStats, LightningIndexer, indexer_loss
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -121,22 +121,30 @@ class MultiHeadLatentAttention(nn.Module):
         self.indexer = LightningIndexer(config) if config.index_cache_dim else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheContext | None = None,
-                absorbed: bool = False) -> Tensor:
-        """x [B, T, d]; cos/sin [B or 1, T, d_r/2]. Without a cache, attention is causal over x itself."""
+                absorbed: bool = False, probe: IndexerProbe | None = None) -> Tensor:
+        """x [B, T, d]; cos/sin [B or 1, T, d_r/2]. Without a cache, attention is causal over x itself. A `probe`
+        (training a V3.2 model) collects the indexer's loss and recall and says whether attention is sparse."""
         q_compressed = None if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x))
         q_nope, q_pe = self.queries(x if q_compressed is None else q_compressed, cos, sin)
-        latent = self.latent(x, cos, sin)
-        if self.indexer is not None:
-            latent = torch.cat((latent, self.indexer.key(x, cos, sin).to(latent.dtype)), dim=-1)
-        keys, mask = (latent, None) if cache is None else (cache.store(latent), cache.mask)
-        causal = cache is None
-        if self.indexer is not None and keys.shape[1] > self.indexer.topk:
-            visible = _visible(keys, x.shape[1]) if mask is None else mask
-            index_keys = keys[..., self.latent_width:]
-            mask = self.indexer.select(self.indexer.scores(x, q_compressed, cos, sin, index_keys), visible)
-            causal = False
+        latents, mask = self.latent(x, cos, sin), None
+        # detached: the indexer never sends gradients into the model
+        index_keys = None if self.indexer is None else self.indexer.key(x.detach(), cos, sin).to(latents.dtype)
+        if cache is not None:
+            row = latents if index_keys is None else torch.cat((latents, index_keys), dim=-1)
+            stored, mask = cache.store(row), cache.mask
+            latents, index_keys = stored[..., : self.latent_width], stored[..., self.latent_width:]
+        latents, causal = latents.to(x.dtype), cache is None
+        if self.indexer is not None and (probe is not None or latents.shape[1] > self.indexer.topk):
+            visible = _visible(latents, x.shape[1]) if mask is None else mask
+            with torch.set_grad_enabled(probe is not None and torch.is_grad_enabled()):
+                scores = self.indexer.scores(x.detach(), q_compressed.detach(), cos, sin, index_keys)
+            selected = self.indexer.select(scores.detach(), visible)
+            if probe is not None:
+                self._probe(probe, scores, selected, visible, q_nope, q_pe, latents)
+            if probe is None or probe.mode == "sparse":
+                mask, causal = selected, False
         attend = self._absorbed if absorbed else self._expanded
-        return self.o_proj(attend(q_nope, q_pe, keys[..., : self.latent_width].to(x.dtype), mask, causal).flatten(2))
+        return self.o_proj(attend(q_nope, q_pe, latents, mask, causal).flatten(2))
 
     def queries(self, q_input: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head query parts q_nope [B, T, H, d_n] and roped q_pe [B, T, H, d_r] of x, or of the normalised
@@ -165,23 +173,45 @@ class MultiHeadLatentAttention(nn.Module):
             attn_mask=None if mask is None else mask[:, None], is_causal=causal, scale=self.scale)
         return out.transpose(1, 2)
 
+    def _latent_scores(self, q_nope: Tensor, q_pe: Tensor, latents: Tensor) -> Tensor:
+        """Every head's scaled logits over the latents in the absorbed form, [B, T, H, key_len] in fp32."""
+        batch, steps, heads = q_nope.shape[:3]
+        w_uk = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)[:, : self.nope_dim]
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorb W^UK into the query
+        q = torch.cat((q_latent, q_pe), dim=-1).reshape(batch, steps * heads, -1)
+        return torch.bmm(q, latents.transpose(1, 2)).view(batch, steps, heads, -1).float() * self.scale
+
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, keys: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """MQA mode (the absorbed form of `inference/model.py`): all heads attend over the shared latents;
         returns [B, T, H, d_v]."""
         batch, steps, heads = q_nope.shape[:3]
-        w_kv_b = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
-        w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim:]
-        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # absorb W^UK into the query
-        q = torch.cat((q_latent, q_pe), dim=-1).reshape(batch, steps * heads, -1)
-        scores = torch.bmm(q, keys.transpose(1, 2)).view(batch, steps, heads, -1).float() * self.scale
+        scores = self._latent_scores(q_nope, q_pe, keys)
         if causal:
             mask = torch.ones(steps, keys.shape[1], dtype=torch.bool, device=keys.device).tril()[None]
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(keys.dtype).view(batch, steps * heads, -1)
         out_latent = torch.bmm(probs, keys[..., : self.latent_dim]).view(batch, steps, heads, -1)
+        w_uv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)[:, self.nope_dim:]
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output
 
+    @torch.no_grad()
+    def _attention_mass(self, q_nope: Tensor, q_pe: Tensor, latents: Tensor, mask: Tensor) -> Tensor:
+        """The main attention's probabilities under `mask`, averaged over heads: [B, T, key_len], no gradient."""
+        scores = self._latent_scores(q_nope, q_pe, latents).masked_fill(~mask[:, :, None], float("-inf"))
+        return scores.softmax(dim=-1).mean(dim=2)
+
+    def _probe(self, probe: IndexerProbe, scores: Tensor, selected: Tensor, visible: Tensor, q_nope: Tensor,
+               q_pe: Tensor, latents: Tensor) -> None:
+        """The indexer's loss for the probe's stage and its recall (V3.2-Exp report §2.1.1). The sparse stage's
+        target is the sparse attention's own distribution over the selected keys (the main attention as it
+        runs); recall needs the dense distribution, computed here for it alone."""
+        dense = self._attention_mass(q_nope, q_pe, latents, visible)
+        if probe.mode == "dense":
+            loss = indexer_loss(scores, dense, visible)
+        else:
+            loss = indexer_loss(scores, self._attention_mass(q_nope, q_pe, latents, selected), selected)
+        probe.stats.append(IndexerStats(loss, (dense * selected).sum(-1).mean()))
 
 def _visible(keys: Tensor, steps: int) -> Tensor:
     """The causal mask [B, T, key_len] of the last `steps` of `key_len` positions (True = may attend)."""

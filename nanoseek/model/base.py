@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..config import DenseConfig, ModelConfig
 from ..hf_files import TensorSlot, param_slot, write_checkpoint
 from .attention import LatentCache
+from .indexer import IndexerStats
 from .layers import RMSNorm
 from .layout import standard_layout
 from .moe import RouterStats
@@ -32,6 +33,7 @@ class ModelOutput:
     hidden: Tensor  # [B, T, d] after the final norm: what the MTP modules and the engine consume
     mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: [B, T - k, V], predicting token t+k+1
     router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, main model first
+    indexer_stats: list[IndexerStats] = field(default_factory=list)  # V3.2 in training: one per attention layer
 
 
 def select_positions(hidden: Tensor, index: Tensor | None) -> Tensor:

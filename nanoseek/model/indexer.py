@@ -12,6 +12,9 @@ unchanged), so this fp32 form is the same function up to the FP8 rounding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -59,3 +62,42 @@ class LightningIndexer(nn.Module):
             return visible
         chosen = scores.masked_fill(~visible, float("-inf")).topk(self.topk, dim=-1).indices
         return torch.zeros_like(visible).scatter_(-1, chosen, True) & visible
+
+
+# ---- training (the V3.2-Exp report §2.1.1) -------------------------------------------------------------
+DSAMode = Literal["dense", "sparse"]
+
+
+@dataclass
+class IndexerStats:
+    """One attention layer's indexer during training."""
+
+    loss: Tensor  # scalar: the mean over query tokens of KL(p_t || softmax(I_t)); its gradient reaches the indexer
+    recall: Tensor  # scalar, no gradient: the mean share of the dense attention's mass on the top-k keys
+
+
+@dataclass
+class IndexerProbe:
+    """Asks every attention layer of one forward pass for its `IndexerStats`.
+
+    `mode` is the training stage: "dense" is the warm-up, where the main attention stays dense and the indexer
+    learns the main attention's distribution over every visible key; "sparse" is sparse training, where the
+    main attention reads the indexer's top-k keys and the indexer's loss covers those keys only. In both, the
+    indexer's inputs are detached: it learns only from its loss, the rest of the model only from its own.
+    """
+
+    mode: DSAMode
+    stats: list[IndexerStats] = field(default_factory=list)
+
+
+def indexer_loss(scores: Tensor, target: Tensor, keep: Tensor) -> Tensor:
+    """mean_t KL(p_t || softmax(I_t)) over the key set `keep` [B, T, K] (True = in the set) of each query.
+
+    `target` [B, T, K] is the main attention's distribution, summed over heads; restricted to the set and
+    L1-normalised it is p_t. The report sums over t; the mean keeps the loss's scale independent of the batch,
+    as the language-model loss's is.
+    """
+    p = target.float() * keep
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    log_q = scores.float().masked_fill(~keep, float("-inf")).log_softmax(-1).masked_fill(~keep, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum(-1).mean()

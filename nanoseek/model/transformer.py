@@ -16,6 +16,7 @@ from ..config import ModelConfig
 from ..hf_files import TensorSlot
 from .attention import CacheContext, LatentCache, MultiHeadLatentAttention
 from .base import LanguageModel, ModelOutput, module_slots, select_positions
+from .indexer import DSAMode, IndexerProbe
 from .layers import MLP, Linear, RMSNorm
 from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
@@ -47,8 +48,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: CacheContext | None = None,
-                absorbed: bool = False, stats: list[RouterStats] | None = None) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, absorbed)
+                absorbed: bool = False, stats: list[RouterStats] | None = None,
+                probe: IndexerProbe | None = None) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, absorbed, probe)
         ffn_in = self.post_attention_layernorm(h)
         return h + (self.mlp(ffn_in, stats) if isinstance(self.mlp, MoE) else self.mlp(ffn_in))
 
@@ -68,11 +70,11 @@ class MTPLayer(DecoderLayer):
 
     def forward(self, embeddings: Tensor, previous: Tensor, cos: Tensor, sin: Tensor,  # type: ignore[override]
                 cache: CacheContext | None = None, absorbed: bool = False,
-                stats: list[RouterStats] | None = None) -> tuple[Tensor, Tensor]:
+                stats: list[RouterStats] | None = None, probe: IndexerProbe | None = None) -> tuple[Tensor, Tensor]:
         """Embeddings of tokens t_{i+k} and the previous depth's hidden h_i -> (this depth's hidden h^k_i, the
         same after `shared_head.norm`, ready for the shared head)."""
         h = self.eh_proj(torch.cat((self.enorm(embeddings), self.hnorm(previous)), dim=-1))
-        h = super().forward(h, cos, sin, cache, absorbed, stats)
+        h = super().forward(h, cos, sin, cache, absorbed, stats, probe)
         return h, self.shared_head["norm"](h)
 
 
@@ -110,9 +112,15 @@ class CausalLM(LanguageModel):
     # ---- forward ---------------------------------------------------------------------------
     def run(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCache | None = None,
             slots: Tensor | None = None, *, absorbed: bool | None = None, mtp: bool = False,
-            router_stats: bool = False, logits_index: Tensor | None = None) -> ModelOutput:
+            router_stats: bool = False, logits_index: Tensor | None = None, dsa: DSAMode | None = None) -> ModelOutput:
         """See `LanguageModel.run`. `absorbed` picks MLA's execution path: by default the expanded one without
-        a cache (training) and with a cache whichever `absorbed_is_cheaper` finds cheaper for the shape."""
+        a cache (training) and with a cache whichever `absorbed_is_cheaper` finds cheaper for the shape. `dsa`
+        (a DeepSeek-V3.2 model in training: "dense" warm-up or "sparse") collects every layer's `IndexerStats`,
+        the MTP modules' after the main layers'."""
+        if dsa is not None and not self.config.index_cache_dim:
+            raise ValueError(f"dsa = {dsa!r}: this model has no sparse-attention indexer (model_type "
+                             f"{self.config.MODEL_TYPES[0]}, not deepseek_v32)")
+        probe = None if dsa is None else IndexerProbe(dsa)
         batch, steps = input_ids.shape
         if positions is None:
             positions = torch.arange(steps, device=input_ids.device).expand(batch, steps)
@@ -122,17 +130,18 @@ class CausalLM(LanguageModel):
         stats: list[RouterStats] | None = [] if router_stats else None
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
-        runners = self.layer_runners(steps, context is not None and stats is None)
+        runners = self.layer_runners(steps, context is not None and stats is None and probe is None)
         for i, (layer, run_layer) in enumerate(zip(self.model.layers, runners, strict=True)):
-            h = run_layer(layer, h, cos, sin, None if context is None else context.layer(i), absorbed, stats)
+            h = run_layer(layer, h, cos, sin, None if context is None else context.layer(i), absorbed, stats, probe)
         hidden, logits = self.final(h, logits_index, context is not None)
         out = ModelOutput(logits, hidden, router_stats=stats or [])
         if mtp:
-            out.mtp_logits = self.mtp_logits(input_ids, hidden, positions, stats)
+            out.mtp_logits = self.mtp_logits(input_ids, hidden, positions, stats, probe)
+        out.indexer_stats = [] if probe is None else probe.stats
         return out
 
     def mtp_logits(self, input_ids: Tensor, hidden: Tensor, positions: Tensor,
-                   stats: list[RouterStats] | None = None) -> list[Tensor]:
+                   stats: list[RouterStats] | None = None, probe: IndexerProbe | None = None) -> list[Tensor]:
         """Training-time MTP over full sequences (V3 paper eqs. 21-25): depth k predicts token i+k+1 from
         h^{k-1}_i and Emb(t_{i+k}); returns one [B, T-k, V] tensor per depth."""
         logits, previous = [], hidden
@@ -143,7 +152,7 @@ class CausalLM(LanguageModel):
             shifted = positions[:, k:]
             cos, sin = self.rotary(shifted, hidden.dtype)
             embeddings = self.model.embed_tokens(input_ids[:, k:])
-            previous, normed = module(embeddings, previous[:, :-1], cos, sin, stats=stats)
+            previous, normed = module(embeddings, previous[:, :-1], cos, sin, stats=stats, probe=probe)
             logits.append(self.lm_head(normed))
         return logits
 
