@@ -293,3 +293,72 @@ def test_indexer_learns_only_from_its_loss(mode):
 def test_dsa_needs_an_indexer():
     with pytest.raises(ValueError, match="dsa"):
         nanoseek.CausalLM(ModelConfig(**tiny_config())).run(_ids(), dsa="dense")
+
+
+# ---- the training stages in the loop, and `nanoseek pretrain` ----------------------------------------------
+def _dsa_trainer(tmp_path, **changes):
+    from nanoseek.data import PackedSequences, TokenStream, build_shards
+    from nanoseek.model import add_indexer
+    from nanoseek.tasks.corpus import generate_corpus
+    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.train import TrainConfig, Trainer
+
+    tokenizer = train_tokenizer(generate_corpus(300, seed=1), 300)
+    manifest = build_shards(generate_corpus(400, seed=0), tokenizer, tmp_path / "data", "test")
+    config = TrainConfig(**{"max_steps": 30, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2,
+                            "eval_every": 1000, "save_every": 1000, **changes})
+    data = PackedSequences(TokenStream(tmp_path / "data", manifest), config.seq_len, config.seed)
+    torch.manual_seed(0)
+    v3 = nanoseek.CausalLM(preset("tiny", vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=1))
+    return Trainer(add_indexer(v3, **INDEXER), tokenizer, data, config, tmp_path / "run")
+
+
+def test_warmup_trains_only_the_indexers_then_sparse_training_trains_everything(tmp_path):
+    trainer = _dsa_trainer(tmp_path, dsa_warmup_steps=12, max_steps=14)
+    model = trainer.model
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    warmup = [trainer.train_step() for _ in range(12)]
+    assert all(m["lr"] == 1e-3 for m in warmup)
+    after = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for name, tensor in after.items():
+        changed = not torch.equal(tensor, before[name])
+        assert changed == (".indexer." in name), name  # router biases too stay put in the warm-up
+    # the warm-up's loss is a KL over every causal key, so it falls as the indexer learns the attention
+    assert sum(m["index_loss"] for m in warmup[-3:]) < sum(m["index_loss"] for m in warmup[:3])
+    assert all(0 < m["index_recall"] <= 1 for m in warmup)
+    sparse = trainer.train_step()
+    assert sparse["lr"] == pytest.approx(1.5e-3)  # --lr's schedule starts after the warm-up
+    moved = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, after[name])}
+    assert any(".indexer." in name for name in moved) and any(".experts." in name for name in moved)
+    assert "index_loss" in sparse and trainer.evaluate()["val_index_recall"] > 0
+
+
+def test_pretrain_converts_a_v3_checkpoint_into_v32_that_transformers_loads(tmp_path):
+    from test_train import SMALL_RUN, pretrain
+    from transformers import DeepseekV32ForCausalLM
+
+    pretrain(*SMALL_RUN, "--out", str(tmp_path / "v3"), "--max-steps", "2")
+    out = tmp_path / "v32"
+    sizes = ["--index-topk", "8", "--index-n-heads", "8", "--index-head-dim", "16"]
+    common = ["--corpus-docs", "600", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
+              "--eval-batches", "1", "--init", str(tmp_path / "v3" / "latest")]
+    result = pretrain(*common, *sizes, "--dsa-warmup-steps", "2", "--dsa-steps", "2", "--out", str(out))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and "val_index_recall" in lines[-1]
+    assert all("index_loss" in m for m in lines), result.stdout
+    ours = nanoseek.load_model(out / "latest")
+    assert isinstance(ours.config, DeepSeekV32Config) and ours.config.index_topk == 8
+    theirs = DeepseekV32ForCausalLM.from_pretrained(out / "latest", attn_implementation="eager").eval()
+    ids = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max() <= TOL
+    refused = {
+        "--dsa-warmup-steps": pretrain(*common, "--dsa-warmup-steps", "1", "--max-steps", "2", "--out",
+                                       str(tmp_path / "a"), check=False),
+        "--index-topk": pretrain(*common[:-1], str(out / "latest"), "--index-topk", "4", "--max-steps", "1",
+                                 "--out", str(tmp_path / "b"), check=False),
+        "--dsa-steps": pretrain(*common, *sizes, "--dsa-warmup-steps", "1", "--dsa-steps", "2", "--max-steps", "5",
+                                "--out", str(tmp_path / "c"), check=False),
+    }
+    for flag, run in refused.items():
+        assert run.returncode != 0 and flag in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -328,10 +328,20 @@ class DeepSeekV32Config(ModelConfig):
 
     @classmethod
     def from_v3(cls, config: ModelConfig, **index: Any) -> DeepSeekV32Config:
-        """A V3 config with the indexer added (`index_topk`, `index_head_dim`, `index_n_heads`; defaults
-        V3.2's): the starting point of V3.2's continued pre-training (V3.2 paper §2.1.1)."""
+        """A DeepSeek-V3 config with the indexer added: the starting point of V3.2's continued pre-training
+        (V3.2-Exp report §2.1.1). `index_topk` defaults to V3.2's 2,048; `index_head_dim` and `index_n_heads`
+        to V3.2's proportions: twice the RoPE width (128 = 2 x 64), and heads enough for a ninth of the
+        absorbed attention's work per key (64 x 128 against 128 x (512 + 64))."""
+        if type(config) is not ModelConfig:
+            raise ConfigError(f"config field `model_type` = {config.MODEL_TYPES[0]!r}: the indexer is added to a "
+                              "DeepSeek-V3 model (model_type 'deepseek_v3')")
+        index = {key: value for key, value in index.items() if value is not None}
+        width = index.get("index_head_dim", 2 * config.qk_rope_head_dim)
+        per_key = config.num_attention_heads * config.kv_cache_dim
+        heads = max(1, round(per_key / 9 / width)) if isinstance(width, int) and width > 0 else 1
+        chosen = {"index_topk": 2048, "index_head_dim": width, "index_n_heads": heads, **index}
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelConfig)}
-        return cls(**{**fields, "extra": dict(config.extra), **index}).validate()
+        return cls(**{**fields, "extra": dict(config.extra), **chosen}).validate()
 
     def validate(self) -> DeepSeekV32Config:
         super().validate()

@@ -9,7 +9,7 @@ from .base import LanguageModel, ModelOutput
 from .dense import DenseLM
 from .layers import MLP, RMSNorm
 from .moe import MoE, RouterStats
-from .transformer import CausalLM, DecoderLayer, MTPLayer
+from .transformer import CausalLM, DecoderLayer, MTPLayer, add_indexer
 
 
 def build_model(config: ModelConfig | DenseConfig, num_mtp_modules: int | None = None) -> LanguageModel:
@@ -23,5 +23,5 @@ def build_model(config: ModelConfig | DenseConfig, num_mtp_modules: int | None =
 
 __all__ = [
     "CacheContext", "CausalLM", "DecoderLayer", "DenseLM", "LanguageModel", "LatentCache", "MLP", "MTPLayer",
-    "ModelOutput", "MoE", "MultiHeadLatentAttention", "RMSNorm", "RouterStats", "build_model",
+    "ModelOutput", "MoE", "MultiHeadLatentAttention", "RMSNorm", "RouterStats", "add_indexer", "build_model",
 ]

@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import DeepSeekV32Config, ModelConfig
 from ..hf_files import TensorSlot
 from .attention import CacheContext, LatentCache, MultiHeadLatentAttention
 from .base import LanguageModel, ModelOutput, module_slots, select_positions
@@ -208,3 +208,17 @@ class CausalLM(LanguageModel):
 
     def checkpoint_config(self) -> ModelConfig:
         return replace(self.config, num_nextn_predict_layers=len(self.mtp))
+
+
+def add_indexer(model: CausalLM, **index: int | None) -> CausalLM:
+    """A DeepSeek-V3 `model` made DeepSeek-V3.2: the same weights, and a freshly initialised lightning indexer in
+    every layer, the MTP modules' too (V3.2 was continued from V3.1-Terminus so, V3.2-Exp report §2.1.1).
+    `index` sizes it (`DeepSeekV32Config.from_v3`)."""
+    config = DeepSeekV32Config.from_v3(model.config, **index)
+    with torch.device(model.device):
+        converted = CausalLM(config, num_mtp_modules=len(model.mtp)).to(model.dtype)
+    missing, unexpected = converted.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(".indexer." in name for name in missing):
+        raise ValueError(f"add_indexer: weights that do not match: {unexpected or missing}")
+    converted.generation_config = dict(model.generation_config)
+    return converted

@@ -38,6 +38,12 @@ class TrainConfig:
     balance_alpha: float = settings_field(0.0, "sequence-wise balance loss weight (V3 paper §4.2: 0.0001; 0 = off)")
     bias_gamma: float = settings_field(0.001, "auxiliary-loss-free router bias update speed (V3 paper §4.2: "
                                        "0.001; 0 = off)")
+    dsa_warmup_steps: int = settings_field(0, "DeepSeek-V3.2 models: the first steps are the dense warm-up, "
+                                           "training only the lightning indexer, on the main attention's "
+                                           "distribution; the steps after it train with sparse attention "
+                                           "(V3.2-Exp report §2.1.1: 1,000 warm-up steps)")
+    dsa_warmup_lr: float = settings_field(1e-3, "the indexer's learning rate in the dense warm-up (V3.2-Exp "
+                                          "report: 1e-3); the schedule of --lr starts after it")
     eval_every: int = settings_field(50, "steps between validations")
     eval_batches: int = settings_field(4, "validation batches")
     save_every: int = settings_field(50, "steps between checkpoints")
@@ -52,12 +58,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be a positive integer")
-        for name in ("lr", "grad_clip"):
+        for name in ("lr", "grad_clip", "dsa_warmup_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r}: must be > 0")
-        for name in ("warmup_steps", "weight_decay", "mtp_lambda", "balance_alpha", "bias_gamma", "min_lr_ratio"):
+        for name in ("warmup_steps", "weight_decay", "mtp_lambda", "balance_alpha", "bias_gamma", "min_lr_ratio",
+                     "dsa_warmup_steps"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)!r}: must be >= 0")
+        if self.dsa_warmup_steps > self.max_steps:
+            raise ValueError(f"--dsa-warmup-steps = {self.dsa_warmup_steps}: more than --max-steps "
+                             f"({self.max_steps}), which counts the warm-up")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"--decay-fraction = {self.decay_fraction!r}: must be in [0, 1]")
         if self.schedule not in ("cosine", "wsd"):
@@ -70,23 +80,29 @@ class TrainConfig:
         return self
 
     def lr_at(self, step: int) -> float:
-        """Learning rate for 0-based `step`."""
+        """Learning rate for 0-based `step`: `dsa_warmup_lr` (the indexer's) through the DSA warm-up, then the
+        schedule over the steps after it."""
+        if step < self.dsa_warmup_steps:
+            return self.dsa_warmup_lr
+        step, steps = step - self.dsa_warmup_steps, self.max_steps - self.dsa_warmup_steps
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         floor = self.lr * self.min_lr_ratio
         if self.schedule == "wsd":
-            decay_start = int(self.max_steps * (1 - self.decay_fraction))
+            decay_start = int(steps * (1 - self.decay_fraction))
             if step < decay_start:
                 return self.lr
-            return floor + (self.lr - floor) * (self.max_steps - step) / max(1, self.max_steps - decay_start)
-        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+            return floor + (self.lr - floor) * (steps - step) / max(1, steps - decay_start)
+        progress = (step - self.warmup_steps) / max(1, steps - self.warmup_steps)
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# What the stages without the cost projection (only pretraining prints it) fix.
-NO_COST_PROJECTION: dict[str, tuple[Any, str]] = {
+# What the stages after pretraining fix: only pretraining projects a GPU cost and warms an indexer up.
+PRETRAIN_ONLY: dict[str, tuple[Any, str]] = {
     "cost_gpu": ("h800", "only `nanoseek pretrain` projects a GPU cost"),
     "cost_price": (2.0, "only `nanoseek pretrain` projects a GPU cost"),
+    "dsa_warmup_steps": (0, "the indexer's dense warm-up is a stage of `nanoseek pretrain`"),
+    "dsa_warmup_lr": (1e-3, "the indexer's dense warm-up is a stage of `nanoseek pretrain`"),
 }
 
 

@@ -22,7 +22,7 @@ from ..data import Batch, ChatSequences
 from ..flags import add_flags, settings_field, settings_from
 from ..model import DenseLM, LanguageModel
 from ..tokenizer import Tokenizer
-from .config import NO_COST_PROJECTION, TrainConfig, add_run_arguments, add_train_arguments, train_config_from
+from .config import PRETRAIN_ONLY, TrainConfig, add_run_arguments, add_train_arguments, train_config_from
 from .loop import Trainer
 from .losses import IGNORE, token_loss_sum
 from .sft import ConversationData, conversations
@@ -87,7 +87,7 @@ def new_student(name: str, teacher_dir: Path) -> DenseLM:
 
 # The loop's settings a dense student does not use, refused as flags of `nanoseek distill`.
 DISTILL_FIXED = {
-    **NO_COST_PROJECTION,
+    **PRETRAIN_ONLY,
     "mtp_lambda": (0.0, "the dense student has no MTP module"),
     "balance_alpha": (0.0, "the dense student has no router to balance"),
     "bias_gamma": (0.0, "the dense student has no router to balance"),

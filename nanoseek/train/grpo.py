@@ -30,7 +30,7 @@ from ..r1 import LAYOUTS, layout
 from ..rewards import REWARDS, Completion, RewardSet, accuracy, load_reward
 from ..tasks import MAX_DIFFICULTY, Problem, load_problems, make_problem, parse_tasks, training_problem
 from ..tokenizer import Tokenizer
-from .config import NO_COST_PROJECTION, TrainConfig, add_run_arguments, add_train_arguments, train_config_from
+from .config import PRETRAIN_ONLY, TrainConfig, add_run_arguments, add_train_arguments, train_config_from
 from .loop import Trainer, run_distributed
 from .losses import IGNORE, add_routed_counts
 
@@ -151,7 +151,7 @@ class GRPOConfig:
 
 # The loop's settings GRPO does not use, refused as flags of `nanoseek grpo`.
 GRPO_FIXED = {
-    **NO_COST_PROJECTION,
+    **PRETRAIN_ONLY,
     "mtp_lambda": (0.0, "GRPO's loss has no MTP term"),
     "balance_alpha": (0.0, "GRPO's loss has no balance term (--bias-gamma balances the routers)"),
     "eval_batches": (1, "GRPO validates on --val-problems held-out problems"),

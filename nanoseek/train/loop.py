@@ -88,6 +88,11 @@ class Trainer:
             raise ValueError(f"--export-every = {export_every}: must be >= 0 (0: at the end of the run only)")
         if config.balance_alpha and not any(isinstance(m, MoE) for m in model.modules()):
             raise ValueError(f"--balance-alpha = {config.balance_alpha}: this model has no router to balance")
+        self.indexed = model.config.index_cache_dim > 0  # DeepSeek-V3.2: sparse attention, trained with its loss
+        if config.dsa_warmup_steps and not self.indexed:
+            raise ValueError(f"--dsa-warmup-steps = {config.dsa_warmup_steps}: this model has no sparse-attention "
+                             "indexer to warm up (a DeepSeek-V3 model gets one from `nanoseek pretrain --init "
+                             "CHECKPOINT --index-topk K`)")
         self.model, self.tokenizer, self.data, self.config = model, tokenizer, data, config.validate()
         self.out, self.export_every = Path(out), export_every
         self.step = 0
@@ -95,11 +100,9 @@ class Trainer:
         state = self._load_weights() if resume else None  # before sharding: every rank loads the full weights
         self.parallel = parallel if self.world > 1 else "none"
         self.module = self._wrap(model)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=config.betas, **({"foreach": True} if self.parallel == "fsdp" else {"fused": True}))
+            _parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+            **({"foreach": True} if self.parallel == "fsdp" else {"fused": True}))
         self.routers = [m for m in model.modules() if isinstance(m, MoE)]
         self.activated = parameter_counts(model.config).activated
         self.peak = _gemm_peak(model.device)
@@ -118,7 +121,8 @@ class Trainer:
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            unused = len(model.mtp) > 0 and self.config.mtp_lambda == 0  # MTP weights get no gradient then
+            # MTP weights get no gradient without their loss, nor the model's in the indexer's warm-up
+            unused = (len(model.mtp) > 0 and self.config.mtp_lambda == 0) or self.config.dsa_warmup_steps > 0
             return DistributedDataParallel(model, find_unused_parameters=unused)
         if self.parallel != "none":
             raise ValueError(f"--parallel = {self.parallel!r}: must be 'ddp' or 'fsdp'")
@@ -128,9 +132,10 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         config, model = self.config, self.model
         model.train()
-        lr = config.lr_at(self.step)
+        lr, warming = config.lr_at(self.step), self.step < config.dsa_warmup_steps
+        _freeze_all_but_indexers(model, warming)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = 0.0 if warming and not group["indexer"] else lr
         counts = [torch.zeros(r.experts.w_gate_up.shape[0], device=model.device) for r in self.routers]
         totals: dict[str, float] = {}
         tokens = 0
@@ -153,7 +158,7 @@ class Trainer:
             dist.all_reduce(losses)
             totals = dict(zip(totals, (losses / self.world).tolist(), strict=True))
             tokens *= self.world
-        if config.bias_gamma:
+        if config.bias_gamma and not warming:  # the warm-up changes nothing but the indexers
             update_router_biases(self.routers, counts, config.bias_gamma)
         self.step += 1
         elapsed = time.perf_counter() - started
@@ -168,12 +173,14 @@ class Trainer:
         return self.data.next_batch(self.config.batch_size, self.rank, self.world)
 
     def loss(self, batch: Batch, counts: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict, int]:
-        """Next-token CE + lambda * MTP + alpha * sequence balance; adds routed counts to `counts`."""
+        """Next-token CE + lambda * MTP + alpha * sequence balance (+ a V3.2 model's indexer loss, the mean over its
+        layers); adds routed counts to `counts`."""
         config, model = self.config, self.model
         inputs, targets = batch.inputs.to(model.device), batch.targets.to(model.device)
         with_mtp = config.mtp_lambda > 0 and len(model.mtp) > 0
+        dsa = {"dsa": "dense" if self.step < config.dsa_warmup_steps else "sparse"} if self.indexed else {}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device_type == "cuda"):
-            out = self.module(inputs, mtp=with_mtp, router_stats=True)
+            out = self.module(inputs, mtp=with_mtp, router_stats=True, **dsa)
         denominator = (targets != IGNORE).sum().clamp_min(1)
         ce = token_loss_sum(out.logits, targets) / denominator
         loss, parts = ce, {"ce": ce.item()}
@@ -185,6 +192,11 @@ class Trainer:
             balance = sequence_balance_loss(out, inputs.shape[0], model.config.num_experts_per_tok)
             loss = loss + config.balance_alpha * balance
             parts["balance"] = balance.item()
+        if out.indexer_stats:  # its gradient reaches the indexers only, the others' never reach them
+            index = torch.stack([s.loss for s in out.indexer_stats]).mean()
+            loss = loss + index
+            parts["index_loss"] = index.item()
+            parts["index_recall"] = torch.stack([s.recall for s in out.indexer_stats]).mean().item()
         if counts is not None:
             add_routed_counts(counts, out, batch.real)
         parts["loss"] = loss.item()
@@ -193,9 +205,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        losses = [self.loss(batch)[1]["ce"] for batch in self.data.validation(self.config.batch_size,
-                                                                             self.config.eval_batches)]
-        return {"val_loss": sum(losses) / len(losses)}
+        parts = [self.loss(batch)[1] for batch in self.data.validation(self.config.batch_size,
+                                                                      self.config.eval_batches)]
+        metrics = {"val_loss": sum(p["ce"] for p in parts) / len(parts)}
+        if self.indexed:
+            metrics["val_index_recall"] = sum(p["index_recall"] for p in parts) / len(parts)
+        return metrics
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
@@ -332,6 +347,23 @@ class Trainer:
         self.data.load_state(state["data"])
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         self.step = state["step"]
+
+
+def _parameter_groups(model: LanguageModel, weight_decay: float) -> list[dict]:
+    """AdamW's groups: matrices decayed, vectors not; the lightning indexers' apart (`indexer`: True), for the
+    DSA warm-up that trains them alone."""
+    groups = []
+    for indexer in (False, True):
+        chosen = [p for name, p in model.named_parameters() if (".indexer." in name) == indexer]
+        groups += [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": weight_decay, "indexer": indexer},
+                   {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "indexer": indexer}]
+    return [g for g in groups if g["params"]]
+
+
+def _freeze_all_but_indexers(model: LanguageModel, frozen: bool) -> None:
+    """In the DSA warm-up only the indexers learn (V3.2-Exp report §2.1.1): the rest builds no graph."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(not frozen or ".indexer." in name)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

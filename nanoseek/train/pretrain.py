@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_model, read_config
-from ..config import PRESETS, DenseConfig, ModelConfig, preset
+from ..config import PRESETS, DeepSeekV32Config, DenseConfig, ModelConfig, preset
 from ..data import PackedSequences, TokenStream, build_shards, load_manifest, read_documents, resolve
 from ..data.shards import tokenizer_fingerprint
-from ..model import build_model
+from ..model import add_indexer, build_model
 from ..tasks import MAX_DIFFICULTY, TASKS, parse_tasks
 from ..tasks.corpus import CorpusMix, generate_corpus
 from ..tokenizer import MIN_BPE_VOCAB, Tokenizer, train_tokenizer
@@ -50,7 +50,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-every", type=int, default=0,
                         help="FSDP: every N steps a checkpoint that holds the full HF directory beside the per-rank "
                         "shards (0: only the last; the other modes always hold it)")
+    dsa = parser.add_argument_group("DeepSeek Sparse Attention (V3.2)")
+    dsa.add_argument("--index-topk", type=int, help="make the model DeepSeek-V3.2: a lightning indexer in every "
+                     "layer, attention over its top-k keys (a DeepSeek-V3 --init checkpoint keeps its weights and "
+                     "gets a new indexer; default k when another --index-* flag is given: 2048)")
+    dsa.add_argument("--index-n-heads", type=int, help="the indexer's heads (default: a ninth of the attention's "
+                     "work per key, V3.2's proportion)")
+    dsa.add_argument("--index-head-dim", type=int, help="the indexer's head width (default: twice the RoPE width, "
+                     "as V3.2)")
+    dsa.add_argument("--dsa-steps", type=int, help="sparse-training steps after the --dsa-warmup-steps warm-up: "
+                     "sets --max-steps to their sum (V3.2-Exp report §2.1.1's two stages)")
     add_train_arguments(parser)
+
+
+def _index_sizes(args: argparse.Namespace) -> dict[str, int]:
+    return {key: getattr(args, key) for key in ("index_topk", "index_n_heads", "index_head_dim")
+            if getattr(args, key) is not None}
+
+
+def _with_indexer(config: ModelConfig | DenseConfig, args: argparse.Namespace) -> ModelConfig | DenseConfig:
+    """The config made DeepSeek-V3.2 when an --index-* flag asks for it."""
+    index = _index_sizes(args)
+    if not index:
+        return config
+    if isinstance(config, DeepSeekV32Config):
+        raise ValueError(f"--{next(iter(index)).replace('_', '-')}: the model has an indexer already "
+                         f"(index_topk {config.index_topk}, index_n_heads {config.index_n_heads}, index_head_dim "
+                         f"{config.index_head_dim})")
+    if type(config) is not ModelConfig:
+        raise ValueError(f"--{next(iter(index)).replace('_', '-')}: the indexer is added to a DeepSeek-V3 model, not "
+                         f"to {config.architecture}")
+    return DeepSeekV32Config.from_v3(config, **index)
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig | DenseConfig:
@@ -59,8 +89,9 @@ def _model_config(args: argparse.Namespace) -> ModelConfig | DenseConfig:
     if args.init:
         if args.vocab_size:
             raise ValueError("--vocab-size with --init: the checkpoint fixes the vocabulary")
-        return read_config(Path(args.init) / "config.json")
-    config = read_config(Path(args.model_config)) if args.model_config else preset(args.preset or "nano")
+        return _with_indexer(read_config(Path(args.init) / "config.json"), args)
+    config = _with_indexer(read_config(Path(args.model_config)) if args.model_config else
+                           preset(args.preset or "nano"), args)
     if args.vocab_size:
         return config.replace(vocab_size=args.vocab_size)
     if not args.tokenizer and config.vocab_size < MIN_BPE_VOCAB:  # the tiny test preset has 128 rows
@@ -114,6 +145,14 @@ def _tokenizer(args: argparse.Namespace, out: Path, config: ModelConfig, documen
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.dsa_steps is not None:
+        if args.dsa_steps < 0:
+            raise ValueError(f"--dsa-steps = {args.dsa_steps}: must be >= 0")
+        total = args.dsa_warmup_steps + args.dsa_steps
+        if args.max_steps not in (total, TrainConfig.max_steps):
+            raise ValueError(f"--dsa-steps {args.dsa_steps} with --max-steps {args.max_steps}: --dsa-steps sets "
+                             f"the steps to --dsa-warmup-steps + --dsa-steps = {total}; give one of the two")
+        args.max_steps = total
     train_config = train_config_from(args)
     config = _model_config(args)
     return run_distributed(_run, args, out, train_config, config)
@@ -142,6 +181,8 @@ def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config:
     torch.manual_seed(train_config.seed)
     if args.init:
         model = load_model(args.init, device=device, dtype=torch.float32)
+        if isinstance(config, DeepSeekV32Config) and not isinstance(model.config, DeepSeekV32Config):
+            model = add_indexer(model, **_index_sizes(args))  # V3 -> V3.2: the same weights, new indexers
     else:
         with torch.device(device):
             model = build_model(config)

@@ -17,7 +17,7 @@ from ..data import ChatSequences, read_conversations
 from ..flags import add_flags, settings_field, settings_from
 from ..r1 import ChatLayout
 from ..tasks import MAX_DIFFICULTY, parse_tasks, training_problem, without_held_out
-from .config import NO_COST_PROJECTION, add_run_arguments, add_train_arguments, train_config_from
+from .config import PRETRAIN_ONLY, add_run_arguments, add_train_arguments, train_config_from
 from .loop import Trainer, run_distributed
 
 
@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory to start from (with its tokenizer)")
     add_flags(parser, ConversationData)
     add_run_arguments(parser, "runs/sft")
-    add_train_arguments(parser, NO_COST_PROJECTION, max_steps=200, lr=5e-4, warmup_steps=10, seq_len=256)
+    add_train_arguments(parser, PRETRAIN_ONLY, max_steps=200, lr=5e-4, warmup_steps=10, seq_len=256)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, rank: int, device: torch.device) -> int:
     out = Path(args.out)
-    config = train_config_from(args, NO_COST_PROJECTION)
+    config = train_config_from(args, PRETRAIN_ONLY)
     rows = conversations(settings_from(ConversationData, args), config.seed)
     model = load_model(args.model, device=device, dtype=torch.float32)
     tokenizer = load_tokenizer(args.model)
