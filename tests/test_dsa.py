@@ -362,3 +362,55 @@ def test_pretrain_converts_a_v3_checkpoint_into_v32_that_transformers_loads(tmp_
     }
     for flag, run in refused.items():
         assert run.returncode != 0 and flag in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+# ---- the engine over the caches --------------------------------------------------------------------------------
+def _greedy(tokens: int = 40):
+    from nanoseek import SamplingParams
+
+    return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+
+def _prompts(*lengths: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(2, 128, (n,), generator=gen).tolist() for n in lengths]
+
+
+def test_engine_greedy_matches_transformers_generate_past_index_topk(tmp_path):
+    """Contexts grow from 3-23 tokens to 43-63, well past top-8: transformers' own sparse decode over its
+    indexer cache is the reference."""
+    from nanoseek import LLM
+
+    hf = hf_v32()
+    hf.save_pretrained(tmp_path)
+    batch = _prompts(7, 23, 3, 15)
+    got = LLM(tmp_path, max_num_seqs=4).generate(batch, _greedy())
+    for prompt, out in zip(batch, got, strict=True):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == expected
+
+
+@pytest.fixture
+def v32_checkpoint(tmp_path):
+    path = tmp_path / "v32"
+    ours_v32(num_nextn_predict_layers=1).save_pretrained(path)
+    return path
+
+
+def test_speculation_prefix_cache_and_compiled_decode_keep_greedy_tokens(v32_checkpoint):
+    from nanoseek import LLM
+
+    plain = LLM(v32_checkpoint, max_num_seqs=4)
+    shared = [3 + (i * 7) % 120 for i in range(40)]
+    batch = [shared + [5 + i] * extra for i, extra in enumerate((3, 9, 20))] + [shared[:32]]
+    expected = [o.outputs[0].token_ids for o in plain.generate(batch, _greedy())]
+    speculative = LLM(v32_checkpoint, max_num_seqs=4, speculative=True).generate(batch, _greedy())
+    assert [o.outputs[0].token_ids for o in speculative] == expected
+    assert all(o.metrics["draft_tokens"] > 0 for o in speculative)
+    cached = LLM(plain.model, max_num_seqs=4, prefix_cache_tokens=256)
+    cached.generate(batch[:1], _greedy())
+    outputs = cached.generate(batch, _greedy())
+    assert [o.outputs[0].token_ids for o in outputs] == expected and outputs[1].num_cached_tokens == 32
+    compiled = LLM(v32_checkpoint, max_num_seqs=4, compile=True).generate(batch, _greedy())
+    assert [o.outputs[0].token_ids for o in compiled] == expected
