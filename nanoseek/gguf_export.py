@@ -153,6 +153,10 @@ def gguf_architecture(config: ModelConfig | DenseConfig) -> str:
             raise ExportError("a qwen2 model with rope_scaling or an o_proj bias (attention_bias) has no llama.cpp "
                               "qwen2 equivalent; llama.cpp's qwen2 has neither")
         return config.model_type
+    if config.index_cache_dim:
+        raise ExportError("a DeepSeek-V3.2 model (model_type deepseek_v32): llama.cpp's deepseek2 architecture, the "
+                          "one this export writes, has no sparse-attention indexer, so the file would attend densely "
+                          f"and be another model past index_topk ({config.index_topk}) tokens")
     if config.attention_bias:
         raise ExportError("a DeepSeek model with attention_bias has no llama.cpp deepseek2 equivalent (its MLA has "
                           "no biases)")

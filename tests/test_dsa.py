@@ -414,3 +414,34 @@ def test_speculation_prefix_cache_and_compiled_decode_keep_greedy_tokens(v32_che
     assert [o.outputs[0].token_ids for o in outputs] == expected and outputs[1].num_cached_tokens == 32
     compiled = LLM(v32_checkpoint, max_num_seqs=4, compile=True).generate(batch, _greedy())
     assert [o.outputs[0].token_ids for o in compiled] == expected
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_run_densely(v32_checkpoint, tmp_path):
+    from nanoseek.gguf_export import ExportError, export_gguf
+
+    with pytest.raises(ExportError, match="deepseek_v32.*index_topk \\(8\\)"):
+        export_gguf(nanoseek.load_model(v32_checkpoint), None, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_fp8_indexer_weights_load_dequantised(tmp_path):
+    """V3.2's release stores indexer.wq_b and indexer.wk in block FP8 (weights_proj unquantised), like the other
+    matrices: read as any block-FP8 weight."""
+    from safetensors.torch import load_file, save_file
+    from test_fp8 import quantize
+
+    ours_v32().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    expected = {}
+    for name in [n for n in tensors if n.endswith(("indexer.wq_b.weight", "indexer.wk.weight"))]:
+        tensors[name], tensors[name + "_scale_inv"] = quantize(tensors[name])
+        expected[name] = tensors[name].float() * tensors[name + "_scale_inv"]  # one block: the whole matrix
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = nanoseek.load_model(tmp_path).state_dict()
+    assert len(expected) == 2 * 3
+    for name, weight in expected.items():
+        assert torch.equal(loaded[name], weight), name
