@@ -445,3 +445,18 @@ def test_fp8_indexer_weights_load_dequantised(tmp_path):
     assert len(expected) == 2 * 3
     for name, weight in expected.items():
         assert torch.equal(loaded[name], weight), name
+
+
+def test_gathered_sparse_attention_equals_the_masked_form(monkeypatch):
+    """Inference gathers each query's top-k latents (in chunks of queries); training masks every other key.
+    The two are the same attention, and the chunking changes nothing."""
+    from nanoseek.model import attention
+
+    model = ours_v32()
+    ids = _ids()
+    with torch.no_grad():
+        masked = model.run(ids, dsa="sparse").logits
+        gathered = model(ids)
+        monkeypatch.setattr(attention, "SPARSE_CHUNK_ELEMENTS", 1)  # one query per chunk
+        one_by_one = model(ids)
+    assert (gathered - masked).abs().max() <= TOL and (one_by_one - gathered).abs().max() <= 1e-5

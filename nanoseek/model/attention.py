@@ -28,6 +28,9 @@ from .indexer import IndexerProbe, IndexerStats, LightningIndexer, indexer_loss
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, softmax_scale
 
+# The sparse path's working set per chunk of queries, in elements: its index scores or its gathered latents.
+SPARSE_CHUNK_ELEMENTS = 1 << 24
+
 
 class LatentCache:
     """Preallocated latent KV cache: `data[layer]` is [num_slots, max_len, kv_lora_rank + qk_rope_head_dim
@@ -134,14 +137,17 @@ class MultiHeadLatentAttention(nn.Module):
             stored, mask = cache.store(row), cache.mask
             latents, index_keys = stored[..., : self.latent_width], stored[..., self.latent_width:]
         latents, causal = latents.to(x.dtype), cache is None
-        if self.indexer is not None and (probe is not None or latents.shape[1] > self.indexer.topk):
+        if self.indexer is not None and probe is None and latents.shape[1] > self.indexer.topk:
             visible = _visible(latents, x.shape[1]) if mask is None else mask
-            with torch.set_grad_enabled(probe is not None and torch.is_grad_enabled()):
-                scores = self.indexer.scores(x.detach(), q_compressed.detach(), cos, sin, index_keys)
+            with torch.no_grad():
+                out = self._sparse(x, q_compressed, cos, sin, q_nope, q_pe, latents, index_keys, visible)
+            return self.o_proj(out.flatten(2))
+        if probe is not None:  # training: the selection as a mask over every key, gradients through attention
+            visible = _visible(latents, x.shape[1]) if mask is None else mask
+            scores = self.indexer.scores(x.detach(), q_compressed.detach(), cos, sin, index_keys)
             selected = self.indexer.select(scores.detach(), visible)
-            if probe is not None:
-                self._probe(probe, scores, selected, visible, q_nope, q_pe, latents)
-            if probe is None or probe.mode == "sparse":
+            self._probe(probe, scores, selected, visible, q_nope, q_pe, latents)
+            if probe.mode == "sparse":
                 mask, causal = selected, False
         attend = self._absorbed if absorbed else self._expanded
         return self.o_proj(attend(q_nope, q_pe, latents, mask, causal).flatten(2))
@@ -194,6 +200,38 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = torch.bmm(probs, keys[..., : self.latent_dim]).view(batch, steps, heads, -1)
         w_uv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)[:, self.nope_dim:]
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output
+
+    def _sparse(self, x: Tensor, q_compressed: Tensor, cos: Tensor, sin: Tensor, q_nope: Tensor, q_pe: Tensor,
+                latents: Tensor, index_keys: Tensor, visible: Tensor) -> Tensor:
+        """DeepSeek Sparse Attention as deployed (V3.2-Exp report eq. 2): each query attends, in the absorbed
+        form, over only the `index_topk` latents its indexer scores highest, gathered: O(k) work per query
+        beside the indexer's O(L). Queries go in chunks that keep the index scores and the gathered latents
+        small. Returns [B, T, H, d_v]."""
+        batch, steps = x.shape[:2]
+        key_len, topk = latents.shape[1], self.indexer.topk
+        per_query = batch * max(self.indexer.num_heads * key_len, topk * latents.shape[-1])
+        chunk = max(1, SPARSE_CHUNK_ELEMENTS // per_query)
+        out = []
+        for start in range(0, steps, chunk):
+            part = slice(start, start + chunk)
+            scores = self.indexer.scores(x[:, part], q_compressed[:, part], cos[:, part], sin[:, part], index_keys)
+            chosen = scores.masked_fill(~visible[:, part], float("-inf")).topk(topk, dim=-1).indices  # [B, c, k]
+            valid = visible[:, part].gather(-1, chosen)  # early queries see fewer than k keys
+            out.append(self._attend_chosen(q_nope[:, part], q_pe[:, part], latents, chosen, valid))
+        return torch.cat(out, dim=1)
+
+    def _attend_chosen(self, q_nope: Tensor, q_pe: Tensor, latents: Tensor, chosen: Tensor, valid: Tensor) -> Tensor:
+        """Absorbed attention of each query over its own `chosen` [B, c, k] latents (False in `valid`: none)."""
+        batch, steps, heads = q_nope.shape[:3]
+        picked = latents.gather(1, chosen.reshape(batch, -1, 1).expand(-1, -1, latents.shape[-1]))
+        picked = picked.view(batch, steps, chosen.shape[-1], -1)  # [B, c, k, d_c + d_r]
+        w_kv_b = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_kv_b[:, : self.nope_dim])
+        q = torch.cat((q_latent, q_pe), dim=-1)
+        scores = torch.einsum("bthd,btkd->bthk", q, picked).float() * self.scale
+        probs = scores.masked_fill(~valid[:, :, None], float("-inf")).softmax(dim=-1).to(latents.dtype)
+        out_latent = torch.einsum("bthk,btkc->bthc", probs, picked[..., : self.latent_dim])
+        return torch.einsum("bthc,hvc->bthv", out_latent, w_kv_b[:, self.nope_dim:])
 
     @torch.no_grad()
     def _attention_mass(self, q_nope: Tensor, q_pe: Tensor, latents: Tensor, mask: Tensor) -> Tensor:
