@@ -124,17 +124,18 @@ def forward_flops_per_token(c: ModelConfig | DenseConfig, context: int) -> tuple
     """(matmul FLOPs with the activated weights, attention FLOPs at `context` keys) for one token's forward.
 
     The first is the usual 2N with N the activated parameters (norm weights, a negligible part, included);
-    the second is QK^T and PV in multi-head form: 2 * heads * (d_qk + d_v) * context per layer; with
-    DeepSeek-V3.2's sparse attention over min(context, index_topk) keys, plus the indexer's
-    2 * index_n_heads * index_head_dim * context (its ReLU and head weights not counted).
+    the second is QK^T and PV in multi-head form: 2 * heads * (d_qk + d_v) * context per layer; past
+    `index_topk` keys, DeepSeek-V3.2's sparse attention, absorbed, 2 * heads * (2 d_c + d_r) * index_topk, plus
+    the indexer's 2 * index_n_heads * index_head_dim * context (its ReLU and head weights not counted).
     """
     weights = 2 * parameter_counts(c).activated
-    if isinstance(c, ModelConfig) and c.index_cache_dim:  # DSA: MLA reads the top-k keys, the indexer all
-        keys, indexer = min(context, c.index_topk), 2 * c.index_n_heads * c.index_head_dim * context
-    else:
-        keys, indexer = context, 0
-    attention = (2 * c.num_attention_heads * _head_width(c) * keys + indexer) * c.num_hidden_layers
-    return weights, attention
+    attention = 2 * c.num_attention_heads * _head_width(c) * context
+    if isinstance(c, ModelConfig) and c.index_cache_dim and context > c.index_topk:
+        # DSA: the absorbed attention over the top-k latents (scores in d_c + d_r, output in d_c), the indexer
+        # over every key
+        attention = 2 * c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim) * c.index_topk
+        attention += 2 * c.index_n_heads * c.index_head_dim * context
+    return weights, attention * c.num_hidden_layers
 
 
 def human(n: float, unit: str = "") -> str:

@@ -338,7 +338,7 @@ class DeepSeekV32Config(ModelConfig):
         index = {key: value for key, value in index.items() if value is not None}
         width = index.get("index_head_dim", 2 * config.qk_rope_head_dim)
         per_key = config.num_attention_heads * config.kv_cache_dim
-        heads = max(1, round(per_key / 9 / width)) if isinstance(width, int) and width > 0 else 1
+        heads = max(1, round(per_key / 9 / max(1, width)))  # a bad width is refused by validate
         chosen = {"index_topk": 2048, "index_head_dim": width, "index_n_heads": heads, **index}
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelConfig)}
         return cls(**{**fields, "extra": dict(config.extra), **chosen}).validate()

@@ -137,17 +137,19 @@ class MultiHeadLatentAttention(nn.Module):
             stored, mask = cache.store(row), cache.mask
             latents, index_keys = stored[..., : self.latent_width], stored[..., self.latent_width:]
         latents, causal = latents.to(x.dtype), cache is None
-        if self.indexer is not None and probe is None and latents.shape[1] > self.indexer.topk:
-            visible = _visible(latents, x.shape[1]) if mask is None else mask
-            with torch.no_grad():
-                out = self._sparse(x, q_compressed, cos, sin, q_nope, q_pe, latents, index_keys, visible)
+        sparse = self.indexer is not None and latents.shape[1] > self.indexer.topk
+        if sparse and probe is None and not torch.is_grad_enabled():
+            out = self._sparse(x, q_compressed, cos, sin, q_nope, q_pe, latents, index_keys, mask)
             return self.o_proj(out.flatten(2))
-        if probe is not None:  # training: the selection as a mask over every key, gradients through attention
-            visible = _visible(latents, x.shape[1]) if mask is None else mask
-            scores = self.indexer.scores(x.detach(), q_compressed.detach(), cos, sin, index_keys)
+        if sparse or probe is not None:  # training: the selection as a mask over every key, gradients through it
+            visible = mask if mask is not None else _causal_rows(
+                latents.shape[1], x.shape[1], slice(None), x.device).expand(x.shape[0], -1, -1)
+            with torch.set_grad_enabled(probe is not None and torch.is_grad_enabled()):
+                scores = self.indexer.scores(x.detach(), q_compressed.detach(), cos, sin, index_keys)
             selected = self.indexer.select(scores.detach(), visible)
-            self._probe(probe, scores, selected, visible, q_nope, q_pe, latents)
-            if probe.mode == "sparse":
+            if probe is not None:
+                self._probe(probe, scores, selected, visible, q_nope, q_pe, latents)
+            if probe is None or probe.mode == "sparse":
                 mask, causal = selected, False
         attend = self._absorbed if absorbed else self._expanded
         return self.o_proj(attend(q_nope, q_pe, latents, mask, causal).flatten(2))
@@ -201,22 +203,25 @@ class MultiHeadLatentAttention(nn.Module):
         w_uv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)[:, self.nope_dim:]
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output
 
+
     def _sparse(self, x: Tensor, q_compressed: Tensor, cos: Tensor, sin: Tensor, q_nope: Tensor, q_pe: Tensor,
-                latents: Tensor, index_keys: Tensor, visible: Tensor) -> Tensor:
+                latents: Tensor, index_keys: Tensor, mask: Tensor | None) -> Tensor:
         """DeepSeek Sparse Attention as deployed (V3.2-Exp report eq. 2): each query attends, in the absorbed
         form, over only the `index_topk` latents its indexer scores highest, gathered: O(k) work per query
         beside the indexer's O(L). Queries go in chunks that keep the index scores and the gathered latents
-        small. Returns [B, T, H, d_v]."""
+        small (`mask` None: causal, built a chunk at a time). Returns [B, T, H, d_v]."""
         batch, steps = x.shape[:2]
         key_len, topk = latents.shape[1], self.indexer.topk
         per_query = batch * max(self.indexer.num_heads * key_len, topk * latents.shape[-1])
         chunk = max(1, SPARSE_CHUNK_ELEMENTS // per_query)
+        index_keys = index_keys.float()  # once, not per chunk, when the cache is bf16
         out = []
         for start in range(0, steps, chunk):
             part = slice(start, start + chunk)
+            visible = mask[:, part] if mask is not None else _causal_rows(key_len, steps, part, x.device)[None]
             scores = self.indexer.scores(x[:, part], q_compressed[:, part], cos[:, part], sin[:, part], index_keys)
-            chosen = scores.masked_fill(~visible[:, part], float("-inf")).topk(topk, dim=-1).indices  # [B, c, k]
-            valid = visible[:, part].gather(-1, chosen)  # early queries see fewer than k keys
+            chosen = scores.masked_fill(~visible, float("-inf")).topk(topk, dim=-1).indices  # [B, c, k]
+            valid = visible.expand(batch, -1, -1).gather(-1, chosen)  # early queries see fewer than k keys
             out.append(self._attend_chosen(q_nope[:, part], q_pe[:, part], latents, chosen, valid))
         return torch.cat(out, dim=1)
 
@@ -249,11 +254,14 @@ class MultiHeadLatentAttention(nn.Module):
             loss = indexer_loss(scores, dense, visible)
         else:
             loss = indexer_loss(scores, self._attention_mass(q_nope, q_pe, latents, selected), selected)
-        probe.stats.append(IndexerStats(loss, (dense * selected).sum(-1).mean()))
+        # recall over the queries that see more than k keys (the others' top-k is all they see)
+        beyond = visible.sum(-1) > self.indexer.topk
+        covered = (dense * selected).sum(-1)
+        recall = covered[beyond].mean() if beyond.any() else covered.new_ones(())
+        probe.stats.append(IndexerStats(loss, recall))
 
-def _visible(keys: Tensor, steps: int) -> Tensor:
-    """The causal mask [B, T, key_len] of the last `steps` of `key_len` positions (True = may attend)."""
-    batch, key_len = keys.shape[:2]
-    queries = torch.arange(key_len - steps, key_len, device=keys.device)
-    visible = torch.arange(key_len, device=keys.device) <= queries[:, None]
-    return visible.expand(batch, -1, -1)
+def _causal_rows(key_len: int, steps: int, rows: slice, device: torch.device) -> Tensor:
+    """Rows `rows` [r, key_len] of the causal mask of the last `steps` of `key_len` positions (True = may
+    attend): row i is the query at position key_len - steps + i."""
+    queries = torch.arange(key_len - steps, key_len, device=device)[rows]
+    return torch.arange(key_len, device=device) <= queries[:, None]

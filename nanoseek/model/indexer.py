@@ -36,6 +36,15 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)  # a LayerNorm with bias, not an RMSNorm
         self.weights_proj = Linear(config.hidden_size, self.num_heads, bias=False)
 
+    def _apply(self, fn, recurse=True):
+        # transformers keeps weights_proj in fp32 (`_keep_in_fp32_modules`): the per-token head weights decide a
+        # discrete top-k, which bf16 rounding would change
+        super()._apply(fn, recurse)
+        weight = self.weights_proj.weight
+        if weight.is_floating_point() and weight.dtype != torch.float32:
+            weight.data = weight.data.float()
+        return self
+
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         rotated, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
         return torch.cat((apply_rope(rotated, cos, sin, interleaved=False), rest), dim=-1)
@@ -52,7 +61,7 @@ class LightningIndexer(nn.Module):
         q = self.wq_b(q_compressed).view(batch, steps, self.num_heads, self.head_dim)
         q = self._rope(q, cos[..., None, :], sin[..., None, :])
         logits = torch.einsum("bthd,bkd->bthk", q.float(), keys.float()) * self.head_dim ** -0.5
-        weights = self.weights_proj(x).float() * self.num_heads ** -0.5
+        weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.num_heads ** -0.5
         return torch.einsum("bth,bthk->btk", weights, F.relu(logits))
 
     def select(self, scores: Tensor, visible: Tensor) -> Tensor:
@@ -73,7 +82,8 @@ class IndexerStats:
     """One attention layer's indexer during training."""
 
     loss: Tensor  # scalar: the mean over query tokens of KL(p_t || softmax(I_t)); its gradient reaches the indexer
-    recall: Tensor  # scalar, no gradient: the mean share of the dense attention's mass on the top-k keys
+    recall: Tensor  # scalar, no gradient: the mean share of the dense attention's mass on the top-k keys, over
+    # the queries that see more than k keys (1 when none does)
 
 
 @dataclass

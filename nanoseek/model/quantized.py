@@ -36,7 +36,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 _INT4_OUTPUT_MULTIPLE = 16  # `_convert_weight_to_int4pack_for_cpu` packs rows in blocks of 16
 _INT8_INPUT_MULTIPLE = 16  # `_weight_int8pack_mm` reads inputs in blocks of 16
 # Modules kept in the compute dtype, by their attribute name (see the module docstring).
-UNQUANTISED = frozenset({"kv_b_proj"})
+UNQUANTISED = frozenset({"kv_b_proj", "weights_proj"})
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:

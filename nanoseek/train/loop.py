@@ -99,6 +99,9 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         state = self._load_weights() if resume else None  # before sharding: every rank loads the full weights
         self.parallel = parallel if self.world > 1 else "none"
+        if self.parallel == "fsdp" and config.dsa_warmup_steps:
+            raise ValueError("--dsa-warmup-steps with --parallel fsdp: FSDP2 runs its backward hooks on layer outputs "
+                             "that need a gradient, and in the warm-up only the indexers do (use --parallel ddp)")
         self.module = self._wrap(model)
         self.optimizer = torch.optim.AdamW(
             _parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
@@ -121,8 +124,9 @@ class Trainer:
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            # MTP weights get no gradient without their loss, nor the model's in the indexer's warm-up
-            unused = (len(model.mtp) > 0 and self.config.mtp_lambda == 0) or self.config.dsa_warmup_steps > 0
+            # MTP weights get no gradient without their loss, the model's none in the indexers' warm-up, and the
+            # indexers none in a stage that leaves their loss out (GRPO's)
+            unused = (len(model.mtp) > 0 and self.config.mtp_lambda == 0) or self.indexed
             return DistributedDataParallel(model, find_unused_parameters=unused)
         if self.parallel != "none":
             raise ValueError(f"--parallel = {self.parallel!r}: must be 'ddp' or 'fsdp'")
@@ -147,7 +151,7 @@ class Trainer:
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / config.grad_accum
             tokens += used
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:  # routed counts summed across ranks (V3 §2.1.2: the load of the whole batch), mean losses
@@ -167,6 +171,21 @@ class Trainer:
             grad_norm, "full_tensor") else grad_norm), "tokens": tokens,
                 "tokens_per_s": tokens / elapsed, "mfu": 6 * self.activated * tokens / elapsed / self.peak,
                 "maxvio": sum(violations) / max(1, len(violations)), "maxvio_max": max(violations, default=0.0)}
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradient norm to `grad_clip`; the indexers' apart from the rest, whose losses are apart (the
+        indexers learn only from theirs), so that neither scales the other's step. Returns the rest's norm (the
+        indexers' in the warm-up, where the rest has none)."""
+        named = list(self.model.named_parameters())
+        indexers = [p for name, p in named if ".indexer." in name]
+        others = [p for name, p in named if ".indexer." not in name]
+        clip = self.config.grad_clip
+        if not indexers:
+            return torch.nn.utils.clip_grad_norm_(others, clip)
+        index_norm = torch.nn.utils.clip_grad_norm_(indexers, clip)
+        if self.step < self.config.dsa_warmup_steps:
+            return index_norm
+        return torch.nn.utils.clip_grad_norm_(others, clip)
 
     def next_batch(self):
         """This rank's next micro-batch (a stage such as GRPO produces its own: rollouts)."""

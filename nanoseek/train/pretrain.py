@@ -149,12 +149,18 @@ def run(args: argparse.Namespace) -> int:
         if args.dsa_steps < 0:
             raise ValueError(f"--dsa-steps = {args.dsa_steps}: must be >= 0")
         total = args.dsa_warmup_steps + args.dsa_steps
+        if total < 1:
+            raise ValueError(f"--dsa-warmup-steps {args.dsa_warmup_steps} + --dsa-steps {args.dsa_steps}: no step "
+                             "to run")
         if args.max_steps not in (total, TrainConfig.max_steps):
             raise ValueError(f"--dsa-steps {args.dsa_steps} with --max-steps {args.max_steps}: --dsa-steps sets "
                              f"the steps to --dsa-warmup-steps + --dsa-steps = {total}; give one of the two")
         args.max_steps = total
     train_config = train_config_from(args)
     config = _model_config(args)
+    if isinstance(config, DeepSeekV32Config) and train_config.seq_len <= config.index_topk:
+        print(f"note: --seq-len {train_config.seq_len} is within index_topk {config.index_topk}: every query sees "
+              "at most k keys, so attention stays dense and the sparse stage trains as the warm-up does", flush=True)
     return run_distributed(_run, args, out, train_config, config)
 
 
