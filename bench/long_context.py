@@ -161,6 +161,8 @@ def prefill_macs(config: ModelConfig, context: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
+    parser.add_argument("--prefill-contexts", type=int, nargs="*", help="contexts whose prefill is timed too "
+                        "(default: all; dense prefill is O(L^2): tens of minutes at 64K on 2 cores)")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (prefill past 8K: one)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -184,7 +186,9 @@ def main() -> None:
         tok_s = {name: args.new_tokens / s for name, s in steps.items()}
         floors = {name: stream / decode_bytes(m.config, context) for name, m in both.items()}
         repeats = args.repeats if context <= 8192 else 1
-        prefill_s = alternating({name: prefill(m, context) for name, m in both.items()}, repeats)
+        timed = args.prefill_contexts is None or context in args.prefill_contexts
+        prefill_s = alternating({name: prefill(m, context) for name, m in both.items()}, repeats) if timed else \
+            {name: float("nan") for name in both}
         limits = {name: prefill_macs(m.config, context) / rate for name, m in both.items()}
         parts = decode_parts(sparse, context, args.repeats)
         print(f"| {context:,} | {tok_s['sparse']:.1f} ({100 * tok_s['sparse'] / floors['sparse']:.0f}%) | "

@@ -459,7 +459,8 @@ def test_gathered_sparse_attention_equals_the_masked_form(monkeypatch):
     with torch.no_grad():
         masked = model.run(ids, dsa="sparse").logits
         gathered = model(ids)
-        monkeypatch.setattr(attention, "SPARSE_CHUNK_ELEMENTS", 1)  # one query per chunk
+        monkeypatch.setattr(attention, "SPARSE_SCORES_ELEMENTS", 1)  # one query per chunk
+        monkeypatch.setattr(attention, "SPARSE_GATHER_ELEMENTS", 1)
         one_by_one = model(ids)
     assert (gathered - masked).abs().max() <= TOL and (one_by_one - gathered).abs().max() <= 1e-5
 

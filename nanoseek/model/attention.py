@@ -28,8 +28,10 @@ from .indexer import IndexerProbe, IndexerStats, LightningIndexer, indexer_loss
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, softmax_scale
 
-# The sparse path's working set per chunk of queries, in elements: its index scores or its gathered latents.
-SPARSE_CHUNK_ELEMENTS = 1 << 24
+# The sparse path's working sets per chunk of queries, in elements: its index scores, and its gathered latents
+# (sized to stay in a CPU's cache between the two products that read them).
+SPARSE_SCORES_ELEMENTS = 1 << 24
+SPARSE_GATHER_ELEMENTS = 1 << 21
 
 
 class LatentCache:
@@ -208,28 +210,34 @@ class MultiHeadLatentAttention(nn.Module):
                 latents: Tensor, index_keys: Tensor, mask: Tensor | None) -> Tensor:
         """DeepSeek Sparse Attention as deployed (V3.2-Exp report eq. 2): each query attends, in the absorbed
         form, over only the `index_topk` latents its indexer scores highest, gathered: O(k) work per query
-        beside the indexer's O(L). Queries go in chunks that keep the index scores and the gathered latents
-        small (`mask` None: causal, built a chunk at a time). Returns [B, T, H, d_v]."""
+        beside the indexer's O(L). Queries are scored in chunks that keep the index scores small, and attend in
+        smaller ones whose gathered latents stay in cache (`mask` None: causal, built a chunk at a time).
+        Returns [B, T, H, d_v]."""
         batch, steps = x.shape[:2]
         key_len, topk = latents.shape[1], self.indexer.topk
-        per_query = batch * max(self.indexer.num_heads * key_len, topk * latents.shape[-1])
-        chunk = max(1, SPARSE_CHUNK_ELEMENTS // per_query)
+        scored = max(1, SPARSE_SCORES_ELEMENTS // (batch * self.indexer.num_heads * key_len))
+        attended = max(1, SPARSE_GATHER_ELEMENTS // (batch * topk * latents.shape[-1]))
         index_keys = index_keys.float()  # once, not per chunk, when the cache is bf16
         out = []
-        for start in range(0, steps, chunk):
-            part = slice(start, start + chunk)
+        for start in range(0, steps, scored):
+            part = slice(start, start + scored)
             visible = mask[:, part] if mask is not None else _causal_rows(key_len, steps, part, x.device)[None]
             scores = self.indexer.scores(x[:, part], q_compressed[:, part], cos[:, part], sin[:, part], index_keys)
             chosen = scores.masked_fill(~visible, float("-inf")).topk(topk, dim=-1).indices  # [B, c, k]
             valid = visible.expand(batch, -1, -1).gather(-1, chosen)  # early queries see fewer than k keys
-            out.append(self._attend_chosen(q_nope[:, part], q_pe[:, part], latents, chosen, valid))
+            for first in range(0, chosen.shape[1], attended):
+                last = min(first + attended, chosen.shape[1])
+                rows, queries = slice(first, last), slice(start + first, start + last)
+                out.append(self._attend_chosen(q_nope[:, queries], q_pe[:, queries], latents, chosen[:, rows],
+                                               valid[:, rows]))
         return torch.cat(out, dim=1)
 
     def _attend_chosen(self, q_nope: Tensor, q_pe: Tensor, latents: Tensor, chosen: Tensor, valid: Tensor) -> Tensor:
         """Absorbed attention of each query over its own `chosen` [B, c, k] latents (False in `valid`: none)."""
         batch, steps, heads = q_nope.shape[:3]
-        picked = latents.gather(1, chosen.reshape(batch, -1, 1).expand(-1, -1, latents.shape[-1]))
-        picked = picked.view(batch, steps, chosen.shape[-1], -1)  # [B, c, k, d_c + d_r]
+        # row by row: index_select copies whole latent rows, several times faster than gather here
+        rows = [latents[b].index_select(0, chosen[b].flatten()) for b in range(batch)]
+        picked = (rows[0][None] if batch == 1 else torch.stack(rows)).view(batch, steps, chosen.shape[-1], -1)
         w_kv_b = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_kv_b[:, : self.nope_dim])
         q = torch.cat((q_latent, q_pe), dim=-1)
