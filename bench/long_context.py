@@ -87,7 +87,8 @@ def filled_cache(model: CausalLM, context: int, extra: int) -> LatentCache:
     """A one-slot cache whose first `context` positions hold unit-variance random latents and indexer keys
     (the scale of the normalised c_kv and of the LayerNorm'd keys): what decoding at that context reads."""
     cache = model.new_cache(1, context + extra)
-    cache.data[:, :, :context].normal_()
+    for tensor in cache.tensors():
+        tensor[:, :, :context].normal_()
     return cache
 
 

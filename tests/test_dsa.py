@@ -129,7 +129,7 @@ def test_dense_attention_within_index_topk_is_deepseek_v3():
         assert (v32(ids) - v3(ids)).abs().max() <= TOL
 
 
-def test_cache_row_holds_the_latent_and_the_indexer_key():
+def test_cache_holds_the_latent_and_the_indexer_key():
     model = ours_v32()
     cache = model.new_cache(num_slots=1, max_len=8)
     config = model.config

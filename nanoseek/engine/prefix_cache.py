@@ -22,7 +22,7 @@ class PrefixCache:
         if block_size < 1 or max_tokens < block_size:
             raise ValueError(f"prefix cache: block_size = {block_size}, max_tokens = {max_tokens}: need "
                              "block_size >= 1 and max_tokens >= block_size")
-        layers, _, _, dim = cache.data.shape
+        layers, dim = cache.data.shape[0], cache.width
         self.block_size = block_size
         self.pool = torch.zeros(max_tokens // block_size, layers, block_size, dim, dtype=cache.data.dtype,
                                 device=cache.data.device)
@@ -50,7 +50,7 @@ class PrefixCache:
                 break
             self.index.move_to_end(key)
             start = hits * self.block_size
-            cache.data[:, slot, start: start + self.block_size] = self.pool[row]
+            cache.write(slot, start, self.pool[row])
             hits += 1
         self.queried_tokens += len(ids)
         self.hit_tokens += hits * self.block_size
@@ -66,7 +66,7 @@ class PrefixCache:
                 _, row = self.index.popitem(last=False)
                 self.free.append(row)
             row = self.free.pop()
-            self.pool[row] = cache.data[:, slot, b * self.block_size: (b + 1) * self.block_size]
+            self.pool[row] = cache.read(slot, b * self.block_size, (b + 1) * self.block_size)
             self.index[key] = row
 
     @property

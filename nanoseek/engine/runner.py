@@ -70,8 +70,7 @@ class ModelRunner:
             leader = heads[head_row[seq.request_id]]
             if seq is not leader:
                 seq.cached_tokens = leader.cached_tokens
-                self.cache.data[:, seq.slot, : len(seq.prompt_ids)] = self.cache.data[:, leader.slot,
-                                                                                      : len(seq.prompt_ids)]
+                self.cache.copy(seq.slot, leader.slot, len(seq.prompt_ids))
         self._reset_penalty_state(seqs)
         logits = out.logits[:, 0][rows]
         batch = self._batch(seqs)

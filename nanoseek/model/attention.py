@@ -35,25 +35,51 @@ SPARSE_GATHER_ELEMENTS = 1 << 21
 
 
 class LatentCache:
-    """Preallocated latent KV cache: `data[layer]` is [num_slots, max_len, kv_lora_rank + qk_rope_head_dim
-    (+ index_head_dim for DeepSeek-V3.2's indexer keys)].
+    """Preallocated latent KV cache: `data[layer]` is [num_slots, max_len, kv_lora_rank + qk_rope_head_dim];
+    for DeepSeek-V3.2, `index[layer]` beside it is [num_slots, max_len, index_head_dim], the indexer keys.
 
     A slot holds one sequence; position p of a slot holds the latent of that sequence's token at position p.
+    The indexer keys have a tensor of their own because the indexer reads them for every token at every step,
+    and as a strided part of the latent rows that read runs several times slower.
     """
 
     def __init__(self, config: ModelConfig, num_layers: int, num_slots: int, max_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.max_len = max_len
-        width = config.kv_cache_dim + config.index_cache_dim
-        self.data = torch.zeros(num_layers, num_slots, max_len, width, device=device, dtype=dtype)
+        self.data = torch.zeros(num_layers, num_slots, max_len, config.kv_cache_dim, device=device, dtype=dtype)
+        self.index = None if not config.index_cache_dim else torch.zeros(
+            num_layers, num_slots, max_len, config.index_cache_dim, device=device, dtype=dtype)
 
     @property
     def num_slots(self) -> int:
         return self.data.shape[1]
 
+    def tensors(self) -> list[Tensor]:
+        return [self.data] if self.index is None else [self.data, self.index]
+
+    @property
+    def width(self) -> int:
+        """Values per token per layer, every tensor's together."""
+        return sum(t.shape[3] for t in self.tensors())
+
     def bytes_per_token(self) -> int:
         """Bytes one token occupies across all layers."""
-        return self.data.shape[0] * self.data.shape[3] * self.data.element_size()
+        return self.data.shape[0] * self.width * self.data.element_size()
+
+    def read(self, slot: int, start: int, stop: int) -> Tensor:
+        """Positions start..stop-1 of `slot`, every layer: [num_layers, stop - start, width]."""
+        return torch.cat([t[:, slot, start:stop] for t in self.tensors()], dim=-1)
+
+    def write(self, slot: int, start: int, rows: Tensor) -> None:
+        """Put `read`'s rows [num_layers, n, width] at positions start.. of `slot`."""
+        parts = rows.split([t.shape[3] for t in self.tensors()], dim=-1)
+        for tensor, part in zip(self.tensors(), parts, strict=True):
+            tensor[:, slot, start: start + part.shape[1]] = part
+
+    def copy(self, target: int, source: int, length: int) -> None:
+        """Positions 0..length-1 of slot `source` into slot `target`."""
+        for tensor in self.tensors():
+            tensor[:, target, :length] = tensor[:, source, :length]
 
 
 @dataclass
@@ -67,6 +93,7 @@ class CacheContext:
     positions: Tensor  # [B, T] absolute positions of the new tokens
     key_len: int  # keys 0..key_len-1 of each slot are read
     mask: Tensor | None  # [B, T, key_len] bool, True where a query may attend; None when all keys are visible
+    index: Tensor | None = None  # the indexer keys beside `data` (DeepSeek-V3.2), shaped alike
 
     @classmethod
     def build(cls, cache: LatentCache, positions: Tensor, slots: Tensor | None, first_key: int = 0) -> CacheContext:
@@ -76,26 +103,35 @@ class CacheContext:
         if key_len > cache.max_len:
             raise ValueError(f"position {key_len - 1} is beyond the cache length {cache.max_len}")
         if positions.shape[1] == 1 and lowest == highest and not first_key:
-            return cls(cache.data, slots, positions, key_len, None)  # one token per row, all at one position
-        keys = torch.arange(key_len, device=positions.device)
-        mask = keys <= positions[..., None]
-        if first_key:
-            mask &= keys >= first_key
-        return cls(cache.data, slots, positions, key_len, mask)
+            mask = None  # one token per row, all at one position
+        else:
+            keys = torch.arange(key_len, device=positions.device)
+            mask = keys <= positions[..., None]
+            if first_key:
+                mask &= keys >= first_key
+        return cls(cache.data, slots, positions, key_len, mask, cache.index)
 
     def layer(self, index: int) -> CacheContext:
         """This context over layer `index`'s part of the cache."""
-        return replace(self, data=self.data[index])
+        return replace(self, data=self.data[index], index=None if self.index is None else self.index[index])
 
     def store(self, latent: Tensor) -> Tensor:
         """Write latent [B, T, D] at (slot, position) of this layer's cache and return the keys [B, key_len, D]
         of each row."""
-        if self.data.dim() != 3:
+        return self._write(self.data, latent)
+
+    def store_index(self, key: Tensor) -> Tensor:
+        """`store` for the indexer keys [B, T, index_head_dim]."""
+        if self.index is None:
+            raise ValueError("CacheContext.store_index: this cache holds no indexer keys")
+        return self._write(self.index, key)
+
+    def _write(self, layer_cache: Tensor, values: Tensor) -> Tensor:
+        if layer_cache.dim() != 3:
             raise ValueError("CacheContext.store: this context spans every layer; store through .layer(i)")
-        layer_cache = self.data
-        batch = latent.shape[0]
-        rows = torch.arange(batch, device=latent.device) if self.slots is None else self.slots
-        layer_cache[rows[:, None], self.positions] = latent.to(layer_cache.dtype)
+        batch = values.shape[0]
+        rows = torch.arange(batch, device=values.device) if self.slots is None else self.slots
+        layer_cache[rows[:, None], self.positions] = values.to(layer_cache.dtype)
         if self.slots is None:
             return layer_cache[:batch, : self.key_len]
         return layer_cache[self.slots, : self.key_len]
@@ -108,7 +144,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
         self.rope_interleave = config.rope_interleave
-        self.latent_width = config.kv_cache_dim
         self.scale = softmax_scale(config)
         d, heads, qk = config.hidden_size, config.num_attention_heads, config.qk_head_dim
         bias = config.attention_bias
@@ -135,9 +170,8 @@ class MultiHeadLatentAttention(nn.Module):
         # detached: the indexer never sends gradients into the model
         index_keys = None if self.indexer is None else self.indexer.key(x.detach(), cos, sin).to(latents.dtype)
         if cache is not None:
-            row = latents if index_keys is None else torch.cat((latents, index_keys), dim=-1)
-            stored, mask = cache.store(row), cache.mask
-            latents, index_keys = stored[..., : self.latent_width], stored[..., self.latent_width:]
+            latents, mask = cache.store(latents), cache.mask
+            index_keys = None if index_keys is None else cache.store_index(index_keys)
         latents, causal = latents.to(x.dtype), cache is None
         sparse = self.indexer is not None and latents.shape[1] > self.indexer.topk
         if sparse and probe is None and not torch.is_grad_enabled():
@@ -221,18 +255,22 @@ class MultiHeadLatentAttention(nn.Module):
         out = []
         for start in range(0, steps, scored):
             part = slice(start, start + scored)
-            visible = mask[:, part] if mask is not None else _causal_rows(key_len, steps, part, x.device)[None]
             scores = self.indexer.scores(x[:, part], q_compressed[:, part], cos[:, part], sin[:, part], index_keys)
-            chosen = scores.masked_fill(~visible, float("-inf")).topk(topk, dim=-1).indices  # [B, c, k]
-            valid = visible.expand(batch, -1, -1).gather(-1, chosen)  # early queries see fewer than k keys
+            if mask is None and steps == 1:  # a decode step: every key is visible
+                chosen, valid = scores.topk(topk, dim=-1, sorted=False).indices, None
+            else:
+                visible = mask[:, part] if mask is not None else _causal_rows(key_len, steps, part, x.device)[None]
+                chosen = scores.masked_fill(~visible, float("-inf")).topk(topk, dim=-1, sorted=False).indices
+                valid = visible.expand(batch, -1, -1).gather(-1, chosen)  # early queries see fewer than k keys
             for first in range(0, chosen.shape[1], attended):
                 last = min(first + attended, chosen.shape[1])
                 rows, queries = slice(first, last), slice(start + first, start + last)
                 out.append(self._attend_chosen(q_nope[:, queries], q_pe[:, queries], latents, chosen[:, rows],
-                                               valid[:, rows]))
+                                               None if valid is None else valid[:, rows]))
         return torch.cat(out, dim=1)
 
-    def _attend_chosen(self, q_nope: Tensor, q_pe: Tensor, latents: Tensor, chosen: Tensor, valid: Tensor) -> Tensor:
+    def _attend_chosen(self, q_nope: Tensor, q_pe: Tensor, latents: Tensor, chosen: Tensor,
+                       valid: Tensor | None) -> Tensor:
         """Absorbed attention of each query over its own `chosen` [B, c, k] latents (False in `valid`: none)."""
         batch, steps, heads = q_nope.shape[:3]
         # row by row: index_select copies whole latent rows, several times faster than gather here
@@ -242,7 +280,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_kv_b[:, : self.nope_dim])
         q = torch.cat((q_latent, q_pe), dim=-1)
         scores = torch.einsum("bthd,btkd->bthk", q, picked).float() * self.scale
-        probs = scores.masked_fill(~valid[:, :, None], float("-inf")).softmax(dim=-1).to(latents.dtype)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(latents.dtype)
         out_latent = torch.einsum("bthk,btkc->bthc", probs, picked[..., : self.latent_dim])
         return torch.einsum("bthc,hvc->bthv", out_latent, w_kv_b[:, self.nope_dim:])
 
