@@ -8,9 +8,11 @@ the same weights without the indexer. At each context L:
 * decode: batch 1, the cache holding L random latents (and indexer keys), then --new-tokens greedy steps
   timed (the whole model); tok/s, and the fraction of the bandwidth floor: the bytes a step must read
   (activated weights, the latents it attends over, the indexer keys) at a bandwidth measured in the run.
-* prefill: one forward over L tokens without a cache (dense: SDPA's causal kernel; sparse: the indexer over
-  every earlier key and attention over the gathered top-k), the last position's logits; seconds, and the
-  fraction of the compute floor (its multiply-adds at a matmul rate measured in the run).
+* prefill: L tokens into the cache in --prefill-chunk pieces, as the engine schedules a long prompt (dense:
+  the expanded heads over every earlier key; sparse: the indexer over every earlier key, attention over the
+  gathered top-k); seconds, and the fraction of the compute floor (its multiply-adds at a matmul rate measured
+  in the run). One forward over 32K tokens without a cache would need the dense scores whole: SDPA has no
+  fused CPU kernel for MLA's unequal key and value widths.
 * the parts of one decode step in layer 0, alone: the indexer (scores and top-k) and the sparse attention
   over k gathered latents, beside dense attention over all L: the indexer and dense attention grow with L,
   the sparse attention stays flat.
@@ -106,11 +108,20 @@ def decode_steps(model: CausalLM, context: int, new: int) -> Callable[[], None]:
     return run
 
 
-def prefill(model: CausalLM, context: int) -> Callable[[], None]:
-    """A forward over `context` tokens, no cache, logits at the last position only."""
+def prefill(model: CausalLM, context: int, chunk: int) -> Callable[[], None]:
+    """`context` tokens into a cache, `chunk` at a time (as the engine's scheduler splits a long prompt), logits
+    at each chunk's last position only."""
     ids = torch.randint(2, model.config.vocab_size, (1, context))
-    last = torch.tensor([[context - 1]])
-    return torch.no_grad()(lambda: model.run(ids, logits_index=last))
+    cache = model.new_cache(1, context)
+
+    @torch.no_grad()
+    def run() -> None:
+        for start in range(0, context, chunk):
+            stop = min(context, start + chunk)
+            model.run(ids[:, start:stop], torch.arange(start, stop)[None], cache,
+                      logits_index=torch.tensor([[stop - start - 1]]))
+
+    return run
 
 
 def decode_parts(sparse: CausalLM, context: int, repeats: int) -> dict[str, float]:
@@ -165,22 +176,28 @@ def main() -> None:
     parser.add_argument("--prefill-contexts", type=int, nargs="*", help="contexts whose prefill is timed too "
                         "(default: all; dense prefill is O(L^2): tens of minutes at 64K on 2 cores)")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill forward")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (prefill past 8K: one)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="decode with the compiled steps "
+                        "(`LanguageModel.compile_decode`, as `LLM(compile=True)`): less time outside attention")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sparse, dense = models(max(args.contexts) + args.new_tokens)
+    if args.compile:
+        sparse.compile_decode(), dense.compile_decode()
     c = sparse.config
     rate, stream = matmul_rate(), bandwidth()
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
           f"{stream / 1e9:.1f} GB/s streamed, {2 * rate / 1e9:.0f} GFLOP/s fp32 matmul")
     print(f"model: small config, {parameter_counts(c).activated / 1e6:.1f}M activated; indexer {c.index_n_heads} "
-          f"heads x {c.index_head_dim}, top-{c.index_topk}; fp32, batch 1, {args.new_tokens} decode steps")
+          f"heads x {c.index_head_dim}, top-{c.index_topk}; fp32, batch 1, {args.new_tokens} decode steps"
+          f"{', compiled' if args.compile else ', eager'}")
     print("| context | decode sparse tok/s (floor) | dense tok/s (floor) | ratio | prefill sparse s (floor) | "
           "dense s (floor) | ratio | layer-0 step: indexer / sparse attn / dense attn ms |")
     print("|---|---|---|---|---|---|---|---|")
     both = {"sparse": sparse, "dense": dense}
-    alternating({name: prefill(m, 4096) for name, m in both.items()}, 1)  # warm: first calls, allocator
+    alternating({name: prefill(m, 4096, args.prefill_chunk) for name, m in both.items()}, 1)  # warm-up
     for context in args.contexts:
         steps = alternating({name: decode_steps(m, context, args.new_tokens) for name, m in both.items()},
                             args.repeats)
@@ -188,7 +205,8 @@ def main() -> None:
         floors = {name: stream / decode_bytes(m.config, context) for name, m in both.items()}
         repeats = args.repeats if context <= 8192 else 1
         timed = args.prefill_contexts is None or context in args.prefill_contexts
-        prefill_s = alternating({name: prefill(m, context) for name, m in both.items()}, repeats) if timed else \
+        prefill_s = alternating({name: prefill(m, context, args.prefill_chunk) for name, m in both.items()},
+                                repeats) if timed else \
             {name: float("nan") for name in both}
         limits = {name: prefill_macs(m.config, context) / rate for name, m in both.items()}
         parts = decode_parts(sparse, context, args.repeats)
