@@ -239,7 +239,6 @@ class MultiHeadLatentAttention(nn.Module):
         w_uv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)[:, self.nope_dim:]
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output
 
-
     def _sparse(self, x: Tensor, q_compressed: Tensor, cos: Tensor, sin: Tensor, q_nope: Tensor, q_pe: Tensor,
                 latents: Tensor, index_keys: Tensor, mask: Tensor | None) -> Tensor:
         """DeepSeek Sparse Attention as deployed (V3.2-Exp report eq. 2): each query attends, in the absorbed
