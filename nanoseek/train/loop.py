@@ -227,8 +227,9 @@ class Trainer:
         parts = [self.loss(batch)[1] for batch in self.data.validation(self.config.batch_size,
                                                                       self.config.eval_batches)]
         metrics = {"val_loss": sum(p["ce"] for p in parts) / len(parts)}
-        if self.indexed:
-            metrics["val_index_recall"] = sum(p["index_recall"] for p in parts) / len(parts)
+        recalls = [p["index_recall"] for p in parts if "index_recall" in p]  # a stage's own loss may leave it out
+        if recalls:
+            metrics["val_index_recall"] = sum(recalls) / len(recalls)
         return metrics
 
     # ---- the run ---------------------------------------------------------------------------
