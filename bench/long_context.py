@@ -132,10 +132,9 @@ def decode_parts(sparse: CausalLM, context: int, repeats: int) -> dict[str, floa
     latents, index_keys = torch.randn(1, context, c.kv_cache_dim), torch.randn(1, context, c.index_head_dim)
     q_nope = torch.randn(1, 1, c.num_attention_heads, c.qk_nope_head_dim)
     q_pe = torch.randn(1, 1, c.num_attention_heads, c.qk_rope_head_dim)
-    k = min(c.index_topk, context)
 
     def index() -> torch.Tensor:
-        return attn.indexer.scores(x, q_compressed, cos, sin, index_keys).topk(k, dim=-1).indices
+        return attn.indexer.top_keys(attn.indexer.scores(x, q_compressed, cos, sin, index_keys), None)[0]
 
     with torch.no_grad():
         chosen = index()

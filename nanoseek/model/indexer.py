@@ -64,13 +64,23 @@ class LightningIndexer(nn.Module):
         weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.num_heads ** -0.5
         return torch.einsum("bth,bthk->btk", weights, F.relu(logits))
 
+    def top_keys(self, scores: Tensor, visible: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(the k keys [B, T, k] of each query's highest scores among its `visible` ones (None: every key), in
+        ascending order, so that a gather of them reads forward through memory; which of them are visible, as
+        early queries see fewer than k). The one selection both the mask and the gathered attention use."""
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        chosen = scores.topk(self.topk, dim=-1, sorted=False).indices.sort(dim=-1).values
+        valid = None if visible is None else visible.expand(chosen.shape[0], -1, -1).gather(-1, chosen)
+        return chosen, valid
+
     def select(self, scores: Tensor, visible: Tensor) -> Tensor:
         """The attention mask [B, T, key_len] (True = attend) of the top-k visible keys of each query; all
         visible keys when there are no more than k."""
         if scores.shape[-1] <= self.topk:
             return visible
-        chosen = scores.masked_fill(~visible, float("-inf")).topk(self.topk, dim=-1).indices
-        return torch.zeros_like(visible).scatter_(-1, chosen, True) & visible
+        chosen, valid = self.top_keys(scores, visible)
+        return torch.zeros_like(visible).scatter_(-1, chosen, valid)
 
 
 # ---- training (the V3.2-Exp report §2.1.1) -------------------------------------------------------------
