@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     from . import eval as eval_module
-    from . import gguf_export, report, serve, speedrun
+    from . import gguf_export, long_context, report, serve, speedrun
     from .train import distill, grpo, pretrain, rejection, sft
 
     for name, module, summary in (
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("sft", sft, "supervised fine-tuning on conversations (cold-start R1 data by default)"),
             ("grpo", grpo, "reinforcement learning with GRPO and rule-based rewards on verifiable tasks"),
             ("eval", eval_module, "held-out pass@1 over k samples, cons@k and pass@k, per task"),
+            ("eval-long", long_context, "held-out pass-key retrieval and loss at long context lengths"),
             ("rejection-sample", rejection, "verified samples of a checkpoint as SFT data (R1's second SFT set)"),
             ("distill", distill, "train a dense student (Qwen2/Llama layout) on a teacher's traces, optionally its "
              "logits"),

@@ -15,6 +15,7 @@ from .deepseek import (
     DeepSeekV2Config,
     DeepSeekV32Config,
     ModelConfig,
+    extended_context,
     preset,
     yarn_mscale,
 )
@@ -41,5 +42,5 @@ def read_config_file(path: str | Path) -> ModelConfig | DenseConfig:
 __all__ = [
     "DENSE_ARCHITECTURES", "DENSE_PRESETS", "FAMILIES", "PRESETS", "SUPPORTED_MODEL_TYPES", "V2_PRESETS",
     "ConfigError", "DeepSeekV2Config", "DeepSeekV32Config", "DenseConfig", "HFConfig", "ModelConfig",
-    "config_from_dict", "preset", "read_config_file", "yarn_mscale",
+    "config_from_dict", "extended_context", "preset", "read_config_file", "yarn_mscale",
 ]

@@ -495,6 +495,22 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return family(**{**PRESETS[name], **overrides}).validate()
 
 
+def extended_context(config: ModelConfig, length: int, trained: int | None = None) -> ModelConfig:
+    """The config with its RoPE stretched by YaRN to `length` positions from the `trained` length (default: an
+    existing YaRN's original length, else max_position_embeddings): s = length / trained, beta 32 and 1, as
+    DeepSeek-V3 extends 4K to 128K (V3 paper §4.3); an existing YaRN's mscale is kept."""
+    scaling = config.rope_scaling or {}
+    if scaling and scaling.get("type", scaling.get("rope_type")) != "yarn":
+        raise ConfigError(f"rope_scaling {scaling}: only a model without scaling or with YaRN is extended")
+    original = trained or int(scaling.get("original_max_position_embeddings", config.max_position_embeddings))
+    if original < 1:
+        raise ConfigError(f"--trained-context = {original}: must be >= 1")
+    if length <= original:
+        raise ConfigError(f"--extend-context = {length}: not longer than the trained context ({original})")
+    mscale = float(scaling.get("mscale", 1.0))
+    return config.replace(max_position_embeddings=length, rope_scaling=_yarn(length / original, original, mscale))
+
+
 def yarn_mscale(scale: float, mscale: float) -> float:
     """YaRN's magnitude correction sqrt(t) = 0.1 * mscale * ln(s) + 1 (YaRN, arXiv 2309.00071; V3 paper §4.3)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..config import DenseConfig, ModelConfig
 from .attention import CacheContext, LatentCache, MultiHeadLatentAttention
 from .base import LanguageModel, ModelOutput
@@ -21,7 +23,21 @@ def build_model(config: ModelConfig | DenseConfig, num_mtp_modules: int | None =
     return CausalLM(config, num_mtp_modules)
 
 
+def with_config(model: LanguageModel, config: ModelConfig | DenseConfig) -> LanguageModel:
+    """`model`'s weights in a model built for `config`, which may change what holds no weight (the RoPE and its
+    YaRN scaling, max_position_embeddings) but no tensor's name or shape."""
+    with torch.device(model.device):
+        rebuilt = build_model(config, len(getattr(model, "mtp", ())) or None).to(model.dtype)
+    try:
+        rebuilt.load_state_dict(model.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"with_config: the new config changes the weights ({exc})") from exc
+    rebuilt.generation_config = dict(model.generation_config)
+    return rebuilt
+
+
 __all__ = [
     "CacheContext", "CausalLM", "DecoderLayer", "DenseLM", "LanguageModel", "LatentCache", "MLP", "MTPLayer",
     "ModelOutput", "MoE", "MultiHeadLatentAttention", "RMSNorm", "RouterStats", "add_indexer", "build_model",
+    "with_config",
 ]

@@ -12,17 +12,19 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_model, read_config
-from ..config import PRESETS, DeepSeekV32Config, DenseConfig, ModelConfig, preset
+from ..config import PRESETS, DeepSeekV32Config, DenseConfig, ModelConfig, extended_context, preset
 from ..data import PackedSequences, TokenStream, build_shards, load_manifest, read_documents, resolve
 from ..data.shards import tokenizer_fingerprint
-from ..model import add_indexer, build_model
+from ..model import add_indexer, build_model, with_config
 from ..tasks import MAX_DIFFICULTY, TASKS, parse_tasks
 from ..tasks.corpus import CorpusMix, generate_corpus
+from ..tasks.passkey import Haystack, generate_passkey_corpus, parse_chars
 from ..tokenizer import MIN_BPE_VOCAB, Tokenizer, train_tokenizer
 from .config import TrainConfig, add_run_arguments, add_train_arguments, train_config_from
 from .loop import Trainer, run_distributed
 
 TOKENIZER_SAMPLE_DOCUMENTS = 20_000
+DEFAULT_DOC_CHARS = "2000,24000"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the built-in generated corpus)")
     parser.add_argument("--vocab-size", type=int, help="override the config's vocab_size (and the tokenizer's)")
     parser.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text")
+    parser.add_argument("--corpus", choices=("tasks", "passkey"), default="tasks", help="the built-in corpus: "
+                        "task documents, or long documents of them with a pass key planted far back and asked for "
+                        "at the end (long-context training)")
     parser.add_argument("--corpus-docs", type=int, default=20_000, help="documents of the built-in corpus")
+    parser.add_argument("--corpus-doc-chars", default=DEFAULT_DOC_CHARS, help="passkey corpus: each document's length "
+                        "in characters, drawn uniformly from MIN,MAX")
     parser.add_argument("--corpus-tasks", default=",".join(TASKS), help="tasks of the built-in corpus")
     parser.add_argument("--corpus-min-difficulty", type=int, default=1, help="easiest problems of the corpus")
     parser.add_argument("--corpus-max-difficulty", type=int, default=3, help="hardest problems of the corpus")
@@ -50,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-every", type=int, default=0,
                         help="FSDP: every N steps a checkpoint that holds the full HF directory beside the per-rank "
                         "shards (0: only the last; the other modes always hold it)")
+    context = parser.add_argument_group("context extension (YaRN)")
+    context.add_argument("--extend-context", type=int, help="with --init: stretch the model's RoPE with YaRN to this "
+                         "many positions (V3 paper §4.3: s = new / trained length, beta 32 and 1, mscale 1)")
+    context.add_argument("--trained-context", type=int, help="the length the --init model was trained at (default: "
+                         "its YaRN original length, else its max_position_embeddings)")
     dsa = parser.add_argument_group("DeepSeek Sparse Attention (V3.2)")
     dsa.add_argument("--index-topk", type=int, help="make the model DeepSeek-V3.2: a lightning indexer in every "
                      "layer, attention over its top-k keys (a DeepSeek-V3 --init checkpoint keeps its weights and "
@@ -83,13 +95,27 @@ def _with_indexer(config: ModelConfig | DenseConfig, args: argparse.Namespace) -
     return DeepSeekV32Config.from_v3(config, **index)
 
 
+def _extended(config: ModelConfig | DenseConfig, args: argparse.Namespace) -> ModelConfig | DenseConfig:
+    """The config with its context stretched by YaRN when --extend-context asks for it."""
+    if not args.extend_context:
+        if args.trained_context:
+            raise ValueError("--trained-context without --extend-context: nothing to extend")
+        return config
+    if isinstance(config, DenseConfig):
+        raise ValueError(f"--extend-context: YaRN extension is for the DeepSeek family, not {config.architecture}")
+    return extended_context(config, args.extend_context, args.trained_context)
+
+
 def _model_config(args: argparse.Namespace) -> ModelConfig | DenseConfig:
     """A preset, or a config.json of either family (a dense one pretrains a student for distillation), or the
     config of the --init checkpoint."""
     if args.init:
         if args.vocab_size:
             raise ValueError("--vocab-size with --init: the checkpoint fixes the vocabulary")
-        return _with_indexer(read_config(Path(args.init) / "config.json"), args)
+        return _with_indexer(_extended(read_config(Path(args.init) / "config.json"), args), args)
+    if args.extend_context or args.trained_context:
+        raise ValueError("--extend-context/--trained-context extend an --init checkpoint; a new model takes its "
+                         "length from its config (max_position_embeddings, rope_scaling)")
     config = _with_indexer(read_config(Path(args.model_config)) if args.model_config else
                            preset(args.preset or "nano"), args)
     if args.vocab_size:
@@ -113,6 +139,13 @@ def _documents(args: argparse.Namespace):
         source = (f"builtin-corpus:documents={args.corpus_docs},seed={args.seed},tasks={','.join(tasks)},"
                   f"difficulties={args.corpus_min_difficulty}-{args.corpus_max_difficulty},"
                   f"template_share={mix.template_share},think_share={mix.think_share}")
+        if args.corpus != "passkey" and args.corpus_doc_chars != DEFAULT_DOC_CHARS:
+            raise ValueError("--corpus-doc-chars sizes the passkey corpus's documents: give --corpus passkey")
+        if args.corpus == "passkey":
+            chars = parse_chars(args.corpus_doc_chars)
+            kind = Haystack(tuple(tasks), (args.corpus_min_difficulty, args.corpus_max_difficulty), mix)
+            return (lambda: generate_passkey_corpus(args.corpus_docs, args.seed, chars, kind)), \
+                f"{source},passkey_chars={chars[0]}-{chars[1]}"
         return (lambda: generate_corpus(args.corpus_docs, args.seed, args.corpus_max_difficulty, tasks, mix,
                                         args.corpus_min_difficulty)), \
             source
@@ -187,6 +220,8 @@ def _run(args: argparse.Namespace, out: Path, train_config: TrainConfig, config:
     torch.manual_seed(train_config.seed)
     if args.init:
         model = load_model(args.init, device=device, dtype=torch.float32)
+        if args.extend_context:  # the same weights under the stretched RoPE
+            model = with_config(model, _extended(model.config, args))
         if isinstance(config, DeepSeekV32Config) and not isinstance(model.config, DeepSeekV32Config):
             model = add_indexer(model, **_index_sizes(args))  # V3 -> V3.2: the same weights, new indexers
     else:
