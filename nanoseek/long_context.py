@@ -64,38 +64,50 @@ def fit_document(tokenizer: Tokenizer, tokens: int, rng: random.Random, stream: 
     return fitted
 
 
+@dataclass(frozen=True)
+class Score:
+    """One document's scores: summed next-token loss over `tokens` positions; whether every key token is the
+    greedy one; the share of key tokens that are (a partial retrieval counts there)."""
+
+    loss: float
+    tokens: int
+    retrieved: bool
+    key_tokens_right: float
+
+
 @torch.no_grad()
-def score(model: LanguageModel, fitted: FittedDocument) -> tuple[float, int, bool]:
-    """(summed next-token loss, tokens scored, whether every key token is the greedy one)."""
+def score(model: LanguageModel, fitted: FittedDocument) -> Score:
     ids = torch.tensor([fitted.ids], device=model.device)
     logits = model.run(ids).logits[0].float()
     loss = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
     start = fitted.answer_start
-    retrieved = bool((logits[start - 1: -1].argmax(-1) == ids[0, start:]).all())
-    return loss, ids.shape[1] - 1, retrieved
+    right = logits[start - 1: -1].argmax(-1) == ids[0, start:]
+    return Score(loss, ids.shape[1] - 1, bool(right.all()), right.float().mean().item())
 
 
 def evaluate_long(model: LanguageModel, tokenizer: Tokenizer, contexts: list[int], documents: int,
                   seed: int = 0) -> dict[str, dict]:
-    """Per context length: mean loss per token, retrieval accuracy (percent), and accuracy by the key's depth
-    (quarters of the document, first to last)."""
+    """Per context length: mean loss per token, retrieval accuracy (percent of documents whose whole key is
+    greedy), the percent of key tokens that are, and accuracy by the key's depth (quarters, first to last)."""
     report = {}
     for context in contexts:
         rng, stream = random.Random(f"eval-long:{seed}:{context}"), haystack(seed + context, "eval")
-        loss, count, hits = 0.0, 0, []
+        scores, depths = [], []
         for _ in range(documents):
             fitted = fit_document(tokenizer, context, rng, stream)
-            doc_loss, doc_count, retrieved = score(model, fitted)
-            loss, count = loss + doc_loss, count + doc_count
-            hits.append((min(DEPTH_BINS - 1, int(fitted.document.relative_depth * DEPTH_BINS)), retrieved))
-        by_depth = {f"q{b + 1}": _percent([r for d, r in hits if d == b]) for b in range(DEPTH_BINS)}
-        report[str(context)] = {"loss": loss / count, "accuracy": _percent([r for _, r in hits]),
-                                "documents": documents, "by_depth": by_depth}
+            scores.append(score(model, fitted))
+            depths.append(min(DEPTH_BINS - 1, int(fitted.document.relative_depth * DEPTH_BINS)))
+        hits = [s.retrieved for s in scores]
+        report[str(context)] = {
+            "loss": sum(s.loss for s in scores) / sum(s.tokens for s in scores), "accuracy": _percent(hits),
+            "key_tokens": _percent([s.key_tokens_right for s in scores]), "documents": documents,
+            "by_depth": {f"q{b + 1}": _percent([h for h, d in zip(hits, depths, strict=True) if d == b])
+                         for b in range(DEPTH_BINS)}}
     return report
 
 
-def _percent(hits: list[bool]) -> float | None:
-    return 100.0 * sum(hits) / len(hits) if hits else None
+def _percent(values: list[float]) -> float | None:
+    return 100.0 * sum(values) / len(values) if values else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

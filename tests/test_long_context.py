@@ -87,17 +87,17 @@ def test_score_counts_a_key_as_retrieved_exactly_when_greedy_decoding_writes_it(
     model = build_model(preset("tiny", vocab_size=320)).eval()
     fitted = fit_document(tokenizer, 200, random.Random(2), haystack(2, "eval"))
     prompt, answer = fitted.ids[: fitted.answer_start], len(fitted.ids) - fitted.answer_start
-    loss, count, retrieved = score(model, fitted)
-    assert count == len(fitted.ids) - 1 and 0 < loss / count < 2 * math.log(320)
+    first = score(model, fitted)
+    assert first.tokens == len(fitted.ids) - 1 and 0 < first.loss / first.tokens < 2 * math.log(320)
     greedy = list(prompt)
     with torch.no_grad():
         for _ in range(answer):
             greedy.append(int(model(torch.tensor([greedy]))[0, -1].argmax()))
-    assert retrieved == (greedy == fitted.ids)
-    written = replace(fitted, ids=greedy)  # the key as the model writes it: retrieved
-    assert score(model, written)[2]
-    wrong = greedy[:-1] + [(greedy[-1] + 1) % 320]
-    assert not score(model, replace(fitted, ids=wrong))[2]
+    assert first.retrieved == (greedy == fitted.ids)
+    written = score(model, replace(fitted, ids=greedy))  # the key as the model writes it: retrieved
+    assert written.retrieved and written.key_tokens_right == 1
+    wrong = score(model, replace(fitted, ids=greedy[:-1] + [(greedy[-1] + 1) % 320]))
+    assert not wrong.retrieved and wrong.key_tokens_right == pytest.approx(1 - 1 / answer)
 
 
 def test_extended_context_stretches_yarn_from_the_trained_length():
@@ -138,7 +138,7 @@ def test_pretrain_extends_a_checkpoint_on_the_passkey_corpus_and_eval_long_score
                    capture_output=True, text=True)
     contexts = json.loads(report.read_text())["contexts"]
     assert set(contexts) == {"128", "256"} and all(c["documents"] == 3 for c in contexts.values())
-    assert all(0 < c["loss"] < 10 and 0 <= c["accuracy"] <= 100 for c in contexts.values())
+    assert all(0 < c["loss"] < 10 and 0 <= c["accuracy"] <= c["key_tokens"] <= 100 for c in contexts.values())
     tokenizer = Tokenizer.from_dir(tmp_path / "long" / "latest")
     assert evaluate_long(ours, tokenizer, [128], 3)["128"] == contexts["128"]  # seeded: the same documents
     refused = {
