@@ -149,6 +149,8 @@ def _documents(args: argparse.Namespace):
         return (lambda: generate_corpus(args.corpus_docs, args.seed, args.corpus_max_difficulty, tasks, mix,
                                         args.corpus_min_difficulty)), \
             source
+    if args.corpus != "tasks":
+        raise ValueError(f"--corpus {args.corpus} with --data: the built-in corpus is used only without --data")
     files = resolve(args.data)
     source = json.dumps([[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files] + [args.field])
     return (lambda: read_documents(files, args.field)), source
