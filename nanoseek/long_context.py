@@ -59,6 +59,9 @@ def fit_document(tokenizer: Tokenizer, tokens: int, rng: random.Random, stream: 
         size, misses = size + cost, 0
     document = PasskeyDocument(tuple(parts), rng.randint(0, len(parts)), draw_key(rng, "eval"))
     while (fitted := _fits(tokenizer, document, tokens)) is None:  # the joins merged differently: drop one
+        if not parts:
+            raise ValueError(f"--contexts: {tokens} tokens cannot hold a key, its question and its answer in this "
+                             f"tokenizer ({len(tokenizer.encode(frame))} tokens)")
         parts.pop()
         document = PasskeyDocument(tuple(parts), min(document.depth, len(parts)), document.key)
     return fitted

@@ -80,6 +80,8 @@ def test_a_fitted_document_fills_the_context_and_ends_with_the_key(tokenizer):
         assert tokens - 128 <= len(fitted.ids) <= tokens  # short of it by less than a haystack document
         assert tokenizer.decode(fitted.ids[fitted.answer_start:]) == str(fitted.document.key)
         assert fitted.ids[: fitted.answer_start] == tokenizer.encode(fitted.document.prompt)
+    with pytest.raises(ValueError, match="--contexts: 64 tokens"):
+        fit_document(tokenizer, 64, rng, stream)
 
 
 def test_score_counts_a_key_as_retrieved_exactly_when_greedy_decoding_writes_it(tokenizer):
