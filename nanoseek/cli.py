@@ -332,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=summary)
         module.add_arguments(command)
         command.set_defaults(func=module.run)
-
     chat = sub.add_parser("chat", help="interactive chat with streamed replies and visible reasoning")
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
