@@ -11,7 +11,7 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.dev chromium
 	$(VENV)/bin/ruff check nanoseek tests
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2
 
 $(VENV)/.runtime: pyproject.toml constraints-cpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

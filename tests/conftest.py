@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,12 @@ import torch
 
 import nanoseek
 from nanoseek.config import PRESETS
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs one pytest worker per core: each, and every process it starts, keeps to one thread, since
+    # two workers of two threads each on two cores would wait on each other's spinning OpenMP threads.
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> dict:
