@@ -109,7 +109,14 @@ class CacheContext:
             mask = keys <= positions[..., None]
             if first_key:
                 mask &= keys >= first_key
-        return cls(cache.data, slots, positions, key_len, mask, cache.index)
+        data, index = cache.data, cache.index
+        if slots is not None and _consecutive(slots):
+            # rows in slots s..s+B-1 (any batch of one, and most batches): a view of those slots, so that each
+            # layer reads its keys in place; indexing by `slots` would copy every key of every row per layer
+            first, count = int(slots[0]), slots.shape[0]
+            data, slots = data[:, first: first + count], None
+            index = None if index is None else index[:, first: first + count]
+        return cls(data, slots, positions, key_len, mask, index)
 
     def layer(self, index: int) -> CacheContext:
         """This context over layer `index`'s part of the cache."""
@@ -304,6 +311,11 @@ class MultiHeadLatentAttention(nn.Module):
         covered = (dense * selected).sum(-1)
         recall = covered[beyond].mean() if beyond.any() else covered.new_ones(())
         probe.stats.append(IndexerStats(loss, recall))
+
+def _consecutive(slots: Tensor) -> bool:
+    """Whether `slots` [B] are s, s + 1, ..., s + B - 1."""
+    return bool((slots.diff() == 1).all()) if slots.shape[0] > 1 else True
+
 
 def _causal_rows(key_len: int, steps: int, rows: slice, device: torch.device) -> Tensor:
     """Rows `rows` [r, key_len] of the causal mask of the last `steps` of `key_len` positions (True = may
