@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -291,6 +293,51 @@ def test_error_statuses(server):
     assert httpx.get(server.base + "/health").json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize(("path", "raw", "param", "code"), [
+    ("/v1/chat/completions", rb'"messages": [{"role": "user", "content": "hi \ud800"}]', "messages.0.content", None),
+    ("/v1/chat/completions", rb'"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]',
+     "messages.0.content.0.text", None),
+    ("/v1/chat/completions", rb'"messages": [{"role": "user", "content": "a\u0000b"}]', "messages.0.content", None),
+    ("/v1/chat/completions", b'"messages": [{"role": "user", "content": "\xff\xfe"}]', "body", "invalid_encoding"),
+    ("/v1/completions", rb'"prompt": ["ok", "\udc00"]', "prompt.1", None),
+    ("/v1/completions", rb'"prompt": "ok", "stop": ["\ud800"]', "stop.0", None),
+    ("/v1/completions", rb'"prompt": "ok", "logit_bias": {"\ud800": 1}', "logit_bias.\\ud800", None),
+    ("/v1/completions", rb'"prompt": "ok", "some_extra": {"x": "\u0000"}', "some_extra.x", None),
+])
+def test_strings_that_are_not_text_are_400(server, path, raw, param, code):
+    """A lone surrogate (valid JSON, not Unicode), NUL or bytes that are not UTF-8, anywhere in the body, get a
+    400 naming their place; no 500 from the tokenizer or the response's encoder."""
+    body = b'{"model": "' + MODEL.encode() + b'", "max_tokens": 2, ' + raw + b"}"
+    response = httpx.post(server.base + path, content=body,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert (error["param"], error["code"]) == (param, code), error
+
+
+def test_a_huge_body_is_413_and_a_huge_prompt_stalls_no_one(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    huge = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 20_000_000}]}
+    refused = httpx.post(server.base + "/v1/chat/completions", json=huge, headers=headers, timeout=60)
+    assert refused.status_code == 413 and error_of(refused)["code"] == "request_too_large"
+    finished = []
+
+    def long_prompt() -> None:  # about 3 MB under the 8 MiB limit: seconds of tokenising, then a 400
+        response = httpx.post(server.base + "/v1/chat/completions", headers=headers, timeout=120, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "the fox 12 + 7 = 19. " * 150_000}]})
+        finished.append(("long", response.status_code))
+
+    sender = threading.Thread(target=long_prompt)
+    sender.start()
+    time.sleep(0.5)  # the body is in; the server is tokenising it
+    finished.append(("health", httpx.get(server.base + "/health", timeout=30).status_code))
+    short = httpx.post(server.base + "/v1/completions", headers=headers, timeout=30,
+                       json={"model": MODEL, "prompt": "hello", "max_tokens": 2})
+    finished.append(("short", short.status_code))
+    sender.join(timeout=120)
+    assert finished == [("health", 200), ("short", 200), ("long", 400)]
+
+
 @pytest.mark.parametrize(("path", "body", "param", "code", "message"), [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 1500}]}, "messages",
      "context_length_exceeded", "do not fit max_model_len = 2048"),
@@ -397,23 +444,53 @@ def test_queue_full_is_429(checkpoint):
         small.stop()
 
 
-def test_a_refused_multi_prompt_request_holds_no_capacity(checkpoint):
-    """Room for two: with one stream running, a request of two prompts gets the second refused (429); the first,
-    already queued, must be released, or the server stays full after the stream ends."""
-    small = Server(checkpoint, "--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "2048")
-    try:
-        client = small.client(max_retries=0)
-        with busy_stream(small):
-            with pytest.raises(openai.RateLimitError):
-                client.completions.create(model=MODEL, prompt=["hello", "there"], max_tokens=2)
-        for _ in range(100):  # the closed stream's request leaves the batch
-            if small.metric("nanoseek_num_requests_running") == 0:
-                break
-            time.sleep(0.05)
-        both = client.completions.create(model=MODEL, prompt=["hello", "there"], max_tokens=2)
-        assert len(both.choices) == 2
-    finally:
-        small.stop()
+@pytest.fixture(scope="module")
+def small(checkpoint):
+    """Room for two sequences, one running, one queued; streams ping after 0.1 s without an event."""
+    small = Server(checkpoint, "--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "2048",
+                   "--sse-ping-interval", "0.1")
+    yield small
+    small.stop()
+
+
+def idle(server: Server) -> None:
+    for _ in range(100):  # a closed stream's request leaves the batch
+        if server.metric("nanoseek_num_requests_running") == 0:
+            return
+        time.sleep(0.05)
+
+
+def test_a_refused_multi_prompt_request_holds_no_capacity(small):
+    """With one stream running, a request of two prompts gets the second refused (429); the first, already
+    queued, must be released, or the server stays full after the stream ends."""
+    client = small.client(max_retries=0)
+    with busy_stream(small):
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model=MODEL, prompt=["hello", "there"], max_tokens=2)
+    idle(small)
+    both = client.completions.create(model=MODEL, prompt=["hello", "there"], max_tokens=2)
+    assert len(both.choices) == 2
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_queued_stream_sends_keep_alive_comments(small, path):
+    """A stream waiting behind a full batch sends SSE comments (which clients skip) until its turn comes."""
+    body = {"model": MODEL, "max_tokens": 3, "stream": True, **(
+        {"messages": MESSAGES} if "chat" in path else {"prompt": "hello"})}
+    client, chunks = small.client(max_retries=0), []
+
+    def through_the_sdk() -> None:  # the openai client reads past the comments
+        create = client.chat.completions.create if "chat" in path else client.completions.create
+        chunks.extend(create(**body))
+
+    with busy_stream(small):
+        with httpx.stream("POST", small.base + path, json=body, timeout=30) as queued:
+            assert ": keep-alive" in itertools.islice(queued.iter_lines(), 8)
+        sdk_stream = threading.Thread(target=through_the_sdk)
+        sdk_stream.start()
+        time.sleep(0.5)
+    sdk_stream.join(timeout=60)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
 
 
 def test_deepseek_r1_rules(checkpoint):

@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "at most 2048)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the running batch "
                         "before new ones get 429")
+    parser.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="larger request bodies get "
+                        "413 (default 8 MiB)")
+    parser.add_argument("--sse-ping-interval", type=float, default=15.0, help="seconds a stream waits for its "
+                        "next event before it sends a keep-alive comment")
     parser.add_argument("--prefix-cache-tokens", type=int, default=65536, help="prompt tokens of latents kept "
                         "for reuse (0: off)")
     parser.add_argument("--compat", choices=COMPAT_MODES, default="openai",

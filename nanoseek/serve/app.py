@@ -15,6 +15,9 @@ pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
   messages are refused with 400. The default (`openai`) honours every sampling parameter and drops
   `reasoning_content` from input messages. Earlier turns' reasoning never enters the prompt.
 * `thinking: {"type": "disabled"}` closes the think block in the prompt, so the model answers directly.
+* The front door: a body over `--max-request-bytes` gets 413 and one that is not UTF-8 a 400 (`BodyCheck`),
+  a lone surrogate or NUL anywhere in the body a 400 naming its place (`protocol.check_text`); prompts are
+  tokenised on a worker thread; a stream with no event for `--sse-ping-interval` seconds gets an SSE comment.
 
 This file owns the app: its routes, authorization, error handlers and the engine loop's lifespan, and the
 command (`build_server`, `run`). The endpoints' work is in `chat.py` and `completions.py`.
@@ -33,11 +36,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import LLM
 from .chat import chat_completion
 from .completions import completion
-from .protocol import APIError, ChatRequest, CompletionRequest
+from .protocol import APIError, BadText, ChatRequest, CompletionRequest
 from .server import Server, ServerConfig
 
 STATIC = Path(__file__).parent / "static"
@@ -53,6 +57,7 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
                   description="OpenAI- and DeepSeek-compatible API over the nanoseek engine")
     _add_error_handlers(app)
+    app.add_middleware(BodyCheck, max_bytes=server.config.max_request_bytes)
     authorized = _authorization(server.config.api_key)
     _add_model_routes(app, server, authorized)
     _add_service_routes(app, server)
@@ -77,6 +82,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request body"}
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, BadText):
+            return JSONResponse(APIError(400, str(cause), cause.param).body(), status_code=400)
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(location) or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
@@ -86,6 +94,52 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+
+class BodyCheck:
+    """ASGI middleware before the routes: a request body over `max_bytes` gets 413 and one that is not UTF-8
+    (RFC 8259 §8.1) a 400 naming the offset, before anything parses it. The body is read to its end either way,
+    the excess discarded, so that a client still sending sees the answer rather than a reset connection."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= self.max_bytes:
+                parts.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(parts)
+        error = None
+        if size > self.max_bytes:
+            error = APIError(413, f"body: {size} bytes exceed the server's limit of {self.max_bytes} "
+                             "(--max-request-bytes)", "body", "request_too_large")
+        else:
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                error = APIError(400, f"body: not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})",
+                                 "body", "invalid_encoding")
+        if error is not None:
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect a handler may wait for
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _authorization(api_key: str | None) -> Callable[[Request], None]:
@@ -141,11 +195,16 @@ def _add_service_routes(app: FastAPI, server: Server) -> None:
 def build_server(args: argparse.Namespace) -> Server:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue = {args.max_queue}: must be >= 0")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes = {args.max_request_bytes}: must be >= 1")
+    if not args.sse_ping_interval > 0:  # NaN too
+        raise ValueError(f"--sse-ping-interval = {args.sse_ping_interval}: must be > 0")
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, speculative=args.speculative,
               prefix_cache_tokens=0 if args.speculative else args.prefix_cache_tokens, quantize=args.quantize,
               compile=args.compile)
-    config = ServerConfig(args.served_model_name or str(args.model), args.api_key, args.compat, args.max_queue)
+    config = ServerConfig(args.served_model_name or str(args.model), args.api_key, args.compat, args.max_queue,
+                          args.max_request_bytes, args.sse_ping_interval)
     return Server(llm, config, str(args.model))
 
 

@@ -207,8 +207,13 @@ class AsyncEngine:
         metrics.slots_used.set(len(scheduler.running))
 
 
-async def next_event(request: Request) -> Delta | Finished:
-    event = await request.events.get()
+async def next_event(request: Request, timeout: float | None = None) -> Delta | Finished | None:
+    """The request's next event; None when `timeout` seconds pass without one (nothing is lost: an event
+    that comes later waits in the queue)."""
+    try:
+        event = await asyncio.wait_for(request.events.get(), timeout)
+    except TimeoutError:
+        return None
     if isinstance(event, BaseException):
         raise APIError(500, f"the engine failed: {event}", kind="server_error", code="engine_error")
     return event

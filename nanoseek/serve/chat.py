@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,17 +12,17 @@ from fastapi.responses import StreamingResponse
 
 from ..engine import CompletionOutput, RequestOutput
 from ..r1 import CONTENT, ReasoningParser, split_reply
-from .bridge import Delta, Finished, next_event
+from .bridge import Finished, next_event
 from .bridge import Request as EngineRequest
 from .protocol import APIError, ChatRequest
 from .server import Server
-from .streaming import collect, sse, stream_response
+from .streaming import KEEP_ALIVE, collect, sse, stream_response
 
 
 async def chat_completion(server: Server, body: ChatRequest, http: Request) -> dict[str, Any] | StreamingResponse:
     _refuse_unsupported(server, body)
-    ids, in_reasoning = server.chat_prompt(body)
-    server.check_prompt(ids, "messages")
+    ids, in_reasoning = await asyncio.to_thread(server.chat_prompt, body)  # a long prompt: off the event loop
+    await asyncio.to_thread(server.check_prompt, ids, "messages")
     caps = [c for c in (body.max_tokens, body.max_completion_tokens) if c is not None]
     top = (body.top_logprobs or 0) if body.logprobs else None  # alternatives per token; None: no logprobs
     params = server.sampling(body, ids, min(caps) if caps else None, top, reasoner_rules=in_reasoning)
@@ -87,8 +88,10 @@ async def _chat_stream(server: Server, request: EngineRequest, meta: dict[str, A
     try:
         for index in range(n):
             yield chunk(index, {"role": "assistant", "content": ""})
-        while not isinstance(event := await next_event(request), Finished):
-            assert isinstance(event, Delta)
+        while not isinstance(event := await next_event(request, server.config.sse_ping_interval), Finished):
+            if event is None:  # queued or in a long prefill: a comment keeps proxies and read timeouts waiting
+                yield KEEP_ALIVE
+                continue
             parser = parsers[event.index]
             pieces = parser.feed(event.text) + (parser.finish() if event.finish_reason else [])
             logprobs = server.chat_logprobs(event.token_ids, event.logprobs or [], top) if top is not None else None

@@ -15,7 +15,7 @@ from .bridge import Finished, next_event
 from .bridge import Request as EngineRequest
 from .protocol import APIError, CompletionRequest
 from .server import Server
-from .streaming import collect, sse, stream_response
+from .streaming import KEEP_ALIVE, collect, sse, stream_response
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default
 
@@ -25,7 +25,7 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
         raise APIError(400, f"best_of = {body.best_of}: only best_of = n is supported", "best_of")
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo: prompt log-probabilities are not supported; drop echo or logprobs", "echo")
-    prompts = _prompts(server, body)
+    prompts = await asyncio.to_thread(_prompts, server, body)  # a long prompt: off the event loop
     max_tokens = body.max_tokens if body.max_tokens is not None else \
         server.llm.sampling_defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
     params = [server.sampling(body, p, max_tokens, body.logprobs) for p in prompts]
@@ -109,7 +109,11 @@ async def _completion_stream(server: Server, requests: list[EngineRequest], meta
                 yield chunk(index, echoes[index // n])
         outputs, cached, remaining = [], 0, len(requests)
         while remaining:
-            p, event = await events.get()
+            try:
+                p, event = await asyncio.wait_for(events.get(), server.config.sse_ping_interval)
+            except TimeoutError:  # queued or in a long prefill: a comment keeps proxies and read timeouts waiting
+                yield KEEP_ALIVE
+                continue
             if isinstance(event, APIError):  # the engine failed: end the stream with the error
                 raise event
             if isinstance(event, Finished):

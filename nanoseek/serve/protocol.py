@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOPS = 16  # DeepSeek's API limit on `stop`
 
@@ -26,6 +26,36 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class BadText(ValueError):
+    """A string in the request that is not text: a lone UTF-16 surrogate (JSON allows "\\ud800", Unicode does
+    not) or NUL. `param` is its place in the body, as "messages.0.content"."""
+
+    def __init__(self, param: str, problem: str):
+        super().__init__(f"{param}: {problem}")
+        self.param = param
+
+
+def check_text(value: Any, path: str = "") -> None:
+    """Raise BadText for the first string in `value` (JSON: dicts, lists, strings; keys too) that is not text."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise BadText(path or "body", "contains NUL (U+0000)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadText(path or "body", f"a lone surrogate (U+{ord(value[exc.start]):04X}) is not text; "
+                          "send a character outside the BMP as a surrogate pair") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            key_text = str(key).encode("utf-8", "backslashreplace").decode()  # the path is in the error's JSON
+            place = f"{path}.{key_text}" if path else key_text
+            check_text(key, place)
+            check_text(item, place)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, f"{path}.{i}" if path else str(i))
 
 
 class Open(BaseModel):
@@ -85,6 +115,12 @@ class SamplingFields(Open):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool | None = False  # vLLM's extra: generate to max_tokens (benchmarks)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        check_text(data)  # before the tokenizer, the template or a response echo meets a string
+        return data
 
     @field_validator("stop")
     @classmethod

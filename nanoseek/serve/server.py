@@ -30,6 +30,8 @@ class ServerConfig:
     api_key: str | None = None
     compat: str = "openai"
     max_queue: int = 256
+    max_request_bytes: int = 8 * 2**20  # a larger body gets 413 before it is parsed
+    sse_ping_interval: float = 15.0  # seconds without an event before a stream sends a keep-alive comment
 
 
 @contextmanager

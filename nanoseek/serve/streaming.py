@@ -14,6 +14,8 @@ from fastapi.responses import StreamingResponse
 from .bridge import AsyncEngine, Finished, next_event
 from .bridge import Request as EngineRequest
 
+KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it (the WHATWG event-stream format)
+
 
 def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
