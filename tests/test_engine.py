@@ -127,6 +127,39 @@ def test_logprobs(tiny_checkpoint):
     assert completion.cumulative_logprob == pytest.approx(sum(entry[token] for token, entry in pairs))
 
 
+def test_prompt_logprobs_score_every_prompt_token_even_past_the_prefix_cache(tiny_checkpoint):
+    """vLLM's prompt_logprobs: None for the first token, then each token's log-probability given those before
+    it (and the k most likely), equal to a forward pass; a prompt the prefix cache holds is scored in full."""
+    llm = LLM(tiny_checkpoint, prefix_cache_tokens=256)
+    prompt = prompts(40)[0]
+    with torch.no_grad():
+        reference = llm.model(torch.tensor([prompt]))[0].log_softmax(-1)
+    llm.generate(prompt, SamplingParams(max_tokens=1))  # now cached
+    scored = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2, n=2)
+    out = llm.generate(prompt, scored)[0]
+    assert out.num_cached_tokens == 0 and out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i, token in enumerate(prompt[1:], start=1):
+        entry, expected = out.prompt_logprobs[i], reference[i - 1]
+        assert abs(entry[token] - expected[token].item()) < 1e-4 and len(entry) in (2, 3)
+        assert max(entry.values()) == pytest.approx(expected.max().item(), abs=1e-4)
+    assert llm.generate(prompt, SamplingParams(max_tokens=1))[0].prompt_logprobs is None
+
+
+def test_logit_bias_moves_greedy_and_sampled_tokens(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint)
+    prompt = prompts(10)[0]
+    free = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
+    banned = set(free[:4])
+    params = dict(max_tokens=64, ignore_eos=True, logit_bias={t: -100 for t in banned})
+    biased = llm.generate(prompt, SamplingParams(temperature=0, **params))[0].outputs[0].token_ids
+    sampled = llm.generate(prompt, SamplingParams(temperature=1.0, seed=3, **params))[0].outputs[0].token_ids
+    assert not banned & (set(biased) | set(sampled))
+    forced = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3, logit_bias={7: 100}))
+    assert forced[0].outputs[0].token_ids == [7] * 8
+    with pytest.raises(ValueError, match=r"logit_bias: token id 999 is outside the vocabulary \[0, 128\)"):
+        llm.generate(prompt, SamplingParams(logit_bias={999: 1.0}))
+
+
 def test_stop_strings_across_token_boundaries(chat_checkpoint):
     llm = LLM(chat_checkpoint)
     free = llm.generate("what is 2", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].outputs[0]
@@ -172,7 +205,8 @@ BAD_PARAMS = [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"),
     (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=-2.5), "frequency_penalty"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(n=0), "n"), (dict(logprobs=21), "logprobs"),
-    (dict(stop=[""]), "stop"), (dict(seed=1.5), "seed"),
+    (dict(stop=[""]), "stop"), (dict(seed=1.5), "seed"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(logit_bias={3: 101}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
 ]
 
 

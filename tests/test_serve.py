@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from conftest import nanoseek_model
 
 from nanoseek.engine import LLM, EngineError, SamplingParams
@@ -230,6 +231,74 @@ def test_completion_logprobs(server):
     logprobs = response.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
     assert logprobs.text_offset == sorted(logprobs.text_offset) and all(len(t) <= 2 for t in logprobs.top_logprobs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(server, engine, stream):
+    """The legacy API's prompt scoring (what lm-eval's log-likelihoods read): the echoed prompt's tokens with
+    their log-probabilities, the first null, equal to LLM's prompt_logprobs and to a forward pass."""
+    prompt = engine.tokenizer.encode("the cat sat on")
+    reference = engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+    with torch.no_grad():
+        forward = engine.model(torch.tensor([prompt])).float().log_softmax(-1)[0]
+    assert all(abs(reference.prompt_logprobs[i][t] - forward[i - 1, t].item()) < 1e-4
+               for i, t in enumerate(prompt) if i)
+    client = server.client()
+    for max_tokens in (1, 0):  # 0: the prompt alone
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True,
+                                             logprobs=2, temperature=0, stream=stream)
+        choices = [c.choices[0] for c in response] if stream else response.choices
+        values = [v for c in choices if c.logprobs for v in c.logprobs.token_logprobs]
+        tops = [t for c in choices if c.logprobs for t in c.logprobs.top_logprobs]
+        assert len(values) == len(prompt) + max_tokens and values[0] is None and tops[0] is None
+        assert all(abs(values[i] - reference.prompt_logprobs[i][t]) < 1e-5 for i, t in enumerate(prompt) if i)
+        ranked = zip(tops[1:], values[1:], strict=True)  # top-2 by text: tokens of one text share an entry
+        assert all(1 <= len(top) <= 2 and max(top.values()) >= value for top, value in ranked)
+        text = "".join(c.text for c in choices)
+        assert text.startswith(engine.tokenizer.decode(prompt)) and choices[-1].finish_reason == "length"
+        assert (text == engine.tokenizer.decode(prompt)) == (max_tokens == 0)
+
+
+def test_logit_bias_bans_a_token(server, engine):
+    """A bias of -100 on the greedy reply's first token keeps it out of the reply, in chat and completions."""
+    client, greedy = server.client(), SamplingParams(max_tokens=8, temperature=0)
+    for chat in (True, False):
+        prompt = chat_prompt(engine) if chat else engine.tokenizer.encode("the cat")
+        first = engine.generate(prompt, greedy)[0].outputs[0].token_ids[0]
+        raw = engine.tokenizer.token_bytes(first)
+        unwanted = list(raw) if chat else raw.decode("utf-8", errors="replace")
+        for bias in ({}, {str(first): -100}):
+            if chat:
+                reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
+                                                       logprobs=True, logit_bias=bias)
+                replied = [entry.bytes for entry in reply.choices[0].logprobs.content]
+            else:
+                reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                                  logprobs=0, logit_bias=bias)
+                replied = reply.choices[0].logprobs.tokens
+            assert (replied[0] == unwanted) == (not bias) and (unwanted in replied) == (not bias)
+    with pytest.raises(openai.BadRequestError) as outside:
+        client.completions.create(model=MODEL, prompt="a", max_tokens=2, logit_bias={"320": 5})
+    assert outside.value.body["param"] == "logit_bias"
+
+
+def test_tokenize_and_detokenize(server, engine):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path: str, **body) -> httpx.Response:
+        return httpx.post(server.base + path, json=body, headers=headers)
+
+    tokens = post("/tokenize", model=MODEL, prompt="the cat").json()
+    assert tokens["tokens"] == engine.tokenizer.encode("the cat") and tokens["count"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] == 2048
+    assert post("/tokenize", messages=MESSAGES).json()["tokens"] == chat_prompt(engine)
+    assert post("/detokenize", tokens=tokens["tokens"]).json()["prompt"] == engine.tokenizer.decode(
+        tokens["tokens"], skip_special_tokens=False)
+    for path, body, param in (("/detokenize", {"tokens": [5, 320]}, "tokens.1"), ("/tokenize", {}, "prompt"),
+                              ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model")):
+        refused = post(path, **body)
+        assert refused.status_code in (400, 404) and error_of(refused)["param"] == param
+    assert httpx.post(server.base + "/tokenize", json={"prompt": "a"}).status_code == 401
 
 
 def test_prefix_cache_hits(server):

@@ -158,6 +158,11 @@ class LLM:
         ids = self.encode(prompt)
         if params.n > self.max_num_seqs:
             raise EngineError(f"SamplingParams.n = {params.n}: must be <= max_num_seqs ({self.max_num_seqs})", "n")
+        vocab = self.model.config.vocab_size
+        outside = [t for t in params.logit_bias or {} if t >= vocab]
+        if outside:
+            raise EngineError(f"SamplingParams.logit_bias: token id {outside[0]} is outside the vocabulary "
+                              f"[0, {vocab})", "logit_bias")
         if params.stop and self.tokenizer is None:
             raise EngineError("SamplingParams.stop: stop strings need a tokenizer and this model has none", "stop")
         return ids, params
@@ -198,7 +203,8 @@ class LLM:
         group = self.requests[request_id]
         metrics = {"draft_tokens": sum(s.drafted for s in group), "accepted_tokens": sum(s.accepted for s in group)}
         return RequestOutput(request_id, self.prompts[request_id], group[0].prompt_ids, [s.output() for s in group],
-                             all(s.finished for s in group), metrics, group[0].cached_tokens)
+                             all(s.finished for s in group), metrics, group[0].cached_tokens,
+                             group[0].prompt_logprobs)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] |
                  None = None) -> list[RequestOutput]:

@@ -25,6 +25,8 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None  # the same seed gives the same output whatever else runs in the batch
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's field)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -60,8 +62,14 @@ class SamplingParams:
              "must be non-negative integers")
         need(self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
              "must be a 64-bit integer or None")
-        need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
-             f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            need(value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS), name,
+                 f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        need(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+            is_int(t) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
+            for t, b in self.logit_bias.items())), "logit_bias",
+            "must map token ids (integers >= 0) to biases in [-100, 100]")
         return self
 
     @property

@@ -16,6 +16,8 @@ from .prefix_cache import PrefixCache
 from .sampler import DRAFT, SamplingBatch, process, sample, token_logprobs, verify
 from .sequence import Sequence
 
+PROMPT_LOGIT_ROWS = 256  # positions whose logits are held at once when scoring a prompt
+
 
 class ModelRunner:
     def __init__(self, model: LanguageModel, num_slots: int, max_model_len: int, speculative: bool = False,
@@ -46,8 +48,9 @@ class ModelRunner:
         for i, seq in enumerate(seqs):
             leaders.setdefault(seq.request_id, i)
         heads = [seqs[i] for i in leaders.values()]
-        starts = [self.prefix_cache.load(s.prompt_ids, self.cache, s.slot) if self.prefix_cache else 0
-                  for s in heads]
+        # a prompt to be scored runs whole: the prefix cache would skip the positions it scores
+        starts = [self.prefix_cache.load(s.prompt_ids, self.cache, s.slot)
+                  if self.prefix_cache and s.params.prompt_logprobs is None else 0 for s in heads]
         lengths = [len(s.prompt_ids) - start for s, start in zip(heads, starts, strict=True)]
         steps = max(lengths)
         ids = torch.zeros(len(heads), steps, dtype=torch.long)
@@ -60,8 +63,10 @@ class ModelRunner:
         last = self._tensor(lengths) - 1
         out = self.model.run(ids, positions, self.cache, self._tensor([s.slot for s in heads]),
                              logits_index=last[:, None])
-        for seq, start in zip(heads, starts, strict=True):
+        for row, (seq, start) in enumerate(zip(heads, starts, strict=True)):
             seq.cached_tokens = start
+            if seq.params.prompt_logprobs is not None:
+                seq.prompt_logprobs = self._prompt_logprobs(out.hidden[row, : lengths[row] - 1], seq)
             if self.prefix_cache:
                 self.prefix_cache.store(seq.prompt_ids, self.cache, seq.slot)
         head_row = {s.request_id: row for row, s in enumerate(heads)}
@@ -78,6 +83,22 @@ class ModelRunner:
         self._append(seqs, [tokens[:, None]], [logits], torch.zeros_like(tokens))
         if self.speculative:
             self._draft_after_prefill(seqs, ids[rows], out.hidden[rows], last[rows], tokens, batch)
+
+    def _prompt_logprobs(self, hidden: Tensor, seq: Sequence) -> list[dict[int, float] | None]:
+        """Each prompt token's log-probability given the tokens before it, with the `prompt_logprobs` most
+        likely there (None for the first token, which nothing predicts), from the final hidden states of
+        positions 0..L-2. The head runs over PROMPT_LOGIT_ROWS positions at a time: a whole prompt's logits
+        would be L x V floats (2 GiB for 4K tokens of DeepSeek's 129K vocabulary)."""
+        targets, top = self._tensor(seq.prompt_ids[1:]), seq.params.prompt_logprobs
+        entries: list[dict[int, float] | None] = [None]
+        for start in range(0, hidden.shape[0], PROMPT_LOGIT_ROWS):
+            rows = slice(start, start + PROMPT_LOGIT_ROWS)
+            chosen, values, ids = (x.tolist() for x in token_logprobs(self.model.lm_head(hidden[rows]),
+                                                                        targets[rows], top))
+            for token, logprob, top_values, top_ids in zip(targets[rows].tolist(), chosen, values, ids,
+                                                             strict=True):
+                entries.append({token: logprob, **dict(zip(top_ids, top_values, strict=True))})
+        return entries
 
     def _draft_after_prefill(self, seqs: list[Sequence], ids: Tensor, hidden: Tensor, last: Tensor,
                              first: Tensor, batch: SamplingBatch) -> None:

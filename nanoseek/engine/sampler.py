@@ -1,7 +1,7 @@
 """The one sampler: logits -> tokens for a batch whose rows each have their own SamplingParams.
 
-Order of processing (vLLM's): penalties -> temperature -> top-k -> top-p -> min-p, then sampling by inversion:
-the first token whose cumulative probability exceeds a uniform u. Its randomness is a counter-based hash of
+Order of processing (vLLM's): logit bias -> penalties -> temperature -> top-k -> top-p -> min-p, then sampling by
+inversion: the first token whose cumulative probability exceeds a uniform u. Its randomness is a counter-based hash of
 (seed, output index, stream), computed in tensor ops: a row's draws depend only on its own seed and position,
 never on what else is in the batch, and no per-row generator is needed. One uniform per row, not one per token
 as an exponential race would take: hashing [B, V] int64s cost a quarter of a 64-row GRPO rollout step.
@@ -62,6 +62,7 @@ class SamplingBatch:
     presence: Tensor
     frequency: Tensor
     repetition: Tensor
+    bias: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, token ids, biases) of every row's logit_bias
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], vocab: int,
@@ -80,6 +81,7 @@ class SamplingBatch:
             presence=column([p.presence_penalty for p in params])[:, None],
             frequency=column([p.frequency_penalty for p in params])[:, None],
             repetition=column([p.repetition_penalty for p in params])[:, None],
+            bias=_bias(params, device),
         )
 
     def at(self, offset: int | Tensor) -> SamplingBatch:
@@ -99,13 +101,25 @@ class SamplingBatch:
         return any(p.greedy for p in self.params)
 
 
+def _bias(params: list[SamplingParams], device: torch.device) -> tuple[Tensor, Tensor, Tensor] | None:
+    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in (p.logit_bias or {}).items()]
+    if not entries:
+        return None
+    rows, tokens, biases = zip(*entries, strict=True)
+    return (torch.tensor(rows, device=device), torch.tensor(tokens, device=device),
+            torch.tensor(biases, dtype=torch.float32, device=device))
+
+
 def process(logits: Tensor, batch: SamplingBatch, counts: Tensor | None = None,
             seen: Tensor | None = None) -> Tensor:
-    """Penalised, tempered and truncated logits [B, V] (fp32); greedy rows keep their penalised logits.
+    """Biased, penalised, tempered and truncated logits [B, V] (fp32); greedy rows keep their biased and
+    penalised logits, so that a bias of -100 bans a token from greedy decoding too.
 
     counts [B, V]: how often each token was generated so far; seen [B, V]: tokens in prompt or output.
     """
     logits = logits.float()
+    if batch.bias is not None:
+        logits = logits.index_put(batch.bias[:2], batch.bias[2], accumulate=True)  # a copy: raw logits stay
     if counts is not None and batch.any_penalty:
         penalised = torch.where(logits > 0, logits / batch.repetition, logits * batch.repetition)
         logits = torch.where(seen, penalised, logits)

@@ -31,6 +31,9 @@ class RequestOutput:
     finished: bool = True
     metrics: dict[str, float] = field(default_factory=dict)  # speculative drafts and acceptances
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    # SamplingParams.prompt_logprobs: per prompt token, None for the first, then {token id: logprob} with the
+    # prompt's own token first and the most likely ones after it (vLLM's RequestOutput.prompt_logprobs)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class Sequence:
@@ -56,6 +59,7 @@ class Sequence:
         self.reported = False  # a server has sent this completion's finish
         self.drafted = self.accepted = 0
         self.cached_tokens = 0  # prompt tokens whose latents came from the prefix cache
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None  # set by the prefill that runs it
 
     @property
     def finished(self) -> bool:

@@ -4,7 +4,8 @@ command runs, so the rest of the command line starts fast.
 Each file imports only those listed after it:
 * `app.py`: the FastAPI app (routes, authorization, error handlers, lifespan) and the command; its docstring
   documents the API's behaviour.
-* `chat.py`, `completions.py`: the two generating endpoints, each with its stream.
+* `chat.py`, `completions.py`: the two generating endpoints, each with its stream; `tokens.py`: /tokenize and
+  /detokenize.
 * `streaming.py`: SSE framing, and collecting a non-streaming request's outputs.
 * `server.py`: the state the handlers share: prompts, checks and sampling parameters (the engine's refusals
   become 400s there), usage and log-probabilities.

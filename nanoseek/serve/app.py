@@ -1,9 +1,9 @@
 """`nanoseek serve`: an OpenAI- and DeepSeek-compatible HTTP server over the engine.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
-GET /metrics (Prometheus), GET / (the chat page). Requests join the engine's running batch at every step
-(continuous batching, `AsyncEngine`); each response reports DeepSeek's cache fields, and chat responses
-split an R1-style reply into `reasoning_content` and `content`.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], POST /tokenize and
+/detokenize (vLLM's), GET /health, GET /metrics (Prometheus), GET / (the chat page). Requests join the
+engine's running batch at every step (continuous batching, `AsyncEngine`); each response reports DeepSeek's
+cache fields, and chat responses split an R1-style reply into `reasoning_content` and `content`.
 
 Documented behaviour where the API families differ (DeepSeek's API docs: models and
 pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
@@ -15,6 +15,10 @@ pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
   messages are refused with 400. The default (`openai`) honours every sampling parameter and drops
   `reasoning_content` from input messages. Earlier turns' reasoning never enters the prompt.
 * `thinking: {"type": "disabled"}` closes the think block in the prompt, so the model answers directly.
+* `logit_bias` is added to the logits before penalties and sampling, greedy rows included; the log-probs
+  reported are the model's own, before any processing (vLLM's default). `echo` with `logprobs` scores the
+  prompt (the prompt's tokens first in `logprobs`, the first one null), and `max_tokens: 0` with `echo`
+  returns the prompt alone; such a prompt runs whole, past the prefix cache.
 * The front door: a body over `--max-request-bytes` gets 413 and one that is not UTF-8 a 400 (`BodyCheck`),
   a lone surrogate or NUL anywhere in the body a 400 naming its place (`protocol.check_text`); prompts are
   tokenised on a worker thread; a stream with no event for `--sse-ping-interval` seconds gets an SSE comment.
@@ -41,8 +45,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..engine import LLM
 from .chat import chat_completion
 from .completions import completion
-from .protocol import APIError, BadText, ChatRequest, CompletionRequest
+from .protocol import APIError, BadText, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .server import Server, ServerConfig
+from .tokens import detokenize, tokenize
 
 STATIC = Path(__file__).parent / "static"
 
@@ -69,6 +74,14 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, http: Request):
         return await completion(server, body, http)
+
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    async def tokenize_route(body: TokenizeRequest):
+        return await tokenize(server, body)
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    async def detokenize_route(body: DetokenizeRequest):
+        return await detokenize(server, body)
 
     return app
 

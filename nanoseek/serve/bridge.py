@@ -63,6 +63,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # on a completion's first event, if asked
 
 
 @dataclass
@@ -189,7 +190,8 @@ class AsyncEngine:
                     seq.reported = seq.finished
                     logprobs = seq.logprobs[sent: sent + len(tokens)] if seq.logprobs is not None else None
                     metrics.generation_tokens.inc(len(tokens))
-                    request.post(Delta(seq.index, text, tokens, logprobs, seq.finish_reason))
+                    request.post(Delta(seq.index, text, tokens, logprobs, seq.finish_reason,
+                                       group[0].prompt_logprobs if first else None))
             if all(s.finished for s in group):
                 output = self.llm.output(request_id)
                 self.llm.abort(request_id)  # forgets the finished request

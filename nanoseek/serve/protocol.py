@@ -95,7 +95,18 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
 
-class SamplingFields(Open):
+class Body(Open):
+    """A request body: every string in it is text (`check_text`), before the tokenizer, the template or a
+    response's echo meets it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        check_text(data)
+        return data
+
+
+class SamplingFields(Body):
     """Fields chat and completions share (OpenAI's, with vLLM's extras top_k, min_p, repetition_penalty)."""
 
     model: str
@@ -115,12 +126,6 @@ class SamplingFields(Open):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool | None = False  # vLLM's extra: generate to max_tokens (benchmarks)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _only_text(cls, data: Any) -> Any:
-        check_text(data)  # before the tokenizer, the template or a response echo meets a string
-        return data
 
     @field_validator("stop")
     @classmethod
@@ -146,7 +151,23 @@ class ChatRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | \
         Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: with echo, only the prompt (scored)
     suffix: str | None = None
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
+
+
+class TokenizeRequest(Body):
+    """POST /tokenize (vLLM's): a text `prompt`, or chat `messages` rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True  # for `prompt`: the tokenizer's BOS
+    add_generation_prompt: bool = True  # for `messages`: the template's opening of the reply
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]

@@ -58,6 +58,8 @@ class Server:
         self.created = int(time.time())
         self.model_path = model_path
         self.think_close_id = self.tokenizer.token_id(THINK_CLOSE)
+        # the tokens decoding leaves out of text (skip_special_tokens): they take no room in a text offset
+        self.special_ids = {i for i, t in self.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
         identity = json.dumps([model_path, llm.model.config.to_dict(), str(llm.model.dtype),
                                llm.model.weight_format, llm.max_model_len, config.compat], sort_keys=True, default=str)
         self.fingerprint = "fp_" + hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()
@@ -68,7 +70,7 @@ class Server:
                 "model": self.config.served_model_name, "system_fingerprint": self.fingerprint}
 
     # ---- prompts ------------------------------------------------------------------------------
-    def chat_prompt(self, body: ChatRequest) -> tuple[list[int], bool]:
+    def chat_prompt(self, body: ChatRequest, add_generation_prompt: bool = True) -> tuple[list[int], bool]:
         """Token ids of the conversation, and whether the prompt leaves the model inside a think block."""
         if not self.tokenizer.chat_template:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
@@ -89,7 +91,7 @@ class Server:
             role = "system" if message.role == "developer" else message.role
             messages.append({"role": role, "content": message.text()})  # reasoning never enters the prompt
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except ValueError as exc:  # the template's raise_exception: the conversation breaks its rules
             raise APIError(400, f"messages: {exc}", "messages") from exc
         in_reasoning = opens_think(text)
@@ -106,13 +108,11 @@ class Server:
 
     # ---- sampling -----------------------------------------------------------------------------
     def sampling(self, body: SamplingFields, ids: list[int], max_tokens: int | None, logprobs: int | None,
-                 reasoner_rules: bool = False) -> SamplingParams:
+                 reasoner_rules: bool = False, prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters for a checked prompt `ids`, refused here if the engine would refuse them."""
         if body.model != self.config.served_model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
                            f"{self.config.served_model_name!r}", "model", "model_not_found")
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
         ignored = reasoner_rules and self.config.compat == "deepseek-r1"
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         room = self.llm.max_model_len - len(ids)
@@ -127,7 +127,8 @@ class Server:
                 presence_penalty=0.0 if ignored else _default(body.presence_penalty, 0.0),
                 frequency_penalty=0.0 if ignored else _default(body.frequency_penalty, 0.0),
                 repetition_penalty=_default(body.repetition_penalty, default["repetition_penalty"]), stop=stop,
-                seed=body.seed, logprobs=logprobs, ignore_eos=bool(body.ignore_eos))
+                seed=body.seed, logprobs=logprobs, ignore_eos=bool(body.ignore_eos), prompt_logprobs=prompt_logprobs,
+                logit_bias=_logit_bias(body.logit_bias))
             self.llm.check(ids, params)  # what add_request checks on the engine thread, where it must not fail
         return params
 
@@ -159,19 +160,34 @@ class Server:
         raw = self.tokenizer.token_bytes(token)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(raw)}
 
-    def completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]], top: int,
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float] | None], top: int,
                             offset: int) -> dict[str, Any]:
+        """The legacy API's shape; an entry of None (a prompt's first token, which nothing predicts) is null."""
         tokens, values, tops, offsets = [], [], [], []
         for token, options in zip(token_ids, logprobs, strict=False):
             text = self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
             tokens.append(text)
-            values.append(_finite(options[token]))
-            ranked = sorted(options.items(), key=lambda item: -item[1])[:top]
-            tops.append({self.tokenizer.token_bytes(t).decode("utf-8", errors="replace"): _finite(lp)
-                         for t, lp in ranked})
+            values.append(None if options is None else _finite(options[token]))
+            ranked = [] if options is None else sorted(options.items(), key=lambda item: -item[1])[:top]
+            tops.append(None if options is None else {
+                self.tokenizer.token_bytes(t).decode("utf-8", errors="replace"): _finite(lp) for t, lp in ranked})
             offsets.append(offset)
-            offset += len(text)
+            offset += 0 if token in self.special_ids else len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias, keyed by token ids written as strings ({"50256": -100}); the engine checks the
+    vocabulary."""
+    if not bias:
+        return None
+    parsed = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise APIError(400, f"logit_bias.{key}: keys are token ids (integers >= 0 written as strings)",
+                           f"logit_bias.{key}")
+        parsed[int(key)] = value
+    return parsed
 
 
 def _default(value, default):
