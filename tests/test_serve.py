@@ -32,14 +32,17 @@ MODEL = "tiny-r1"
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def write_checkpoint(path: Path) -> Path:
     """A random tiny model with nanoseek's real byte-level tokenizer and R1 chat template."""
-    path = tmp_path_factory.mktemp("serve") / "tiny"
     tokenizer = train_tokenizer(generate_corpus(300), vocab_size=320)
     nanoseek_model(seed=3, vocab_size=320, max_position_embeddings=4096).save_pretrained(path)
     tokenizer.save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "tiny")
 
 
 class Server:
