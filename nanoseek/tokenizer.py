@@ -26,6 +26,11 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+# Fill-in-the-middle tokens by family, each (before the prefix, before the suffix, where the middle goes), in
+# prefix-suffix-middle order: DeepSeek's (the DeepSeek-Coder README; in the V3 vocabulary too), Qwen2.5-Coder's
+# (nanoseek's own), StarCoder's
+FIM_TOKENS = [("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"), (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE),
+              ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TAGS)  # every byte, then the special and tag tokens
 
@@ -135,6 +140,13 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def fim_prompt(self, prefix: str, suffix: str) -> str | None:
+        """The fill-in-the-middle prompt for the first family of FIM tokens this vocabulary has; None if none."""
+        for before_prefix, before_suffix, middle in FIM_TOKENS:
+            if all(self.token_id(t) is not None for t in (before_prefix, before_suffix, middle)):
+                return f"{before_prefix}{prefix}{before_suffix}{suffix}{middle}"
+        return None
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)

@@ -20,10 +20,10 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import nanoseek_model
+from conftest import make_tokenizer, nanoseek_model
 
 from nanoseek.engine import LLM, EngineError, SamplingParams
-from nanoseek.r1 import THINK_CLOSE
+from nanoseek.r1 import THINK_CLOSE, split_reply
 from nanoseek.tasks.corpus import generate_corpus
 from nanoseek.tokenizer import train_tokenizer
 
@@ -302,6 +302,56 @@ def test_tokenize_and_detokenize(server, engine):
         refused = post(path, **body)
         assert refused.status_code in (400, 404) and error_of(refused)["param"] == param
     assert httpx.post(server.base + "/tokenize", json={"prompt": "a"}).status_code == 401
+
+
+def test_fim_with_the_models_own_tokens_under_the_beta_base_url(server, engine):
+    """DeepSeek's FIM completion (POST /beta/completions with a suffix): the prompt is the tokenizer's own FIM
+    tokens around prefix and suffix, and the reply is the middle."""
+    beta = openai.OpenAI(base_url=server.base + "/beta", api_key=KEY)
+    reply = beta.completions.create(model=MODEL, prompt="def add(a, b):\n", suffix="\n    return c", max_tokens=6,
+                                    temperature=0)
+    fim = engine.tokenizer.fim_prompt("def add(a, b):\n", "\n    return c")
+    assert fim == "<|fim_prefix|>def add(a, b):\n<|fim_suffix|>\n    return c<|fim_middle|>"
+    ids = engine.tokenizer.encode(fim)
+    expected = engine.generate(ids, SamplingParams(max_tokens=6, temperature=0))[0].outputs[0]
+    assert reply.choices[0].text == expected.text and reply.usage.prompt_tokens == len(ids)
+    with pytest.raises(openai.BadRequestError) as token_ids:
+        beta.completions.create(model=MODEL, prompt=[5, 6], suffix="x", max_tokens=2)
+    assert token_ids.value.body["param"] == "suffix"
+
+
+def test_fim_tokens_by_family():
+    from tokenizers import AddedToken
+
+    deepseek = make_tokenizer()
+    deepseek.backend.add_tokens([AddedToken(t, special=True) for t in ("<｜fim▁begin｜>", "<｜fim▁hole｜>",
+                                                                       "<｜fim▁end｜>")])
+    assert deepseek.fim_prompt("a", "b") == "<｜fim▁begin｜>a<｜fim▁hole｜>b<｜fim▁end｜>"
+    assert make_tokenizer().fim_prompt("a", "b") is None
+
+
+@pytest.mark.parametrize("prefill", ["answer", "reasoning"])
+def test_chat_prefix_completion_continues_the_last_message(server, engine, prefill):
+    """DeepSeek's chat prefix completion: the reply continues the last assistant message. The R1 template opens
+    a think block, so an answer prefix closes it first (with the message's reasoning in it, if any); a prefix
+    of reasoning alone continues inside it."""
+    last = {"role": "assistant", "prefix": True, "content": "The answer is", "reasoning_content": "2 and 3"} \
+        if prefill == "answer" else {"role": "assistant", "prefix": True, "content": "", "reasoning_content": "So"}
+    beta = openai.OpenAI(base_url=server.base + "/beta", api_key=KEY)
+    reply = beta.chat.completions.create(model=MODEL, messages=[*MESSAGES, last], max_tokens=8, temperature=0)
+    opened = engine.tokenizer.apply_chat_template(MESSAGES)
+    assert opened.endswith("<think>\n")
+    text = opened + ("2 and 3\n</think>\nThe answer is" if prefill == "answer" else "So")
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    raw = engine.generate(ids, SamplingParams(max_tokens=8, temperature=0, skip_special_tokens=True))[0].outputs[0]
+    message = reply.choices[0].message
+    assert reply.usage.prompt_tokens == len(ids)
+    reasoning, content = split_reply(raw.text, prefill == "reasoning")
+    assert (getattr(message, "reasoning_content", None), message.content) == (reasoning, content)
+    assert (reasoning is None) == (prefill == "answer")
+    with pytest.raises(openai.BadRequestError) as early:
+        beta.chat.completions.create(model=MODEL, messages=[last, *MESSAGES], max_tokens=2)
+    assert early.value.body["param"] == "messages[0].prefix"
 
 
 def test_prefix_cache_hits(server):

@@ -1,9 +1,10 @@
 """`nanoseek serve`: an OpenAI- and DeepSeek-compatible HTTP server over the engine.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], POST /tokenize and
-/detokenize (vLLM's), GET /health, GET /metrics (Prometheus), GET / (the chat page). Requests join the
-engine's running batch at every step (continuous batching, `AsyncEngine`); each response reports DeepSeek's
-cache fields, and chat responses split an R1-style reply into `reasoning_content` and `content`.
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both also under DeepSeek's beta base URL,
+/beta), GET /v1/models[/{id}], POST /tokenize and /detokenize (vLLM's), GET /health, GET /metrics
+(Prometheus), GET / (the chat page). Requests join the engine's running batch at every step (continuous
+batching, `AsyncEngine`); each response reports DeepSeek's cache fields, and chat responses split an R1-style
+reply into `reasoning_content` and `content`.
 
 Documented behaviour where the API families differ (DeepSeek's API docs: models and
 pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
@@ -67,11 +68,15 @@ def create_app(server: Server) -> FastAPI:
     _add_model_routes(app, server, authorized)
     _add_service_routes(app, server)
 
+    # DeepSeek's beta features (chat prefix completion, FIM) live under base_url .../beta; here they are on
+    # both: /beta routes are the /v1 ones under DeepSeek's base URL
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/beta/chat/completions", dependencies=[Depends(authorized)], include_in_schema=False)
     async def chat_completions(body: ChatRequest, http: Request):
         return await chat_completion(server, body, http)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/beta/completions", dependencies=[Depends(authorized)], include_in_schema=False)
     async def completions(body: CompletionRequest, http: Request):
         return await completion(server, body, http)
 

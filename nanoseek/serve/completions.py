@@ -12,7 +12,6 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine import CompletionOutput, RequestOutput
-from ..tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from .bridge import Finished, next_event
 from .bridge import Request as EngineRequest
 from .protocol import APIError, CompletionRequest
@@ -100,9 +99,10 @@ def _prompts(server: Server, body: CompletionRequest) -> list[list[int]]:
     if body.suffix is not None:
         if any(not isinstance(p, str) for p in prompts):
             raise APIError(400, "suffix: needs a text prompt", "suffix")
-        if server.tokenizer.token_id(FIM_PREFIX) is None:
+        filled = [server.tokenizer.fim_prompt(p, body.suffix) for p in prompts]
+        if filled[0] is None:
             raise APIError(400, "suffix: this model's tokenizer has no fill-in-the-middle tokens", "suffix")
-        prompts = [f"{FIM_PREFIX}{p}{FIM_SUFFIX}{body.suffix}{FIM_MIDDLE}" for p in prompts]
+        prompts = filled
     ids = [server.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     for i, prompt_ids in enumerate(ids):
         server.check_prompt(prompt_ids, "prompt" if len(ids) == 1 else f"prompt[{i}]")

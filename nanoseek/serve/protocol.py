@@ -73,6 +73,7 @@ class Message(Open):
     name: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None  # the name vLLM and Ollama use
+    prefix: bool = False  # DeepSeek's chat prefix completion (beta): the reply continues this last message
 
     def text(self) -> str:
         if isinstance(self.content, list):

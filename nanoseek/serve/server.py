@@ -19,7 +19,7 @@ from ..engine import LLM, CompletionOutput, EngineError, SamplingParams
 from ..r1 import THINK_CLOSE, opens_think
 from . import COMPAT_MODES
 from .bridge import AsyncEngine
-from .protocol import APIError, ChatRequest, SamplingFields
+from .protocol import APIError, ChatRequest, Message, SamplingFields
 
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1 model card's recommendation
 
@@ -71,34 +71,51 @@ class Server:
 
     # ---- prompts ------------------------------------------------------------------------------
     def chat_prompt(self, body: ChatRequest, add_generation_prompt: bool = True) -> tuple[list[int], bool]:
-        """Token ids of the conversation, and whether the prompt leaves the model inside a think block."""
+        """Token ids of the conversation, and whether the prompt leaves the model inside a think block.
+
+        DeepSeek's chat prefix completion (`prefix: true` on a last assistant message): the reply continues
+        that message's content. Where the template opens a think block, the prefix is the answer, so the block
+        is closed first, holding the message's `reasoning_content` if it has one; a prefix of reasoning alone
+        (empty content) leaves the block open and the reply continues the reasoning."""
         if not self.tokenizer.chat_template:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-        messages, prefix = [], ""
-        for i, message in enumerate(body.messages):
-            if message.role == "tool":
-                raise APIError(400, f"messages[{i}].role = 'tool': this server has no tool calling",
-                               f"messages[{i}].role")
-            if (message.reasoning_content or message.reasoning) and self.config.compat == "deepseek-r1":
-                raise APIError(400, f"messages[{i}].reasoning_content: remove the reasoning from earlier replies "
-                               "before sending them back (DeepSeek-R1's rule)", f"messages[{i}].reasoning_content")
-            if message.role == "assistant" and getattr(message, "prefix", False):
-                if i != len(body.messages) - 1:
-                    raise APIError(400, f"messages[{i}].prefix: only the last message may be a prefix",
-                                   f"messages[{i}].prefix")
-                prefix = message.text()  # DeepSeek's chat prefix completion: the reply continues this text
-                continue
-            role = "system" if message.role == "developer" else message.role
-            messages.append({"role": role, "content": message.text()})  # reasoning never enters the prompt
+        messages, prefix = self._template_messages(body)
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except ValueError as exc:  # the template's raise_exception: the conversation breaks its rules
             raise APIError(400, f"messages: {exc}", "messages") from exc
         in_reasoning = opens_think(text)
-        if in_reasoning and (body.thinking or {}).get("type") == "disabled":
-            text, in_reasoning = text + THINK_CLOSE + "\n", False
-        ids = self.tokenizer.encode(text + prefix, add_special_tokens=False)
+        reasoning = None if prefix is None else (prefix.reasoning_content or prefix.reasoning)
+        answer = "" if prefix is None else prefix.text()
+        if in_reasoning and reasoning and not answer:
+            text += reasoning
+        elif in_reasoning and ((body.thinking or {}).get("type") == "disabled" or prefix is not None):
+            text, in_reasoning = text + (f"{reasoning}\n" if reasoning else "") + THINK_CLOSE + "\n", False
+        ids = self.tokenizer.encode(text + answer, add_special_tokens=False)
         return ids, in_reasoning
+
+    def _template_messages(self, body: ChatRequest) -> tuple[list[dict[str, str]], Message | None]:
+        """The messages the chat template renders, and the prefix message (DeepSeek's beta) if the last is one.
+        Earlier replies' reasoning never enters the prompt."""
+        messages, prefix = [], None
+        for i, message in enumerate(body.messages):
+            if message.role == "tool":
+                raise APIError(400, f"messages[{i}].role = 'tool': this server has no tool calling",
+                               f"messages[{i}].role")
+            is_prefix = message.role == "assistant" and message.prefix
+            if is_prefix and i != len(body.messages) - 1:
+                raise APIError(400, f"messages[{i}].prefix: only the last message may be a prefix",
+                               f"messages[{i}].prefix")
+            if (message.reasoning_content or message.reasoning) and self.config.compat == "deepseek-r1" \
+                    and not is_prefix:
+                raise APIError(400, f"messages[{i}].reasoning_content: remove the reasoning from earlier replies "
+                               "before sending them back (DeepSeek-R1's rule)", f"messages[{i}].reasoning_content")
+            if is_prefix:
+                prefix = message
+                continue
+            role = "system" if message.role == "developer" else message.role
+            messages.append({"role": role, "content": message.text()})
+        return messages, prefix
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         """The engine's prompt checks (non-empty, in the vocabulary, fits the context), with `param` the
