@@ -385,7 +385,7 @@ def error_of(response: httpx.Response) -> dict:
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"stop": ["a"] * 17}, "stop"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
 ])
 def test_invalid_parameters_are_400(server, body, param):
     request = {"model": MODEL, "messages": MESSAGES, **body}

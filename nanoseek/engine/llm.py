@@ -23,6 +23,7 @@ from .params import SamplingParams
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
+from .structured import Grammars
 
 Prompt = str | list[int]
 Conversation = list[dict[str, Any]]
@@ -101,6 +102,7 @@ class LLM:
         self.runner = ModelRunner(self.model, max_num_seqs, self.max_model_len, speculative, prefix_cache_tokens)
         self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
         self.eos_ids = self._eos_ids()
+        self.runner.grammars = self.grammars = Grammars(tokenizer, config.vocab_size, self.eos_ids)
         self.sampling_defaults = self._sampling_defaults()
         self._rng = random.Random(seed)
         self._ids = itertools.count()
@@ -163,6 +165,8 @@ class LLM:
         if outside:
             raise EngineError(f"SamplingParams.logit_bias: token id {outside[0]} is outside the vocabulary "
                               f"[0, {vocab})", "logit_bias")
+        if params.structured is not None:
+            self.grammars.check(params.structured)
         if params.stop and self.tokenizer is None:
             raise EngineError("SamplingParams.stop: stop strings need a tokenizer and this model has none", "stop")
         return ids, params
@@ -174,6 +178,9 @@ class LLM:
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         group = [Sequence(request_id, i, ids, params, _child_seed(base_seed, i), self.eos_ids, self.tokenizer,
                           self.max_model_len) for i in range(params.n)]
+        if params.structured is not None:  # a matcher of its own for each completion
+            for seq in group:
+                seq.constraint = self.grammars.constraint(params.structured)
         self.requests[request_id] = group
         self.prompts[request_id] = prompt if isinstance(prompt, str) else None
         self.scheduler.add(group)

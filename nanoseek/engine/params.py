@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import EngineError
+from .structured import StructuredOutput
 
 MAX_LOGPROBS = 20
 
@@ -27,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's field)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
+    structured: StructuredOutput | None = None  # a grammar the text must match (vLLM's structured outputs)
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -70,6 +72,8 @@ class SamplingParams:
             is_int(t) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
             for t, b in self.logit_bias.items())), "logit_bias",
             "must map token ids (integers >= 0) to biases in [-100, 100]")
+        need(self.structured is None or isinstance(self.structured, StructuredOutput), "structured",
+             "must be a StructuredOutput or None")
         return self
 
     @property

@@ -15,6 +15,7 @@ from ..model import LanguageModel
 from .prefix_cache import PrefixCache
 from .sampler import DRAFT, SamplingBatch, process, sample, token_logprobs, verify
 from .sequence import Sequence
+from .structured import Grammars
 
 PROMPT_LOGIT_ROWS = 256  # positions whose logits are held at once when scoring a prompt
 
@@ -35,6 +36,7 @@ class ModelRunner:
         self.draft_probs: Tensor | None = None  # [slots, V] the draft distribution, for sampled speculation
         self.counts: Tensor | None = None  # [slots, V] generated-token counts, for penalties
         self.seen: Tensor | None = None  # [slots, V] tokens in prompt or output, for the repetition penalty
+        self.grammars: Grammars | None = None  # the LLM's, for sequences with structured outputs
 
     def _tensor(self, values, dtype=torch.long) -> Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -79,7 +81,7 @@ class ModelRunner:
         self._reset_penalty_state(seqs)
         logits = out.logits[:, 0][rows]
         batch = self._batch(seqs)
-        tokens = sample(self._process(logits, batch, seqs), batch)
+        tokens = sample(self._constrain(self._process(logits, batch, seqs), seqs), batch)
         self._append(seqs, [tokens[:, None]], [logits], torch.zeros_like(tokens))
         if self.speculative:
             self._draft_after_prefill(seqs, ids[rows], out.hidden[rows], last[rows], tokens, batch)
@@ -119,7 +121,7 @@ class ModelRunner:
         positions = self._tensor([[s.next_position] for s in seqs])
         logits = self.model(ids, positions, self.cache, self._slots(seqs))[:, -1]
         batch = self._batch(seqs)
-        tokens = sample(self._process(logits, batch, seqs), batch)
+        tokens = sample(self._constrain(self._process(logits, batch, seqs), seqs), batch)
         self._append(seqs, [tokens[:, None]], [logits], torch.zeros_like(tokens))
 
     def _speculate(self, seqs: list[Sequence]) -> None:
@@ -131,11 +133,12 @@ class ModelRunner:
         draft = self.drafts[slots]
         out = self.model.run(torch.stack((last, draft), 1), torch.stack((pos, pos + 1), 1), self.cache, slots)
         batch = self._batch(seqs)
-        target = self._process(out.logits[:, 0], batch, seqs)
+        target = self._constrain(self._process(out.logits[:, 0], batch, seqs), seqs)
         draft_probs = None if batch.all_greedy else self.draft_probs[slots]
         first, accepted = verify(target, draft_probs, draft, batch)
         bonus_batch = batch.at(1)
-        bonus = sample(self._process(out.logits[:, 1], bonus_batch, seqs, extra=draft), bonus_batch)
+        bonus_logits = self._process(out.logits[:, 1], bonus_batch, seqs, extra=draft)
+        bonus = sample(self._constrain(bonus_logits, seqs, draft), bonus_batch)
         emitted = torch.stack((first, bonus), 1)
         self._append(seqs, [emitted[:, :1], emitted[:, 1:]], [out.logits[:, 0], out.logits[:, 1]],
                      accepted.long())
@@ -156,6 +159,32 @@ class ModelRunner:
             if self.draft_probs is None:
                 self.draft_probs = torch.zeros(self.drafts.shape[0], self.vocab, device=self.device)
             self.draft_probs[slots] = processed.softmax(dim=-1)
+
+    def _constrain(self, logits: Tensor, seqs: list[Sequence], draft: Tensor | None = None) -> Tensor:
+        """`logits` with the tokens each constrained sequence's grammar forbids next at -inf. With `draft` [B]:
+        at the position after each row's draft, as if it had been taken (a speculative step's bonus token); a
+        row whose draft the grammar forbids keeps its logits, as its draft and bonus are rejected anyway."""
+        constrained = [(row, s.constraint) for row, s in enumerate(seqs) if s.constraint is not None]
+        if not constrained or self.grammars is None:
+            return logits
+        drafts = None if draft is None else draft.tolist()
+        matchers, taken = [], []
+        try:
+            for row, constraint in constrained:
+                if drafts is not None and constraint.active:
+                    if constraint.matcher.try_consume_tokens([drafts[row]]) != 1:
+                        continue
+                    taken.append(constraint.matcher)
+                elif not constraint.active and (drafts is None or drafts[row] != constraint.after):
+                    continue  # free text still (the grammar starts after the `after` token)
+                matchers.append((constraint.matcher, row))
+            if not matchers:
+                return logits
+            allowed = self.grammars.allowed(matchers, len(seqs), logits.device)
+        finally:
+            for matcher in taken:
+                matcher.rollback(1)
+        return logits.masked_fill(~allowed, float("-inf"))
 
     # ---- sampling state ----------------------------------------------------------------------
     def _slots(self, seqs: list[Sequence]) -> Tensor:

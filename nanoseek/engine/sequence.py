@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .params import SamplingParams
+from .structured import Constraint
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Sequence:
         self.drafted = self.accepted = 0
         self.cached_tokens = 0  # prompt tokens whose latents came from the prefix cache
         self.prompt_logprobs: list[dict[int, float] | None] | None = None  # set by the prefill that runs it
+        self.constraint: Constraint | None = None  # SamplingParams.structured's matcher, set by the engine
 
     @property
     def finished(self) -> bool:
@@ -76,6 +78,8 @@ class Sequence:
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token]
+        if self.constraint is not None and token not in self.stop_ids:
+            self.constraint.consume(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
             self.stop_reason = token if token in self.params.stop_token_ids else None  # None: end of sequence
@@ -84,6 +88,8 @@ class Sequence:
             self.text += self.detokenizer.push(token)
             if self.params.stop and self._find_stop(before):
                 return
+        if not self.finished and self.constraint is not None and self.constraint.complete:
+            self.finish_reason = "stop"  # the grammar allows nothing more
         if not self.finished and len(self.output_ids) >= self.limit:
             self.finish_reason = "length"
         if self.finished and self.detokenizer is not None:

@@ -20,6 +20,9 @@ pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
   reported are the model's own, before any processing (vLLM's default). `echo` with `logprobs` scores the
   prompt (the prompt's tokens first in `logprobs`, the first one null), and `max_tokens: 0` with `echo`
   returns the prompt alone; such a prompt runs whole, past the prefix cache.
+* `response_format` `json_object` / `json_schema` constrain the reply by a grammar (`engine/structured.py`);
+  `strict` schemas must keep strict mode's rules (every property required, additionalProperties false).
+  After an R1 prompt the grammar starts when the think block closes.
 * The front door: a body over `--max-request-bytes` gets 413 and one that is not UTF-8 a 400 (`BodyCheck`),
   a lone surrogate or NUL anywhere in the body a 400 naming its place (`protocol.check_text`); prompts are
   tokenised on a worker thread; a stream with no event for `--sse-ping-interval` seconds gets an SSE comment.

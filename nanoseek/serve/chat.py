@@ -11,7 +11,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine import CompletionOutput, RequestOutput
-from ..r1 import CONTENT, ReasoningParser, split_reply
+from ..engine.structured import StructuredOutput
+from ..r1 import CONTENT, THINK_CLOSE, ReasoningParser, split_reply
 from .bridge import Finished, next_event
 from .bridge import Request as EngineRequest
 from .protocol import APIError, ChatRequest
@@ -25,7 +26,9 @@ async def chat_completion(server: Server, body: ChatRequest, http: Request) -> d
     await asyncio.to_thread(server.check_prompt, ids, "messages")
     caps = [c for c in (body.max_tokens, body.max_completion_tokens) if c is not None]
     top = (body.top_logprobs or 0) if body.logprobs else None  # alternatives per token; None: no logprobs
-    params = server.sampling(body, ids, min(caps) if caps else None, top, reasoner_rules=in_reasoning)
+    structured = _structured(server, body, in_reasoning)
+    params = server.sampling(body, ids, min(caps) if caps else None, top, reasoner_rules=in_reasoning,
+                             structured=structured)
     request = server.engine.submit(ids, params)
     meta = server.response_meta("chatcmpl")
     if body.stream:
@@ -42,13 +45,58 @@ def _refuse_unsupported(server: Server, body: ChatRequest) -> None:
     """Chat fields this server does not implement are refused, never silently ignored."""
     if body.tools and body.tool_choice != "none":
         raise APIError(400, "tools: this server has no tool calling (send tool_choice 'none' or no tools)", "tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format.type = {body.response_format.type!r}: only 'text' is supported",
-                       "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs = true", "top_logprobs")
     if server.config.compat == "deepseek-r1" and (body.logprobs or body.top_logprobs is not None):
         raise APIError(400, "logprobs: not supported by the reasoner (DeepSeek-R1's rule)", "logprobs")
+
+
+def _structured(server: Server, body: ChatRequest, in_reasoning: bool) -> StructuredOutput | None:
+    """response_format as a grammar: `json_object` any JSON object, `json_schema` its schema (with `strict`,
+    the schema checked against the rules of OpenAI's and DeepSeek's strict mode first). After an R1 prompt the
+    grammar starts once the think block closes: the reasoning stays free text."""
+    form = body.response_format
+    if form is None or form.type == "text":
+        return None
+    schema: dict[str, Any] = {"type": "object"}
+    if form.type == "json_schema":
+        if form.json_schema is None or form.json_schema.schema_ is None:
+            raise APIError(400, "response_format.json_schema.schema: required for type 'json_schema'",
+                           "response_format.json_schema.schema")
+        schema = form.json_schema.schema_
+        problem = strict_violation(schema) if form.json_schema.strict else None
+        if problem:
+            raise APIError(400, f"response_format.json_schema.schema{problem}", "response_format.json_schema.schema")
+    if in_reasoning and server.think_close_id is None:
+        raise APIError(400, "response_format: the prompt opens a think block and the tokenizer has no single "
+                       f"{THINK_CLOSE} token to start the JSON after; send thinking: {{'type': 'disabled'}}",
+                       "response_format")
+    return StructuredOutput(json=schema, after=server.think_close_id if in_reasoning else None)
+
+
+def strict_violation(schema: Any, path: str = "") -> str | None:
+    """Where `schema` breaks strict mode, as '.properties.x: why'; None if it keeps it. Strict: every object
+    lists all its properties as required and sets additionalProperties false (OpenAI's structured outputs;
+    DeepSeek's strict function calling)."""
+    if isinstance(schema, list):
+        return next((p for i, item in enumerate(schema) if (p := strict_violation(item, f"{path}.{i}"))), None)
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("type") == "object" or "properties" in schema:
+        properties = schema.get("properties", {})
+        if schema.get("additionalProperties") is not False:
+            return f"{path}: strict mode needs additionalProperties: false on every object"
+        missing = sorted(set(properties) - set(schema.get("required", [])))
+        if missing:
+            return f"{path}: strict mode needs every property required; not required: {', '.join(missing)}"
+    for key in ("properties", "$defs", "definitions"):
+        for name, sub in schema.get(key, {}).items():
+            if (problem := strict_violation(sub, f"{path}.{key}.{name}")):
+                return problem
+    for key in ("items", "anyOf", "allOf", "oneOf"):
+        if key in schema and (problem := strict_violation(schema[key], f"{path}.{key}")):
+            return problem
+    return None
 
 
 def _choice(server: Server, completion: CompletionOutput, in_reasoning: bool, top: int | None) -> dict[str, Any]:

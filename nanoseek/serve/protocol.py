@@ -85,8 +85,16 @@ class StreamOptions(Open):
     include_usage: bool | None = False
 
 
+class JSONSchemaFormat(Open):
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` would shadow BaseModel.schema
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(Open):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None

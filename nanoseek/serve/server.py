@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import LLM, CompletionOutput, EngineError, SamplingParams
+from ..engine.structured import StructuredOutput
 from ..r1 import THINK_CLOSE, opens_think
 from . import COMPAT_MODES
 from .bridge import AsyncEngine
@@ -37,11 +38,12 @@ class ServerConfig:
 @contextmanager
 def engine_refusals(prompt_param: str = "prompt") -> Iterator[None]:
     """Answer an EngineError raised inside as a 400 with its `param` and `code`. The engine calls any prompt
-    `prompt`; `prompt_param` is the request field this one came from (`messages`, `prompt[2]`)."""
+    `prompt`; `prompt_param` is the request field this one came from (`messages`, `prompt[2]`); the grammar
+    of `structured` comes from `response_format`."""
     try:
         yield
     except EngineError as exc:
-        param = prompt_param if exc.param == "prompt" else exc.param
+        param = {"prompt": prompt_param, "structured": "response_format"}.get(exc.param, exc.param)
         raise APIError(400, exc.message, param, exc.code) from exc
 
 
@@ -125,7 +127,8 @@ class Server:
 
     # ---- sampling -----------------------------------------------------------------------------
     def sampling(self, body: SamplingFields, ids: list[int], max_tokens: int | None, logprobs: int | None,
-                 reasoner_rules: bool = False, prompt_logprobs: int | None = None) -> SamplingParams:
+                 reasoner_rules: bool = False, prompt_logprobs: int | None = None,
+                 structured: StructuredOutput | None = None) -> SamplingParams:
         """The engine's parameters for a checked prompt `ids`, refused here if the engine would refuse them."""
         if body.model != self.config.served_model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
@@ -145,7 +148,7 @@ class Server:
                 frequency_penalty=0.0 if ignored else _default(body.frequency_penalty, 0.0),
                 repetition_penalty=_default(body.repetition_penalty, default["repetition_penalty"]), stop=stop,
                 seed=body.seed, logprobs=logprobs, ignore_eos=bool(body.ignore_eos), prompt_logprobs=prompt_logprobs,
-                logit_bias=_logit_bias(body.logit_bias))
+                logit_bias=_logit_bias(body.logit_bias), structured=structured)
             self.llm.check(ids, params)  # what add_request checks on the engine thread, where it must not fail
         return params
 

@@ -1,0 +1,124 @@
+"""Structured outputs: a grammar per sequence, applied as a token mask in the one sampler (llguidance).
+
+A `StructuredOutput` (vLLM's StructuredOutputsParams) says what a completion must match: a JSON schema, a
+regular expression, one of several strings, or a Lark grammar (llguidance's dialect, which can embed JSON
+schemas). `Grammars` compiles one into a matcher over the model's vocabulary; before each sampling step the
+runner asks every constrained sequence's matcher which tokens may come next (`allowed`) and masks the others,
+and each token taken is fed back (`Constraint.consume`), so the output matches whatever the weights say.
+
+llguidance reads the `tokenizer.json` string as it is and has no dependencies of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from llguidance import LLExecutor, LLMatcher, LLTokenizer
+from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+from torch import Tensor
+
+from ..tokenizer import Tokenizer
+from .errors import EngineError
+
+# JSON without free whitespace: a random or weak model could otherwise pad forever between two tokens
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Exactly one of `json`, `regex`, `choice`, `grammar`. `after`: a token id the constraint waits for,
+    free text before it (an R1 reply's think block, closed by `</think>`, comes before the JSON or tool call)."""
+
+    json: dict[str, Any] | None = None  # a JSON schema; {"type": "object"} is any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    after: int | None = None
+
+    def grammar_text(self) -> str:
+        """The llguidance grammar; EngineError (param `structured`) when the request is malformed."""
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise EngineError(f"SamplingParams.structured: give exactly one of json, regex, choice, grammar "
+                              f"(got {', '.join(given) or 'none'})", "structured")
+        try:
+            if self.json is not None:
+                return LLMatcher.grammar_from_json_schema(self.json, defaults=JSON_OPTIONS)
+            if self.regex is not None:
+                return LLMatcher.grammar_from_regex(self.regex)
+            if self.choice is not None:
+                if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                    raise EngineError("SamplingParams.structured.choice: must be non-empty strings", "structured")
+                return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
+            return LLMatcher.grammar_from_lark(self.grammar)
+        except (ValueError, TypeError) as exc:  # a schema llguidance cannot read
+            raise EngineError(f"SamplingParams.structured: {exc}", "structured") from exc
+
+
+@dataclass
+class Constraint:
+    """One sequence's matcher, and whether its grammar has started (see StructuredOutput.after)."""
+
+    matcher: LLMatcher
+    after: int | None
+    active: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.active = self.after is None
+
+    def consume(self, token: int) -> None:
+        if not self.active:
+            self.active = token == self.after
+        elif not self.matcher.consume_token(token):
+            raise RuntimeError(f"structured output: token {token} outside the mask ({self.matcher.get_error()})")
+
+    @property
+    def complete(self) -> bool:
+        """The grammar is matched and allows nothing more: the sequence ends here."""
+        return self.active and self.matcher.is_stopped()
+
+
+class Grammars:
+    """Compiles StructuredOutputs into matchers over one tokenizer and vocabulary. The tokenizer's token
+    table is built on first use (about a second for a 129K vocabulary), then shared by every matcher."""
+
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, eos_ids: set[int]):
+        self._source, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self._tokenizer: LLTokenizer | None = None
+        self._executor: LLExecutor | None = None  # its threads fill the masks of a batch's rows in parallel
+        self.mask_seconds = 0.0  # time spent computing masks, for the server's metrics
+
+    @property
+    def tokenizer(self) -> LLTokenizer:
+        if self._source is None:
+            raise EngineError("SamplingParams.structured: needs a tokenizer and this model has none", "structured")
+        if self._tokenizer is None:
+            self._tokenizer = LLTokenizer(self._source.backend.to_str(), n_vocab=self.vocab_size,
+                                          eos_token=self.eos_ids)
+        return self._tokenizer
+
+    def check(self, structured: StructuredOutput) -> str:
+        """The grammar, validated against the vocabulary."""
+        grammar = structured.grammar_text()
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if is_error:
+            raise EngineError(f"SamplingParams.structured: {messages[0]}", "structured")
+        return grammar
+
+    def constraint(self, structured: StructuredOutput) -> Constraint:
+        return Constraint(LLMatcher(self.tokenizer, self.check(structured), log_level=0), structured.after)
+
+    def allowed(self, rows: list[tuple[LLMatcher, int]], batch: int, device: torch.device) -> Tensor:
+        """[batch, vocab] bool: the tokens each listed matcher allows next, in its row; other rows allow all."""
+        start = time.perf_counter()
+        bitmask = allocate_token_bitmask(batch, self.vocab_size)  # -1: every bit set
+        if self._executor is None:
+            self._executor = LLExecutor()
+        fill_next_token_bitmask_par(self._executor, rows, bitmask)
+        bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        self.mask_seconds += time.perf_counter() - start
+        return bits.view(batch, -1)[:, : self.vocab_size].bool().to(device)
