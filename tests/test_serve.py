@@ -384,7 +384,7 @@ def error_of(response: httpx.Response) -> dict:
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"stop": ["a"] * 17}, "stop"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools.0"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
 ])
 def test_invalid_parameters_are_400(server, body, param):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -18,33 +19,83 @@ from .bridge import Request as EngineRequest
 from .protocol import APIError, ChatRequest
 from .server import Server
 from .streaming import KEEP_ALIVE, collect, sse, stream_response
+from .tools import DEEPSEEK, CallSyntax, Function, ToolStream, calls_grammar, functions, openai_calls
 
 
 async def chat_completion(server: Server, body: ChatRequest, http: Request) -> dict[str, Any] | StreamingResponse:
     _refuse_unsupported(server, body)
-    ids, in_reasoning = await asyncio.to_thread(server.chat_prompt, body)  # a long prompt: off the event loop
+    offered = _offered_tools(body)
+    ids, in_reasoning = await asyncio.to_thread(server.chat_prompt, body, True, offered)  # off the event loop
     await asyncio.to_thread(server.check_prompt, ids, "messages")
     caps = [c for c in (body.max_tokens, body.max_completion_tokens) if c is not None]
     top = (body.top_logprobs or 0) if body.logprobs else None  # alternatives per token; None: no logprobs
-    structured = _structured(server, body, in_reasoning)
+    plan = _tool_plan(server, body, offered, in_reasoning)
+    structured = plan.structured if plan is not None else _structured(server, body, in_reasoning)
     params = server.sampling(body, ids, min(caps) if caps else None, top, reasoner_rules=in_reasoning,
-                             structured=structured)
+                             structured=structured, keep_special=plan is not None and plan.syntax is DEEPSEEK)
     request = server.engine.submit(ids, params)
     meta = server.response_meta("chatcmpl")
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return stream_response(_chat_stream(server, request, meta, ids, in_reasoning, body.n, usage, top))
+        return stream_response(_chat_stream(server, request, meta, ids, in_reasoning, body.n, usage, top, plan))
     (finished,) = await collect(server.engine, [request], http)
     output = finished.output
     return {**meta, "object": "chat.completion",
-            "choices": [_choice(server, completion, in_reasoning, top) for completion in output.outputs],
+            "choices": [_choice(server, completion, in_reasoning, top, plan) for completion in output.outputs],
             "usage": _usage(server, len(ids), output, in_reasoning)}
+
+
+@dataclass
+class ToolPlan:
+    """What a request's tools ask of its reply: read calls out of it in `syntax`, at most one unless
+    `parallel`, and, for tool_choice required or a named function (or strict functions once the model opens a
+    call), the grammar that makes every call valid."""
+
+    syntax: CallSyntax
+    parallel: bool
+    structured: StructuredOutput | None
+
+
+def _offered_tools(body: ChatRequest) -> list[Function]:
+    """The functions the prompt lists: none for tool_choice 'none'."""
+    available = functions(body.tools)
+    if body.tool_choice is not None and body.tool_choice != "none" and not available:
+        raise APIError(400, "tool_choice: needs tools", "tool_choice")
+    return [] if body.tool_choice == "none" else available
+
+
+def _tool_plan(server: Server, body: ChatRequest, offered: list[Function], in_reasoning: bool) -> ToolPlan | None:
+    if not offered:
+        return None
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, "response_format: not together with tools (a reply is a call or JSON, not both)",
+                       "response_format")
+    choice, parallel, syntax = body.tool_choice or "auto", body.parallel_tool_calls is not False, server.call_syntax
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        forced = [f for f in offered if f.name == name]
+        if choice.get("type") != "function" or not forced:
+            raise APIError(400, f"tool_choice.function.name = {name!r}: not among the tools",
+                           "tool_choice.function.name")
+        parallel = False  # a named function: that one call
+    elif choice == "required":
+        forced = offered
+    else:  # auto: text or calls; strict functions are held to their schemas once a call opens
+        opener = server.tokenizer.token_id(syntax.block_open) if syntax.block_open else None
+        if opener is None or not any(f.strict for f in offered):
+            return ToolPlan(syntax, parallel, None)
+        grammar = calls_grammar(syntax, offered, parallel, server.tokenizer, opened=True)
+        return ToolPlan(syntax, parallel, StructuredOutput(grammar=grammar, after=opener))
+    if in_reasoning and server.think_close_id is None:
+        raise APIError(400, f"tool_choice: the prompt opens a think block and the tokenizer has no single "
+                       f"{THINK_CLOSE} token to start the call after", "tool_choice")
+    grammar = calls_grammar(syntax, forced, parallel, server.tokenizer)
+    return ToolPlan(syntax, parallel, StructuredOutput(grammar=grammar,
+                                                       after=server.think_close_id if in_reasoning else None))
 
 
 def _refuse_unsupported(server: Server, body: ChatRequest) -> None:
     """Chat fields this server does not implement are refused, never silently ignored."""
-    if body.tools and body.tool_choice != "none":
-        raise APIError(400, "tools: this server has no tool calling (send tool_choice 'none' or no tools)", "tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs = true", "top_logprobs")
     if server.config.compat == "deepseek-r1" and (body.logprobs or body.top_logprobs is not None):
@@ -99,20 +150,50 @@ def strict_violation(schema: Any, path: str = "") -> str | None:
     return None
 
 
-def _choice(server: Server, completion: CompletionOutput, in_reasoning: bool, top: int | None) -> dict[str, Any]:
+def _choice(server: Server, completion: CompletionOutput, in_reasoning: bool, top: int | None,
+            plan: ToolPlan | None) -> dict[str, Any]:
     logprobs = None
     if top is not None:
         logprobs = {"content": server.chat_logprobs(completion.token_ids, completion.logprobs or [], top)}
-    return {"index": completion.index, "message": _message(completion, in_reasoning), "logprobs": logprobs,
-            "finish_reason": completion.finish_reason}
+    message, finish = _message(completion, in_reasoning), completion.finish_reason
+    parsed = None if plan is None or message["content"] is None else plan.syntax.parse(message["content"])
+    if parsed is not None:
+        before, calls = parsed
+        message["content"] = before.strip() or None
+        message["tool_calls"] = openai_calls(calls if plan.parallel else calls[:1])
+        finish = "tool_calls"
+    return {"index": completion.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _message(completion: CompletionOutput, in_reasoning: bool) -> dict[str, str]:
+def _message(completion: CompletionOutput, in_reasoning: bool) -> dict[str, Any]:
     reasoning, content = split_reply(completion.text, in_reasoning)
-    message = {"role": "assistant", "content": content}
+    message: dict[str, Any] = {"role": "assistant", "content": content}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
     return message
+
+
+class ReplyStream:
+    """One choice's streamed text as chat deltas: reasoning_content, content and, with tools, tool_calls."""
+
+    def __init__(self, in_reasoning: bool, plan: ToolPlan | None):
+        self.reasoning = ReasoningParser(in_reasoning)
+        self.calls = None if plan is None else ToolStream(plan.syntax, plan.parallel)
+
+    def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        for kind, piece in self.reasoning.feed(text) + (self.reasoning.finish() if final else []):
+            if kind != CONTENT:
+                deltas.append({"reasoning_content": piece})
+                continue
+            plain, calls = (piece, []) if self.calls is None else self.calls.feed(piece)
+            deltas += ([{"content": plain}] if plain else []) + ([{"tool_calls": calls}] if calls else [])
+        if final and self.calls is not None and (rest := self.calls.finish()):
+            deltas.append({"content": rest})
+        return deltas
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self.calls is not None and self.calls.sent else reason
 
 
 def _usage(server: Server, prompt_len: int, output: RequestOutput, in_reasoning: bool) -> dict[str, Any]:
@@ -121,9 +202,10 @@ def _usage(server: Server, prompt_len: int, output: RequestOutput, in_reasoning:
 
 
 async def _chat_stream(server: Server, request: EngineRequest, meta: dict[str, Any], ids: list[int],
-                       in_reasoning: bool, n: int, include_usage: bool, top: int | None) -> AsyncIterator[str]:
-    """SSE chunks: the role first, then reasoning_content deltas, then content deltas, one finish_reason per
-    choice, an optional usage chunk, then [DONE] (OpenAI's streaming format)."""
+                       in_reasoning: bool, n: int, include_usage: bool, top: int | None,
+                       plan: ToolPlan | None) -> AsyncIterator[str]:
+    """SSE chunks: the role first, then reasoning_content deltas, then content and tool_calls deltas, one
+    finish_reason per choice, an optional usage chunk, then [DONE] (OpenAI's streaming format)."""
     base = {**meta, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
@@ -132,7 +214,7 @@ async def _chat_stream(server: Server, request: EngineRequest, meta: dict[str, A
                   "finish_reason": finish}
         return sse({**base, "choices": [choice], **extra})
 
-    parsers = [ReasoningParser(in_reasoning) for _ in range(n)]
+    replies = [ReplyStream(in_reasoning, plan) for _ in range(n)]
     try:
         for index in range(n):
             yield chunk(index, {"role": "assistant", "content": ""})
@@ -140,17 +222,15 @@ async def _chat_stream(server: Server, request: EngineRequest, meta: dict[str, A
             if event is None:  # queued or in a long prefill: a comment keeps proxies and read timeouts waiting
                 yield KEEP_ALIVE
                 continue
-            parser = parsers[event.index]
-            pieces = parser.feed(event.text) + (parser.finish() if event.finish_reason else [])
+            reply = replies[event.index]
             logprobs = server.chat_logprobs(event.token_ids, event.logprobs or [], top) if top is not None else None
-            for kind, text in pieces:
-                yield chunk(event.index, {"content": text} if kind == CONTENT else {"reasoning_content": text},
-                            logprobs=logprobs)
+            for delta in reply.feed(event.text, bool(event.finish_reason)):
+                yield chunk(event.index, delta, logprobs=logprobs)
                 logprobs = None  # a delta's logprobs ride on its first chunk
             if logprobs:
                 yield chunk(event.index, {}, logprobs=logprobs)
             if event.finish_reason:
-                yield chunk(event.index, {}, event.finish_reason)
+                yield chunk(event.index, {}, reply.finish_reason(event.finish_reason))
         if include_usage:
             yield sse({**base, "choices": [], "usage": _usage(server, len(ids), event.output, in_reasoning)})
         yield sse("[DONE]")

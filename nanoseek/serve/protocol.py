@@ -74,6 +74,8 @@ class Message(Open):
     reasoning_content: str | None = None
     reasoning: str | None = None  # the name vLLM and Ollama use
     prefix: bool = False  # DeepSeek's chat prefix completion (beta): the reply continues this last message
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, as the API returned them
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -152,7 +154,8 @@ class ChatRequest(SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     thinking: dict[str, Any] | None = None  # DeepSeek V3.1+: {"type": "enabled" | "disabled"}
     reasoning_effort: str | None = None
 

@@ -21,6 +21,7 @@ from ..r1 import THINK_CLOSE, opens_think
 from . import COMPAT_MODES
 from .bridge import AsyncEngine
 from .protocol import APIError, ChatRequest, Message, SamplingFields
+from .tools import Function, call_syntax, tools_prompt
 
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1 model card's recommendation
 
@@ -61,6 +62,11 @@ class Server:
         self.model_path = model_path
         self.think_close_id = self.tokenizer.token_id(THINK_CLOSE)
         # the tokens decoding leaves out of text (skip_special_tokens): they take no room in a text offset
+        self.call_syntax = call_syntax(self.tokenizer)
+        template = self.tokenizer.chat_template
+        source = template if isinstance(template, str) else json.dumps(template)
+        # what the template renders itself (DeepSeek-V3's renders calls and results, not the list of tools)
+        self.template_lists_tools, self.template_renders_calls = "tools" in source, "tool_calls" in source
         self.special_ids = {i for i, t in self.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
         identity = json.dumps([model_path, llm.model.config.to_dict(), str(llm.model.dtype),
                                llm.model.weight_format, llm.max_model_len, config.compat], sort_keys=True, default=str)
@@ -72,18 +78,31 @@ class Server:
                 "model": self.config.served_model_name, "system_fingerprint": self.fingerprint}
 
     # ---- prompts ------------------------------------------------------------------------------
-    def chat_prompt(self, body: ChatRequest, add_generation_prompt: bool = True) -> tuple[list[int], bool]:
+    def chat_prompt(self, body: ChatRequest, add_generation_prompt: bool = True,
+                    tools: list[Function] | None = None) -> tuple[list[int], bool]:
         """Token ids of the conversation, and whether the prompt leaves the model inside a think block.
 
         DeepSeek's chat prefix completion (`prefix: true` on a last assistant message): the reply continues
         that message's content. Where the template opens a think block, the prefix is the answer, so the block
         is closed first, holding the message's `reasoning_content` if it has one; a prefix of reasoning alone
-        (empty content) leaves the block open and the reply continues the reasoning."""
+        (empty content) leaves the block open and the reply continues the reasoning. `tools`: the functions the
+        reply may call, rendered by the template if it knows tools, else listed in a system message."""
         if not self.tokenizer.chat_template:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
         messages, prefix = self._template_messages(body)
+        extra = {}
+        if tools and self.template_lists_tools:
+            extra["tools"] = [{"type": "function", "function": {"name": f.name, "description": f.description,
+                                                                "parameters": f.parameters}} for f in tools]
+        elif tools:
+            system = tools_prompt(self.call_syntax, tools)
+            if messages and messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + system}
+            else:
+                messages.insert(0, {"role": "system", "content": system})
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      **extra)
         except ValueError as exc:  # the template's raise_exception: the conversation breaks its rules
             raise APIError(400, f"messages: {exc}", "messages") from exc
         in_reasoning = opens_think(text)
@@ -96,14 +115,11 @@ class Server:
         ids = self.tokenizer.encode(text + answer, add_special_tokens=False)
         return ids, in_reasoning
 
-    def _template_messages(self, body: ChatRequest) -> tuple[list[dict[str, str]], Message | None]:
+    def _template_messages(self, body: ChatRequest) -> tuple[list[dict[str, Any]], Message | None]:
         """The messages the chat template renders, and the prefix message (DeepSeek's beta) if the last is one.
         Earlier replies' reasoning never enters the prompt."""
         messages, prefix = [], None
         for i, message in enumerate(body.messages):
-            if message.role == "tool":
-                raise APIError(400, f"messages[{i}].role = 'tool': this server has no tool calling",
-                               f"messages[{i}].role")
             is_prefix = message.role == "assistant" and message.prefix
             if is_prefix and i != len(body.messages) - 1:
                 raise APIError(400, f"messages[{i}].prefix: only the last message may be a prefix",
@@ -115,9 +131,25 @@ class Server:
             if is_prefix:
                 prefix = message
                 continue
-            role = "system" if message.role == "developer" else message.role
-            messages.append({"role": role, "content": message.text()})
+            messages.append(self._template_message(message, i))
         return messages, prefix
+
+    def _template_message(self, message: Message, i: int) -> dict[str, Any]:
+        """One message as the template takes it. A template that renders calls gets calls and results in
+        OpenAI's shape; any other sees the calls written in the model's call syntax and each result as a user
+        message in a <tool_response> block (Hermes's convention)."""
+        role = "system" if message.role == "developer" else message.role
+        if message.tool_calls and role == "assistant":
+            calls = _message_calls(message.tool_calls, i)
+            if self.template_renders_calls:
+                return {"role": role, "content": message.text(), "tool_calls": [
+                    {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]}
+            return {"role": role, "content": message.text() + self.call_syntax.render(calls)}
+        if role == "tool":
+            if self.template_renders_calls:
+                return {"role": "tool", "content": message.text(), "tool_call_id": message.tool_call_id}
+            return {"role": "user", "content": f"<tool_response>\n{message.text()}\n</tool_response>"}
+        return {"role": role, "content": message.text()}
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         """The engine's prompt checks (non-empty, in the vocabulary, fits the context), with `param` the
@@ -128,7 +160,7 @@ class Server:
     # ---- sampling -----------------------------------------------------------------------------
     def sampling(self, body: SamplingFields, ids: list[int], max_tokens: int | None, logprobs: int | None,
                  reasoner_rules: bool = False, prompt_logprobs: int | None = None,
-                 structured: StructuredOutput | None = None) -> SamplingParams:
+                 structured: StructuredOutput | None = None, keep_special: bool = False) -> SamplingParams:
         """The engine's parameters for a checked prompt `ids`, refused here if the engine would refuse them."""
         if body.model != self.config.served_model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
@@ -148,7 +180,8 @@ class Server:
                 frequency_penalty=0.0 if ignored else _default(body.frequency_penalty, 0.0),
                 repetition_penalty=_default(body.repetition_penalty, default["repetition_penalty"]), stop=stop,
                 seed=body.seed, logprobs=logprobs, ignore_eos=bool(body.ignore_eos), prompt_logprobs=prompt_logprobs,
-                logit_bias=_logit_bias(body.logit_bias), structured=structured)
+                logit_bias=_logit_bias(body.logit_bias), structured=structured,
+                skip_special_tokens=not keep_special)  # kept: DeepSeek's call syntax is special tokens
             self.llm.check(ids, params)  # what add_request checks on the engine thread, where it must not fail
         return params
 
@@ -194,6 +227,19 @@ class Server:
             offsets.append(offset)
             offset += 0 if token in self.special_ids else len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _message_calls(tool_calls: list[dict[str, Any]], i: int) -> list[tuple[str, str]]:
+    """(name, arguments JSON) of an assistant message's `tool_calls`, checked."""
+    calls = []
+    for j, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                not isinstance(function.get("arguments", ""), str):
+            raise APIError(400, f"messages[{i}].tool_calls[{j}]: needs function.name and function.arguments "
+                           "(a JSON string)", f"messages[{i}].tool_calls[{j}]")
+        calls.append((function["name"], function.get("arguments", "") or "{}"))
+    return calls
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -1,0 +1,184 @@
+"""Tool calls (OpenAI's function calling): the tools in the prompt, the call syntax of the model's family, the
+grammar that makes a reply a valid call, and the parser that reads calls back out of a reply or a stream.
+
+Two families of call syntax, chosen by the vocabulary:
+* DeepSeek-V3's (its chat template): `<｜tool▁calls▁begin｜>` then, per call, `<｜tool▁call▁begin｜>function
+  <｜tool▁sep｜>NAME` + "\\n```json\\n" + ARGUMENTS + "\\n```<｜tool▁call▁end｜>", calls apart by "\\n", then
+  `<｜tool▁calls▁end｜>`;
+* Hermes's, which Qwen2.5 and most dense families use: per call `<tool_call>\\n{"name": NAME, "arguments":
+  ARGUMENTS}\\n</tool_call>`, calls apart by "\\n".
+A template that renders `tools` itself gets them; otherwise a system message lists them with the syntax.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..tokenizer import Tokenizer
+from .protocol import APIError
+
+
+@dataclass(frozen=True)
+class CallSyntax:
+    name: str
+    block_open: str  # before the first call ("" if none)
+    call_open: str  # before a call's name
+    name_quoted: bool  # the name as a JSON string (Hermes) or bare (DeepSeek)
+    between: str  # between name and arguments
+    call_close: str  # after a call's arguments
+    separator: str  # between two calls
+    block_close: str  # after the last call
+
+    @property
+    def opener(self) -> str:
+        """What starts the first call: where a reply's content ends."""
+        return self.block_open or self.call_open
+
+    def render(self, calls: list[tuple[str, str]]) -> str:
+        """calls (name, arguments as JSON text) as the model writes them."""
+        parts = [f"{self.call_open}{json.dumps(n) if self.name_quoted else n}{self.between}{a}{self.call_close}"
+                 for n, a in calls]
+        return self.block_open + self.separator.join(parts) + self.block_close
+
+    def parse(self, text: str) -> tuple[str, list[tuple[str, str]]] | None:
+        """(content before the calls, [(name, arguments JSON)]) when `text` holds calls that parse; else None."""
+        at = text.find(self.opener)
+        if at < 0:
+            return None
+        name = r'"((?:[^"\\]|\\.)+)"' if self.name_quoted else r"([^\s<]+?)"
+        pattern = re.escape(self.call_open) + name + re.escape(self.between) + r"(.*?)" + re.escape(self.call_close)
+        calls = []
+        for match in re.finditer(pattern, text[at:], re.DOTALL):
+            called = json.loads(f'"{match.group(1)}"') if self.name_quoted else match.group(1)
+            try:
+                arguments = json.dumps(json.loads(match.group(2)), ensure_ascii=False)
+            except json.JSONDecodeError:
+                return None
+            calls.append((called, arguments))
+        return (text[:at], calls) if calls else None
+
+
+DEEPSEEK = CallSyntax("deepseek", "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>function<｜tool▁sep｜>", False,
+                      "\n```json\n", "\n```<｜tool▁call▁end｜>", "\n", "<｜tool▁calls▁end｜>")
+HERMES = CallSyntax("hermes", "", '<tool_call>\n{"name": ', True, ', "arguments": ', "}\n</tool_call>", "\n", "")
+
+
+def call_syntax(tokenizer: Tokenizer) -> CallSyntax:
+    return DEEPSEEK if tokenizer.token_id(DEEPSEEK.block_open) is not None else HERMES
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    strict: bool
+
+
+def functions(tools: list[dict[str, Any]] | None) -> list[Function]:
+    """The request's `tools`, checked: each {"type": "function", "function": {"name", "parameters", ...}}."""
+    found = []
+    for i, tool in enumerate(tools or []):
+        spec = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(spec, dict):
+            raise APIError(400, f"tools.{i}: must be {{'type': 'function', 'function': {{...}}}}", f"tools.{i}")
+        name = spec.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise APIError(400, f"tools.{i}.function.name: 1 to 64 letters, digits, _ . or -",
+                           f"tools.{i}.function.name")
+        parameters = spec.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise APIError(400, f"tools.{i}.function.parameters: must be a JSON schema object",
+                           f"tools.{i}.function.parameters")
+        found.append(Function(name, str(spec.get("description", "")), parameters, spec.get("strict") is True))
+    if len({f.name for f in found}) != len(found):
+        raise APIError(400, "tools: function names must be unique", "tools")
+    return found
+
+
+def calls_grammar(syntax: CallSyntax, chosen: list[Function], parallel: bool, tokenizer: Tokenizer,
+                  opened: bool = False) -> str:
+    """A Lark grammar (llguidance's dialect) of one call, or several when `parallel`, to one of `chosen`, with
+    arguments matching its parameters' schema; `opened`: from after the block's opening (the model wrote it).
+    Special tokens are named by id, as llguidance matches them."""
+    def literal(text: str) -> str:
+        parts = re.split(r"(<｜[^｜]*｜>)", text)
+        pieces = [f"<[{tokenizer.token_id(p)}]>" if p.startswith("<｜") else json.dumps(p) for p in parts if p]
+        return " ".join(pieces)
+
+    more = f"({literal(syntax.separator)} call)*" if parallel else ""
+    start = "" if opened else literal(syntax.block_open)
+    rules = [f"start: {start} call {more} {literal(syntax.block_close)}",
+             "call: " + " | ".join(f"call_{i}" for i in range(len(chosen)))]
+    for i, function in enumerate(chosen):
+        shown = json.dumps(function.name) if syntax.name_quoted else function.name
+        schema = {**function.parameters, "x-guidance": {"whitespace_flexible": False}}
+        rules.append(f"call_{i}: {literal(syntax.call_open + shown + syntax.between)} args_{i} "
+                     f"{literal(syntax.call_close)}")
+        rules.append(f"args_{i}: %json {json.dumps(schema)}")
+    return "\n".join(rules) + "\n"
+
+
+def tools_prompt(syntax: CallSyntax, available: list[Function]) -> str:
+    """The system message that lists the tools for a template that does not render them."""
+    listed = "\n".join(json.dumps({"name": f.name, "description": f.description, "parameters": f.parameters})
+                       for f in available)
+    example = syntax.render([("NAME", '{"ARGUMENT": "VALUE"}')])
+    return (f"You may call these tools, one JSON schema per line:\n{listed}\nTo call one, reply with exactly "
+            f"{example}")
+
+
+def openai_calls(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
+            for n, a in calls]
+
+
+class ToolStream:
+    """A streamed reply's content split into text and tool calls: text passes until the call syntax opens
+    (a possible start of it is held back), each call goes out as OpenAI's `delta.tool_calls` fragments once
+    it is complete (its id, type and name, then its arguments), and whatever never parses ends as text."""
+
+    def __init__(self, syntax: CallSyntax, parallel: bool):
+        self.syntax, self.parallel = syntax, parallel
+        self.buffer, self.calling, self.sent = "", False, 0
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """(content to send now, tool-call fragments to send now)."""
+        self.buffer += text
+        if not self.calling:
+            at = self.buffer.find(self.syntax.opener)
+            if at < 0:
+                keep = _partial_suffix(self.buffer, self.syntax.opener)
+                out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                return out, []
+            out, self.buffer, self.calling = self.buffer[:at], self.buffer[at:], True
+            return out, self._calls()
+        return "", self._calls()
+
+    def _calls(self) -> list[dict[str, Any]]:
+        parsed = self.syntax.parse(self.buffer)
+        calls = [] if parsed is None else parsed[1][: None if self.parallel else 1]
+        fragments = []
+        for index, call in enumerate(openai_calls(calls[self.sent:]), start=self.sent):
+            head = {"index": index, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            fragments += [head, {"index": index, "function": {"arguments": call["function"]["arguments"]}}]
+        self.sent = len(calls)
+        return fragments
+
+    def finish(self) -> str:
+        """Text held back that never became a call."""
+        rest, self.buffer = ("" if self.sent else self.buffer), ""
+        return rest
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker`."""
+    for size in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0

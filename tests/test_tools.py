@@ -1,0 +1,142 @@
+"""Tool calls through a live server and the official openai client: forced calls are schema-valid whatever the
+weights, results continue the conversation, streamed fragments reassemble, in Hermes's syntax (nanoseek's own
+tokenizer) and in DeepSeek-V3's (its special tokens)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema_rs
+import pytest
+from conftest import nanoseek_model
+from test_serve import KEY, MODEL, Server, write_checkpoint
+from tokenizers import AddedToken
+
+from nanoseek.serve.tools import DEEPSEEK, HERMES, ToolStream
+from nanoseek.tokenizer import Tokenizer
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast for a city",
+                                           "parameters": WEATHER, "strict": True}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+             "required": ["a", "b"], "additionalProperties": False}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+DIRECT = {"thinking": {"type": "disabled"}}  # no think block first: random weights might never close it
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(write_checkpoint(tmp_path_factory.mktemp("tools") / "tiny"), "--api-key", KEY,
+                    "--max-num-seqs", "8", "--max-model-len", "2048")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def deepseek_server(tmp_path_factory):
+    """The same weights with DeepSeek-V3's tool-call tokens in the vocabulary (special, as in its tokenizer)."""
+    path = write_checkpoint(tmp_path_factory.mktemp("tools") / "deepseek")
+    tokenizer = Tokenizer.from_dir(path)
+    markers = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+               "<｜tool▁sep｜>"]
+    tokenizer.backend.add_tokens([AddedToken(t, special=True) for t in markers])
+    tokenizer.save(path)
+    nanoseek_model(seed=3, vocab_size=tokenizer.vocab_size, max_position_embeddings=4096).save_pretrained(path)
+    server = Server(path, "--api-key", KEY, "--max-num-seqs", "8", "--max-model-len", "2048")
+    yield server
+    server.stop()
+
+
+def arguments_valid(arguments: str, schema: dict) -> bool:
+    try:
+        jsonschema_rs.validate(schema, json.loads(arguments))
+    except (ValueError, jsonschema_rs.ValidationError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("family", ["hermes", "deepseek"])
+def test_required_calls_are_schema_valid_and_results_continue_the_conversation(server, deepseek_server, family):
+    client = (server if family == "hermes" else deepseek_server).client(max_retries=0)
+    for seed in range(4):
+        reply = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                               max_tokens=150, temperature=1.0, seed=seed, extra_body=DIRECT)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        for call in choice.message.tool_calls:
+            schema = WEATHER if call.function.name == "get_weather" else TOOLS[1]["function"]["parameters"]
+            assert call.id.startswith("call_") and arguments_valid(call.function.arguments, schema), call
+    result = {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "sunny and 21 degrees"}
+    history = [*ASK, choice.message.model_dump(exclude_none=True), result]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=8, temperature=0,
+                                            extra_body=DIRECT)
+    without = client.chat.completions.create(model=MODEL, messages=history[:2], tools=TOOLS, max_tokens=8,
+                                             temperature=0, extra_body=DIRECT)
+    assert answer.usage.prompt_tokens > without.usage.prompt_tokens + 5  # the result is in the prompt
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_a_named_function_is_the_one_called_and_streamed_fragments_reassemble(server):
+    client = server.client(max_retries=0)
+    named = {"type": "function", "function": {"name": "add"}}
+    request = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=150, temperature=1.0,
+                   seed=7, extra_body=DIRECT)
+    whole = client.chat.completions.create(**request).choices[0].message.tool_calls
+    assert [c.function.name for c in whole] == ["add"]
+    calls: dict[int, dict] = {}
+    finishes = []
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+            call["name"] += delta.function.name or ""
+            call["arguments"] += delta.function.arguments or ""
+        finishes += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
+    assert calls == {0: {"name": "add", "arguments": whole[0].function.arguments}} and finishes == ["tool_calls"]
+
+
+@pytest.mark.parametrize("syntax", [HERMES, DEEPSEEK], ids=["hermes", "deepseek"])
+def test_calls_parse_back_whole_and_streamed_a_character_at_a_time(syntax):
+    calls = [("get_weather", '{"city": "Paris", "days": 2}'), ("add", '{"a": {"nested": [1, "}"]}}')]
+    text = "Let me look. " + syntax.render(calls)
+    assert syntax.parse(text) == ("Let me look. ", calls)
+    assert syntax.parse("no call here") is None and syntax.parse(syntax.opener + "garbage") is None
+    stream, content, fragments = ToolStream(syntax, parallel=True), "", []
+    for character in text:
+        plain, new = stream.feed(character)
+        content, fragments = content + plain, fragments + new
+    content += stream.finish()
+    names = [f["function"]["name"] for f in fragments if "id" in f]
+    arguments = ["".join(f["function"]["arguments"] for f in fragments if f["index"] == i) for i in range(2)]
+    assert content == "Let me look. " and names == ["get_weather", "add"] and arguments == [a for _, a in calls]
+    held = ToolStream(syntax, parallel=True)
+    assert held.feed(syntax.opener[:4]) == ("", [])  # a possible start of a call waits
+    assert held.feed(" text")[0] + held.finish() == syntax.opener[:4] + " text"  # and goes out when it is not
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]},
+     "messages[1].tool_calls[0]"),
+])
+def test_bad_tool_requests_are_400(server, body, param):
+    response = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": MODEL, "messages": ASK, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_tool_choice_none_offers_no_tools(server):
+    client = server.client()
+    offered = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=2)
+    declined = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=2)
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
+    assert declined.usage.prompt_tokens == plain.usage.prompt_tokens < offered.usage.prompt_tokens
