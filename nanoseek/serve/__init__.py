@@ -6,10 +6,10 @@ Each file imports only those listed after it:
   documents the API's behaviour.
 * `chat.py`, `completions.py`: the two generating endpoints, each with its stream; `tokens.py`: /tokenize and
   /detokenize.
-* `tools.py`: tool-call syntax by family, the grammar of forced calls, and the parsers of calls.
 * `streaming.py`: SSE framing, and collecting a non-streaming request's outputs.
 * `server.py`: the state the handlers share: prompts, checks and sampling parameters (the engine's refusals
   become 400s there), usage and log-probabilities.
+* `tools.py`: tool-call syntax by family, the grammar of forced calls, and the parsers of calls.
 * `bridge.py`: the engine loop on its own thread, fed by the asyncio handlers, and its Prometheus metrics.
 * `protocol.py`: the request bodies (pydantic) and `APIError`.
 """
