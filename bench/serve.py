@@ -4,7 +4,9 @@
 requests (distinct prompts, --max-tokens new tokens each, EOS ignored so every request does the same work),
 first all at once (each client sends its next request when the previous one ends), then the same 128
 requests one after another. Reported: aggregate output tokens/s of each and their ratio (target >= 6x,
-DESIGN.md), and client-side TTFT and inter-token latency percentiles under load.
+DESIGN.md), and client-side TTFT and inter-token latency percentiles under load. Then the cost of structured
+outputs: the 32 clients again, without a think block, free and under a JSON schema (`response_format`), with
+the grammar's share of the run from the server's metrics (target: constrained >= 85% of free throughput).
 
 The checkpoint has random `nano` weights and a tokenizer trained on the built-in corpus unless --model
 names one. Run: `python bench/serve.py [--model DIR] [--clients 32] [--requests 4] [--max-tokens 64]`.
@@ -63,12 +65,19 @@ def start_server(model: str, max_num_seqs: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the server did not start")
 
 
-async def one_request(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) -> dict:
+# a JSON object with one long string: every step of a random model's reply stays under the grammar
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+          "additionalProperties": False}
+FREE = {"thinking": {"type": "disabled"}}
+CONSTRAINED = {**FREE, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}
+
+
+async def one_request(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     start = time.perf_counter()
     stamps, tokens = [], 0
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, temperature=0.6)
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, **(extra or {})}, temperature=0.6)
     async for chunk in stream:
         if chunk.choices and (chunk.choices[0].delta.content or getattr(chunk.choices[0].delta,
                                                                           "reasoning_content", None)):
@@ -79,11 +88,12 @@ async def one_request(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) 
             "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)], "tokens": tokens}
 
 
-async def concurrent(base: str, prompts: list[list[str]], max_tokens: int) -> tuple[float, list[dict]]:
+async def concurrent(base: str, prompts: list[list[str]], max_tokens: int,
+                     extra: dict | None = None) -> tuple[float, list[dict]]:
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
 
     async def user(mine: list[str]) -> list[dict]:
-        return [await one_request(client, prompt, max_tokens) for prompt in mine]
+        return [await one_request(client, prompt, max_tokens, extra) for prompt in mine]
 
     start = time.perf_counter()
     results = await asyncio.gather(*(user(mine) for mine in prompts))
@@ -119,6 +129,7 @@ def main() -> None:
         asyncio.run(sequential(base, [prompts[0][:2]], args.max_tokens))  # warm-up
         together_s, loaded = asyncio.run(concurrent(base, prompts, args.max_tokens))
         alone_s, single = asyncio.run(sequential(base, prompts, args.max_tokens))
+        structured = structured_cost(base, prompts, args.max_tokens)
     finally:
         process.terminate()
         process.wait()
@@ -133,6 +144,28 @@ def main() -> None:
           f"{percentiles([r['ttft'] for r in single])}; ITL {percentiles([x for r in single for x in r['itl']])}")
     print(f"ratio: {alone_s / together_s:.2f}x (target >= 6x)")
     print(f"median ITL under load {statistics.median(x for r in loaded for x in r['itl']) * 1000:.1f} ms")
+    print(structured)
+
+
+def grammar_seconds(base: str) -> float:
+    """The server's total time computing grammar masks (its Prometheus histogram's sum)."""
+    with urllib.request.urlopen(base + "/metrics") as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("nanoseek_grammar_mask_seconds_sum"))
+
+
+def structured_cost(base: str, prompts: list[list[str]], max_tokens: int) -> str:
+    """The 32 clients free and then under a JSON schema, both without a think block; tok/s of each."""
+    rates = {}
+    for name, extra in (("free", FREE), ("json_schema", CONSTRAINED), ("free again", FREE)):
+        before = grammar_seconds(base)
+        seconds, results = asyncio.run(concurrent(base, prompts, max_tokens, extra))
+        rates[name] = (sum(r["tokens"] for r in results) / seconds, seconds, grammar_seconds(base) - before)
+    free = (rates["free"][0] + rates["free again"][0]) / 2
+    rate, seconds, masks = rates["json_schema"]
+    return (f"structured outputs, {len(prompts)} concurrent clients, no think block: free {rates['free'][0]:.0f} "
+            f"and {rates['free again'][0]:.0f} tok/s; json_schema {rate:.0f} tok/s = {rate / free:.1%} of free "
+            f"(target >= 85%); grammar masks {masks:.2f} s of its {seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def test_required_calls_are_schema_valid_and_results_continue_the_conversation(s
                                              temperature=0, extra_body=DIRECT)
     assert answer.usage.prompt_tokens > without.usage.prompt_tokens + 5  # the result is in the prompt
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    served = server if family == "hermes" else deepseek_server
+    assert served.metric("nanoseek_constrained_requests_total") >= 4
+    assert served.metric("nanoseek_tool_calls_parsed_total") >= 4
+    assert served.metric("nanoseek_grammar_mask_seconds_count") > 0
 
 
 def test_a_named_function_is_the_one_called_and_streamed_fragments_reassemble(server):
@@ -123,6 +127,8 @@ def test_calls_parse_back_whole_and_streamed_a_character_at_a_time(syntax):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}],
+      "tool_choice": "required"}, "tools"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]},
      "messages[1].tool_calls[0]"),

@@ -52,6 +52,12 @@ class Metrics:
                              registry=r, buckets=LATENCY_BUCKETS)
         self.latency = Histogram("nanoseek_request_latency_seconds", "Time from arrival to the last token",
                                  registry=r, buckets=LATENCY_BUCKETS)
+        self.constrained = Counter("nanoseek_constrained_requests", "Requests decoded under a grammar "
+                                   "(response_format, forced tool calls)", registry=r)
+        self.tool_calls = Counter("nanoseek_tool_calls_parsed", "Tool calls read out of replies", registry=r)
+        self.grammar = Histogram("nanoseek_grammar_mask_seconds", "Time per engine step spent computing the "
+                                 "grammars' token masks (steps with constrained sequences)", registry=r,
+                                 buckets=(0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1))
 
 
 @dataclass
@@ -123,6 +129,8 @@ class AsyncEngine:
                            code="queue_full", headers={"Retry-After": "1"})
         request = Request(prompt_ids, params, asyncio.Queue(), asyncio.get_running_loop())
         self.outstanding += 1
+        if params.structured is not None:
+            self.metrics.constrained.inc()
         self.commands.put(("add", request))
         return request
 
@@ -166,7 +174,10 @@ class AsyncEngine:
             block = False
 
     def _step(self) -> None:
+        masking = self.llm.grammars.mask_seconds
         moved = self.llm.step()
+        if self.llm.grammars.mask_seconds > masking:
+            self.metrics.grammar.observe(self.llm.grammars.mask_seconds - masking)
         now = time.perf_counter()
         metrics = self.metrics
         for request_id in {s.request_id for s in moved}:

@@ -32,7 +32,8 @@ async def chat_completion(server: Server, body: ChatRequest, http: Request) -> d
     plan = _tool_plan(server, body, offered, in_reasoning)
     structured = plan.structured if plan is not None else _structured(server, body, in_reasoning)
     params = server.sampling(body, ids, min(caps) if caps else None, top, reasoner_rules=in_reasoning,
-                             structured=structured, keep_special=plan is not None and plan.syntax is DEEPSEEK)
+                             structured=structured, keep_special=plan is not None and plan.syntax is DEEPSEEK,
+                             structured_param="tools" if plan is not None else "response_format")
     request = server.engine.submit(ids, params)
     meta = server.response_meta("chatcmpl")
     if body.stream:
@@ -40,8 +41,9 @@ async def chat_completion(server: Server, body: ChatRequest, http: Request) -> d
         return stream_response(_chat_stream(server, request, meta, ids, in_reasoning, body.n, usage, top, plan))
     (finished,) = await collect(server.engine, [request], http)
     output = finished.output
-    return {**meta, "object": "chat.completion",
-            "choices": [_choice(server, completion, in_reasoning, top, plan) for completion in output.outputs],
+    choices = [_choice(server, completion, in_reasoning, top, plan) for completion in output.outputs]
+    server.engine.metrics.tool_calls.inc(sum(len(c["message"].get("tool_calls", [])) for c in choices))
+    return {**meta, "object": "chat.completion", "choices": choices,
             "usage": _usage(server, len(ids), output, in_reasoning)}
 
 
@@ -230,6 +232,7 @@ async def _chat_stream(server: Server, request: EngineRequest, meta: dict[str, A
             if logprobs:
                 yield chunk(event.index, {}, logprobs=logprobs)
             if event.finish_reason:
+                server.engine.metrics.tool_calls.inc(reply.calls.sent if reply.calls is not None else 0)
                 yield chunk(event.index, {}, reply.finish_reason(event.finish_reason))
         if include_usage:
             yield sse({**base, "choices": [], "usage": _usage(server, len(ids), event.output, in_reasoning)})

@@ -37,14 +37,14 @@ class ServerConfig:
 
 
 @contextmanager
-def engine_refusals(prompt_param: str = "prompt") -> Iterator[None]:
+def engine_refusals(prompt_param: str = "prompt", structured_param: str = "response_format") -> Iterator[None]:
     """Answer an EngineError raised inside as a 400 with its `param` and `code`. The engine calls any prompt
-    `prompt`; `prompt_param` is the request field this one came from (`messages`, `prompt[2]`); the grammar
-    of `structured` comes from `response_format`."""
+    `prompt`; `prompt_param` is the request field this one came from (`messages`, `prompt[2]`), and
+    `structured_param` the field the grammar came from (`response_format`, `tools`)."""
     try:
         yield
     except EngineError as exc:
-        param = {"prompt": prompt_param, "structured": "response_format"}.get(exc.param, exc.param)
+        param = {"prompt": prompt_param, "structured": structured_param}.get(exc.param, exc.param)
         raise APIError(400, exc.message, param, exc.code) from exc
 
 
@@ -160,7 +160,8 @@ class Server:
     # ---- sampling -----------------------------------------------------------------------------
     def sampling(self, body: SamplingFields, ids: list[int], max_tokens: int | None, logprobs: int | None,
                  reasoner_rules: bool = False, prompt_logprobs: int | None = None,
-                 structured: StructuredOutput | None = None, keep_special: bool = False) -> SamplingParams:
+                 structured: StructuredOutput | None = None, keep_special: bool = False,
+                 structured_param: str = "response_format") -> SamplingParams:
         """The engine's parameters for a checked prompt `ids`, refused here if the engine would refuse them."""
         if body.model != self.config.served_model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
@@ -169,7 +170,7 @@ class Server:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         room = self.llm.max_model_len - len(ids)
         default = {**SamplingParams().__dict__, **self.llm.sampling_defaults}  # generation_config.json's first
-        with engine_refusals():
+        with engine_refusals(structured_param=structured_param):
             params = SamplingParams(
                 n=body.n, max_tokens=min(max_tokens or self.llm.sampling_defaults.get("max_tokens") or room, room),
                 temperature=R1_SAMPLING["temperature"] if ignored else _default(body.temperature,
