@@ -6,7 +6,10 @@ schemas). `Grammars` compiles one into a matcher over the model's vocabulary; be
 runner asks every constrained sequence's matcher which tokens may come next (`allowed`) and masks the others,
 and each token taken is fed back (`Constraint.consume`), so the output matches whatever the weights say.
 
-llguidance reads the `tokenizer.json` string as it is and has no dependencies of its own.
+llguidance over xgrammar, by measurement (`bench/grammar.py`, one JSON schema walked by both, 2-core CPU): at a
+131K vocabulary (DeepSeek's is 129,280) llguidance's mask takes 3 us at the median and 2.3 ms over 300 tokens
+against xgrammar's 97 us and 27.8 ms, and compiles the schema in 1.3 ms against 27 ms (each tool-calling request
+brings its own); at 8K the two are even. It also reads `tokenizer.json` as it is and needs nothing else.
 """
 
 from __future__ import annotations
