@@ -92,14 +92,16 @@ def test_a_named_function_is_the_one_called_and_streamed_fragments_reassemble(se
     whole = client.chat.completions.create(**request).choices[0].message.tool_calls
     assert [c.function.name for c in whole] == ["add"]
     calls: dict[int, dict] = {}
-    finishes = []
+    finishes, pieces = [], 0
     for chunk in client.chat.completions.create(**request, stream=True):
         for delta in chunk.choices[0].delta.tool_calls or []:
             call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
             call["name"] += delta.function.name or ""
             call["arguments"] += delta.function.arguments or ""
+            pieces += bool(delta.function.arguments)
         finishes += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
     assert calls == {0: {"name": "add", "arguments": whole[0].function.arguments}} and finishes == ["tool_calls"]
+    assert pieces > 2  # the arguments arrive as they are written, not in one piece at the end
 
 
 @pytest.mark.parametrize("syntax", [HERMES, DEEPSEEK], ids=["hermes", "deepseek"])

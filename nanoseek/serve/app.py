@@ -26,8 +26,9 @@ pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
 * Tools (`tools.py`): listed by the template when it renders `tools`, else in a system message; the reply's
   calls are parsed in the family's syntax (DeepSeek-V3's tokens or Hermes's tags). `tool_choice` `required`
   or a named function is a grammar over the functions' schemas; under `auto` only strict functions are held to
-  their schemas, once the model writes DeepSeek's call opener (a single token). Arguments are re-serialised
-  JSON; a reply with calls has `content` null unless text came first.
+  their schemas, once the model writes DeepSeek's call opener (a single token). Arguments are the JSON as the
+  model wrote it (a call whose arguments do not parse is left in `content`), streamed piece by piece; a reply
+  with calls has `content` null unless text came first.
 * The front door: a body over `--max-request-bytes` gets 413 and one that is not UTF-8 a 400 (`BodyCheck`),
   a lone surrogate or NUL anywhere in the body a 400 naming its place (`protocol.check_text`); prompts are
   tokenised on a worker thread; a stream with no event for `--sse-ping-interval` seconds gets an SSE comment.

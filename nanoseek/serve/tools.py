@@ -44,21 +44,31 @@ class CallSyntax:
                  for n, a in calls]
         return self.block_open + self.separator.join(parts) + self.block_close
 
+    def head(self) -> re.Pattern:
+        """A call's start up to its arguments; group 1 is the name (a JSON string's inside for Hermes)."""
+        name = r'"((?:[^"\\]|\\.)+)"' if self.name_quoted else r"([^\s<]+?)"
+        return re.compile(re.escape(self.call_open) + name + re.escape(self.between))
+
+    def called(self, match: re.Match) -> str:
+        return json.loads(f'"{match.group(1)}"') if self.name_quoted else match.group(1)
+
     def parse(self, text: str) -> tuple[str, list[tuple[str, str]]] | None:
-        """(content before the calls, [(name, arguments JSON)]) when `text` holds calls that parse; else None."""
+        """(content before the calls, [(name, arguments as written)]) when `text` holds calls whose arguments
+        are JSON; else None."""
         at = text.find(self.opener)
         if at < 0:
             return None
-        name = r'"((?:[^"\\]|\\.)+)"' if self.name_quoted else r"([^\s<]+?)"
-        pattern = re.escape(self.call_open) + name + re.escape(self.between) + r"(.*?)" + re.escape(self.call_close)
-        calls = []
-        for match in re.finditer(pattern, text[at:], re.DOTALL):
-            called = json.loads(f'"{match.group(1)}"') if self.name_quoted else match.group(1)
+        calls, head = [], self.head()
+        for match in head.finditer(text, at):
+            close = text.find(self.call_close, match.end())
+            if close < 0:
+                break
+            arguments = text[match.end(): close]
             try:
-                arguments = json.dumps(json.loads(match.group(2)), ensure_ascii=False)
+                json.loads(arguments)
             except json.JSONDecodeError:
                 return None
-            calls.append((called, arguments))
+            calls.append((self.called(match), arguments))
         return (text[:at], calls) if calls else None
 
 
@@ -138,13 +148,16 @@ def openai_calls(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
 
 
 class ToolStream:
-    """A streamed reply's content split into text and tool calls: text passes until the call syntax opens
-    (a possible start of it is held back), each call goes out as OpenAI's `delta.tool_calls` fragments once
-    it is complete (its id, type and name, then its arguments), and whatever never parses ends as text."""
+    """A streamed reply's content split into text and tool calls, as OpenAI streams them: text passes until
+    the call syntax opens (a possible start of it is held back); each call then goes out as `delta.tool_calls`
+    fragments, first its id, type and name, then its arguments piece by piece as they are written (a possible
+    start of the call's closing held back); text that never opens a call ends as text."""
 
     def __init__(self, syntax: CallSyntax, parallel: bool):
-        self.syntax, self.parallel = syntax, parallel
-        self.buffer, self.calling, self.sent = "", False, 0
+        self.syntax, self.parallel, self.pattern = syntax, parallel, syntax.head()
+        self.buffer, self.calling, self.position = "", False, 0
+        self.sent = 0  # calls complete
+        self.open: tuple[int, int] | None = None  # the call being written: (its index, arguments sent up to)
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """(content to send now, tool-call fragments to send now)."""
@@ -156,23 +169,36 @@ class ToolStream:
                 out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
                 return out, []
             out, self.buffer, self.calling = self.buffer[:at], self.buffer[at:], True
-            return out, self._calls()
-        return "", self._calls()
+            return out, self._fragments()
+        return "", self._fragments()
 
-    def _calls(self) -> list[dict[str, Any]]:
-        parsed = self.syntax.parse(self.buffer)
-        calls = [] if parsed is None else parsed[1][: None if self.parallel else 1]
-        fragments = []
-        for index, call in enumerate(openai_calls(calls[self.sent:]), start=self.sent):
-            head = {"index": index, "id": call["id"], "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""}}
-            fragments += [head, {"index": index, "function": {"arguments": call["function"]["arguments"]}}]
-        self.sent = len(calls)
+    def _fragments(self) -> list[dict[str, Any]]:
+        fragments: list[dict[str, Any]] = []
+        while True:
+            if self.open is None:
+                if self.sent and not self.parallel:
+                    break  # one call only: the rest is dropped
+                match = self.pattern.search(self.buffer, self.position)
+                if match is None:
+                    break
+                call = openai_calls([(self.syntax.called(match), "")])[0]
+                fragments.append({"index": self.sent, **call})
+                self.open = (self.sent, match.end())
+            index, sent = self.open
+            close = self.buffer.find(self.syntax.call_close, sent)
+            end = close if close >= 0 else len(self.buffer) - _partial_suffix(self.buffer, self.syntax.call_close)
+            if end > sent:
+                fragments.append({"index": index, "function": {"arguments": self.buffer[sent:end]}})
+            self.open = (index, max(end, sent))
+            if close < 0:
+                break
+            self.position, self.open, self.sent = close + len(self.syntax.call_close), None, self.sent + 1
         return fragments
 
     def finish(self) -> str:
         """Text held back that never became a call."""
-        rest, self.buffer = ("" if self.sent else self.buffer), ""
+        started = self.sent or self.open is not None
+        rest, self.buffer = ("" if started else self.buffer), ""
         return rest
 
 
