@@ -76,6 +76,11 @@ def test_regex_choice_and_a_grammar_that_starts_after_a_token(checkpoint):
     after = llm.tokenizer.token_id("</think>")
     text = one(StructuredOutput(json={"type": "object"}, after=after), logit_bias={after: 100}, max_tokens=200)
     assert text.startswith("</think>") and json.loads(text.removeprefix("</think>")) is not None
+    # a budget of 6 tokens of free text: `after` is forced at the seventh at the latest
+    budget = SamplingParams(max_tokens=200, temperature=1.0, seed=5,
+                            structured=StructuredOutput(regex="[a-z]{3}", after=after, after_within=6))
+    ids = llm.generate("hi", budget)[0].outputs[0].token_ids
+    assert after in ids[:7] and re.fullmatch("[a-z]{3}", llm.tokenizer.decode(ids[ids.index(after) + 1:]))
 
 
 @pytest.mark.parametrize(("structured", "message"), [
@@ -116,13 +121,19 @@ def test_json_schema_strict_output_validates_for_20_samples(server):
 
 
 def test_json_after_the_think_block_keeps_the_reasoning(server, checkpoint):
-    """An R1 prompt: the reasoning is free text, the JSON comes after </think> (the bias closes it at once)."""
+    """An R1 prompt: the reasoning is free text, the JSON comes after </think>: at once when the bias closes
+    the block, or after half the tokens, where the block is closed for the model."""
     think_close = Tokenizer.from_dir(checkpoint).token_id("</think>")
-    reply = server.client().chat.completions.create(
-        model=MODEL, messages=MESSAGES, response_format={"type": "json_object"}, max_tokens=200, temperature=1.0,
-        seed=3, logit_bias={str(think_close): 100})
+    client = server.client()
+    form = {"type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA}}
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=form, max_tokens=200,
+                                           temperature=1.0, seed=3, logit_bias={str(think_close): 100})
     message = reply.choices[0].message
-    assert getattr(message, "reasoning_content", None) == "" and isinstance(json.loads(message.content), dict)
+    assert getattr(message, "reasoning_content", None) == "" and valid(message.content)
+    thought = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=form, max_tokens=300,
+                                             temperature=1.0, seed=3)
+    assert len(thought.choices[0].message.reasoning_content) > 0 and valid(thought.choices[0].message.content)
+    assert thought.usage.completion_tokens_details.reasoning_tokens <= 150 + 1
 
 
 @pytest.mark.parametrize(("form", "param", "message"), [

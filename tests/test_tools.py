@@ -84,6 +84,18 @@ def test_required_calls_are_schema_valid_and_results_continue_the_conversation(s
     assert served.metric("nanoseek_grammar_mask_seconds_count") > 0
 
 
+def test_a_forced_call_after_r1_reasoning_keeps_the_reasoning(server):
+    """The R1 template opens a think block: the reply reasons first (in reasoning_content), for at most half
+    its tokens, then </think> is forced and the call follows, valid whatever the weights."""
+    reply = server.client(max_retries=0).chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=300, temperature=1.0, seed=11)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.reasoning_content) > 0
+    assert arguments_valid(choice.message.tool_calls[0].function.arguments, WEATHER)
+    assert reply.usage.completion_tokens_details.reasoning_tokens <= 150 + 1
+
+
 def test_a_named_function_is_the_one_called_and_streamed_fragments_reassemble(server):
     client = server.client(max_retries=0)
     named = {"type": "function", "function": {"name": "add"}}

@@ -168,7 +168,7 @@ class ModelRunner:
         if not constrained or self.grammars is None:
             return logits
         drafts = None if draft is None else draft.tolist()
-        matchers, taken = [], []
+        matchers, taken, starting = [], [], []
         try:
             for row, constraint in constrained:
                 if drafts is not None and constraint.active:
@@ -176,14 +176,19 @@ class ModelRunner:
                         continue
                     taken.append(constraint.matcher)
                 elif not constraint.active and (drafts is None or drafts[row] != constraint.after):
+                    if constraint.must_start(ahead=0 if drafts is None else 1):
+                        starting.append((row, constraint.after))  # free text used up: `after` comes now
                     continue  # free text still (the grammar starts after the `after` token)
                 matchers.append((constraint.matcher, row))
-            if not matchers:
+            if not matchers and not starting:
                 return logits
             allowed = self.grammars.allowed(matchers, len(seqs), logits.device)
         finally:
             for matcher in taken:
                 matcher.rollback(1)
+        for row, token in starting:
+            allowed[row] = False
+            allowed[row, token] = True
         return logits.masked_fill(~allowed, float("-inf"))
 
     # ---- sampling state ----------------------------------------------------------------------

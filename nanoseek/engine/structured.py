@@ -34,13 +34,16 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 @dataclass(frozen=True)
 class StructuredOutput:
     """Exactly one of `json`, `regex`, `choice`, `grammar`. `after`: a token id the constraint waits for,
-    free text before it (an R1 reply's think block, closed by `</think>`, comes before the JSON or tool call)."""
+    free text before it (an R1 reply's think block, closed by `</think>`, comes before the JSON or tool call);
+    `after_within`: the most tokens of free text, after which `after` is the only token allowed (a reasoning
+    budget, so that even a model that would think on past its token limit gets to the grammar)."""
 
     json: dict[str, Any] | None = None  # a JSON schema; {"type": "object"} is any JSON object
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     after: int | None = None
+    after_within: int | None = None
 
     def grammar_text(self) -> str:
         """The llguidance grammar; EngineError (param `structured`) when the request is malformed."""
@@ -68,14 +71,20 @@ class Constraint:
 
     matcher: LLMatcher
     after: int | None
+    within: int | None = None
     active: bool = field(init=False)
+    waited: int = 0  # tokens of free text so far
 
     def __post_init__(self) -> None:
         self.active = self.after is None
 
+    def must_start(self, ahead: int = 0) -> bool:
+        """Whether the free text is used up `ahead` tokens from now: only `after` may come next."""
+        return not self.active and self.within is not None and self.waited + ahead >= self.within
+
     def consume(self, token: int) -> None:
         if not self.active:
-            self.active = token == self.after
+            self.active, self.waited = token == self.after, self.waited + 1
         elif not self.matcher.consume_token(token):
             raise RuntimeError(f"structured output: token {token} outside the mask ({self.matcher.get_error()})")
 
@@ -113,15 +122,17 @@ class Grammars:
         return grammar
 
     def constraint(self, structured: StructuredOutput) -> Constraint:
-        return Constraint(LLMatcher(self.tokenizer, self.check(structured), log_level=0), structured.after)
+        return Constraint(LLMatcher(self.tokenizer, self.check(structured), log_level=0), structured.after,
+                          structured.after_within)
 
     def allowed(self, rows: list[tuple[LLMatcher, int]], batch: int, device: torch.device) -> Tensor:
         """[batch, vocab] bool: the tokens each listed matcher allows next, in its row; other rows allow all."""
         start = time.perf_counter()
         bitmask = allocate_token_bitmask(batch, self.vocab_size)  # -1: every bit set
-        if self._executor is None:
-            self._executor = LLExecutor()
-        fill_next_token_bitmask_par(self._executor, rows, bitmask)
+        if rows:
+            if self._executor is None:
+                self._executor = LLExecutor()
+            fill_next_token_bitmask_par(self._executor, rows, bitmask)
         bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
         self.mask_seconds += time.perf_counter() - start
         return bits.view(batch, -1)[:, : self.vocab_size].bool().to(device)

@@ -22,7 +22,9 @@ pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
   returns the prompt alone; such a prompt runs whole, past the prefix cache.
 * `response_format` `json_object` / `json_schema` constrain the reply by a grammar (`engine/structured.py`);
   `strict` schemas must keep strict mode's rules (every property required, additionalProperties false).
-  After an R1 prompt the grammar starts when the think block closes.
+  After an R1 prompt the grammar starts when the think block closes, which it must within half the reply's
+  tokens (then `</think>` is the only token allowed): a reasoning budget, so that the JSON or forced call
+  comes whatever the weights.
 * Tools (`tools.py`): listed by the template when it renders `tools`, else in a system message; the reply's
   calls are parsed in the family's syntax (DeepSeek-V3's tokens or Hermes's tags). `tool_choice` `required`
   or a named function is a grammar over the functions' schemas; under `auto` only strict functions are held to

@@ -29,8 +29,11 @@ async def chat_completion(server: Server, body: ChatRequest, http: Request) -> d
     await asyncio.to_thread(server.check_prompt, ids, "messages")
     caps = [c for c in (body.max_tokens, body.max_completion_tokens) if c is not None]
     top = (body.top_logprobs or 0) if body.logprobs else None  # alternatives per token; None: no logprobs
-    plan = _tool_plan(server, body, offered, in_reasoning)
-    structured = plan.structured if plan is not None else _structured(server, body, in_reasoning)
+    room = server.llm.max_model_len - len(ids)
+    # an R1 reply that must be JSON or a call thinks for at most half its tokens, then closes the block
+    thinking = max(1, min(min(caps) if caps else room, room) // 2) if in_reasoning else None
+    plan = _tool_plan(server, body, offered, thinking)
+    structured = plan.structured if plan is not None else _structured(server, body, thinking)
     params = server.sampling(body, ids, min(caps) if caps else None, top, reasoner_rules=in_reasoning,
                              structured=structured, keep_special=plan is not None and plan.syntax is DEEPSEEK,
                              structured_param="tools" if plan is not None else "response_format")
@@ -66,7 +69,8 @@ def _offered_tools(body: ChatRequest) -> list[Function]:
     return [] if body.tool_choice == "none" else available
 
 
-def _tool_plan(server: Server, body: ChatRequest, offered: list[Function], in_reasoning: bool) -> ToolPlan | None:
+def _tool_plan(server: Server, body: ChatRequest, offered: list[Function], thinking: int | None) -> ToolPlan | None:
+    """`thinking`: None when the prompt leaves no think block open, else the most tokens it may take."""
     if not offered:
         return None
     if body.response_format is not None and body.response_format.type != "text":
@@ -88,12 +92,19 @@ def _tool_plan(server: Server, body: ChatRequest, offered: list[Function], in_re
             return ToolPlan(syntax, parallel, None)
         grammar = calls_grammar(syntax, offered, parallel, server.tokenizer, opened=True)
         return ToolPlan(syntax, parallel, StructuredOutput(grammar=grammar, after=opener))
-    if in_reasoning and server.think_close_id is None:
-        raise APIError(400, f"tool_choice: the prompt opens a think block and the tokenizer has no single "
-                       f"{THINK_CLOSE} token to start the call after", "tool_choice")
     grammar = calls_grammar(syntax, forced, parallel, server.tokenizer)
-    return ToolPlan(syntax, parallel, StructuredOutput(grammar=grammar,
-                                                       after=server.think_close_id if in_reasoning else None))
+    return ToolPlan(syntax, parallel, StructuredOutput(grammar=grammar, **_after_thinking(server, thinking,
+                                                                                         "tool_choice")))
+
+
+def _after_thinking(server: Server, thinking: int | None, param: str) -> dict[str, int | None]:
+    """StructuredOutput's `after` fields for a grammar that follows the think block (if one is open)."""
+    if thinking is None:
+        return {}
+    if server.think_close_id is None:
+        raise APIError(400, f"{param}: the prompt opens a think block and the tokenizer has no single "
+                       f"{THINK_CLOSE} token to start after; send thinking: {{'type': 'disabled'}}", param)
+    return {"after": server.think_close_id, "after_within": thinking}
 
 
 def _refuse_unsupported(server: Server, body: ChatRequest) -> None:
@@ -104,7 +115,7 @@ def _refuse_unsupported(server: Server, body: ChatRequest) -> None:
         raise APIError(400, "logprobs: not supported by the reasoner (DeepSeek-R1's rule)", "logprobs")
 
 
-def _structured(server: Server, body: ChatRequest, in_reasoning: bool) -> StructuredOutput | None:
+def _structured(server: Server, body: ChatRequest, thinking: int | None) -> StructuredOutput | None:
     """response_format as a grammar: `json_object` any JSON object, `json_schema` its schema (with `strict`,
     the schema checked against the rules of OpenAI's and DeepSeek's strict mode first). After an R1 prompt the
     grammar starts once the think block closes: the reasoning stays free text."""
@@ -120,11 +131,7 @@ def _structured(server: Server, body: ChatRequest, in_reasoning: bool) -> Struct
         problem = strict_violation(schema) if form.json_schema.strict else None
         if problem:
             raise APIError(400, f"response_format.json_schema.schema{problem}", "response_format.json_schema.schema")
-    if in_reasoning and server.think_close_id is None:
-        raise APIError(400, "response_format: the prompt opens a think block and the tokenizer has no single "
-                       f"{THINK_CLOSE} token to start the JSON after; send thinking: {{'type': 'disabled'}}",
-                       "response_format")
-    return StructuredOutput(json=schema, after=server.think_close_id if in_reasoning else None)
+    return StructuredOutput(json=schema, **_after_thinking(server, thinking, "response_format"))
 
 
 def strict_violation(schema: Any, path: str = "") -> str | None:
