@@ -262,6 +262,15 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(server, engine, 
         assert (text == engine.tokenizer.decode(prompt)) == (max_tokens == 0)
 
 
+def test_echoed_text_offsets_count_characters(server):
+    """A character split over byte-level tokens counts once: offsets never run past the text they index."""
+    reply = server.client().completions.create(model=MODEL, prompt="née à Zürich, 東京", max_tokens=4, echo=True,
+                                               logprobs=1, temperature=0).choices[0]
+    offsets = reply.logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[-1] <= len(reply.text)
+    assert reply.text.startswith("née à Zürich, 東京")
+
+
 def test_logit_bias_bans_a_token(server, engine):
     """A bias of -100 on the greedy reply's first token keeps it out of the reply, in chat and completions."""
     client, greedy = server.client(), SamplingParams(max_tokens=8, temperature=0)

@@ -19,7 +19,8 @@ from nanoseek.engine.structured import StructuredOutput
 from nanoseek.tokenizer import Tokenizer
 
 SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 12}, "count": {"type": "integer"}, "ok": {"type": "boolean"},
+    "name": {"type": "string", "maxLength": 12}, "count": {"type": "integer", "minimum": -5, "maximum": 999},
+    "ok": {"type": "boolean"},
     "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
     "required": ["name", "count", "ok", "tags"], "additionalProperties": False}
 
@@ -60,6 +61,18 @@ def test_sampled_json_follows_its_schema_beside_free_rows(checkpoint, mtp_checkp
     assert len(texts) == 20 and all(valid(t) for t in texts), [t for t in texts if not valid(t)]
     assert all(c.finish_reason == "stop" for out in outputs[:len(prompts)] for c in out.outputs)
     assert sum(not valid(c.text) for out in outputs[len(prompts):] for c in out.outputs) >= 3  # free rows: free
+
+
+@pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 0.01}, {"min_p": 0.99}, {"temperature": 0}])
+def test_the_grammar_masks_before_truncation(checkpoint, mtp_checkpoint, truncation):
+    """Masked after top-k / top-p / min-p, a row could keep no allowed token at all; masked first, truncation
+    picks among allowed ones: valid JSON, with speculation too."""
+    for path, speculative in ((checkpoint, False), (mtp_checkpoint, True)):
+        llm = LLM(path, max_num_seqs=2, max_model_len=512, speculative=speculative)
+        params = SamplingParams(**{"temperature": 1.0, "seed": 4, "max_tokens": 300, **truncation},
+                                structured=StructuredOutput(json=SCHEMA))
+        out = llm.generate("the cat", params)[0].outputs[0]
+        assert valid(out.text) and out.finish_reason == "stop" and out.stop_reason is None, out.text
 
 
 def test_regex_choice_and_a_grammar_that_starts_after_a_token(checkpoint):
@@ -149,6 +162,12 @@ def test_json_after_the_think_block_keeps_the_reasoning(server, checkpoint):
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}, "response_format",
      "objectx"),
     ({"type": "json_schema"}, "response_format.json_schema.schema", "required"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+        "type": "object", "properties": [], "additionalProperties": False}}},
+     "response_format.json_schema.schema", ".properties: must be an object"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+        "type": "object", "properties": {}, "required": [["a"]], "additionalProperties": False}}},
+     "response_format.json_schema.schema", ".required: must be a list of property names"),
 ])
 def test_bad_response_formats_are_400(server, form, param, message):
     response = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},

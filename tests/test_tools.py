@@ -122,6 +122,11 @@ def test_calls_parse_back_whole_and_streamed_a_character_at_a_time(syntax):
     text = "Let me look. " + syntax.render(calls)
     assert syntax.parse(text) == ("Let me look. ", calls)
     assert syntax.parse("no call here") is None and syntax.parse(syntax.opener + "garbage") is None
+    if syntax is HERMES:  # a name that is not a JSON string: no call, whole or streamed
+        bad = '<tool_call>\n{"name": "a\\u12", "arguments": {}}\n</tool_call>'
+        assert syntax.parse(bad) is None
+        broken = ToolStream(syntax, parallel=True)
+        assert broken.feed(bad)[1] == [] and broken.finish() == bad
     stream, content, fragments = ToolStream(syntax, parallel=True), "", []
     for character in text:
         plain, new = stream.feed(character)

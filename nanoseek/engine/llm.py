@@ -179,8 +179,9 @@ class LLM:
         group = [Sequence(request_id, i, ids, params, _child_seed(base_seed, i), self.eos_ids, self.tokenizer,
                           self.max_model_len) for i in range(params.n)]
         if params.structured is not None:  # a matcher of its own for each completion
-            for seq in group:
-                seq.constraint = self.grammars.constraint(params.structured)
+            for seq, constraint in zip(group, self.grammars.constraints(params.structured, len(group)),
+                                       strict=True):
+                seq.constraint = constraint
         self.requests[request_id] = group
         self.prompts[request_id] = prompt if isinstance(prompt, str) else None
         self.scheduler.add(group)

@@ -81,7 +81,7 @@ class ModelRunner:
         self._reset_penalty_state(seqs)
         logits = out.logits[:, 0][rows]
         batch = self._batch(seqs)
-        tokens = sample(self._constrain(self._process(logits, batch, seqs), seqs), batch)
+        tokens = sample(self._process(self._constrain(logits, seqs), batch, seqs), batch)
         self._append(seqs, [tokens[:, None]], [logits], torch.zeros_like(tokens))
         if self.speculative:
             self._draft_after_prefill(seqs, ids[rows], out.hidden[rows], last[rows], tokens, batch)
@@ -121,7 +121,7 @@ class ModelRunner:
         positions = self._tensor([[s.next_position] for s in seqs])
         logits = self.model(ids, positions, self.cache, self._slots(seqs))[:, -1]
         batch = self._batch(seqs)
-        tokens = sample(self._constrain(self._process(logits, batch, seqs), seqs), batch)
+        tokens = sample(self._process(self._constrain(logits, seqs), batch, seqs), batch)
         self._append(seqs, [tokens[:, None]], [logits], torch.zeros_like(tokens))
 
     def _speculate(self, seqs: list[Sequence]) -> None:
@@ -133,12 +133,12 @@ class ModelRunner:
         draft = self.drafts[slots]
         out = self.model.run(torch.stack((last, draft), 1), torch.stack((pos, pos + 1), 1), self.cache, slots)
         batch = self._batch(seqs)
-        target = self._constrain(self._process(out.logits[:, 0], batch, seqs), seqs)
+        target = self._process(self._constrain(out.logits[:, 0], seqs), batch, seqs)
         draft_probs = None if batch.all_greedy else self.draft_probs[slots]
         first, accepted = verify(target, draft_probs, draft, batch)
         bonus_batch = batch.at(1)
-        bonus_logits = self._process(out.logits[:, 1], bonus_batch, seqs, extra=draft)
-        bonus = sample(self._constrain(bonus_logits, seqs, draft), bonus_batch)
+        bonus_logits = self._constrain(out.logits[:, 1], seqs, draft)
+        bonus = sample(self._process(bonus_logits, bonus_batch, seqs, extra=draft), bonus_batch)
         emitted = torch.stack((first, bonus), 1)
         self._append(seqs, [emitted[:, :1], emitted[:, 1:]], [out.logits[:, 0], out.logits[:, 1]],
                      accepted.long())
@@ -161,7 +161,8 @@ class ModelRunner:
             self.draft_probs[slots] = processed.softmax(dim=-1)
 
     def _constrain(self, logits: Tensor, seqs: list[Sequence], draft: Tensor | None = None) -> Tensor:
-        """`logits` with the tokens each constrained sequence's grammar forbids next at -inf. With `draft` [B]:
+        """Raw `logits` with the tokens each constrained sequence's grammar forbids next at -inf, before any
+        processing: truncation (top-k, top-p, min-p) then keeps allowed tokens only. With `draft` [B]:
         at the position after each row's draft, as if it had been taken (a speculative step's bonus token); a
         row whose draft the grammar forbids keeps its logits, as its draft and bonus are rejected anyway."""
         constrained = [(row, s.constraint) for row, s in enumerate(seqs) if s.constraint is not None]

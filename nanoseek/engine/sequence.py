@@ -78,8 +78,7 @@ class Sequence:
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token]
-        if self.constraint is not None and token not in self.stop_ids:
-            self.constraint.consume(token)
+        refused = self.constraint is not None and token not in self.stop_ids and not self.constraint.consume(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
             self.stop_reason = token if token in self.params.stop_token_ids else None  # None: end of sequence
@@ -88,6 +87,8 @@ class Sequence:
             self.text += self.detokenizer.push(token)
             if self.params.stop and self._find_stop(before):
                 return
+        if not self.finished and refused:
+            self.finish_reason, self.stop_reason = "stop", "grammar"  # refused by the grammar: end here
         if not self.finished and self.constraint is not None and self.constraint.complete:
             self.finish_reason = "stop"  # the grammar allows nothing more
         if not self.finished and len(self.output_ids) >= self.limit:

@@ -82,11 +82,13 @@ class Constraint:
         """Whether the free text is used up `ahead` tokens from now: only `after` may come next."""
         return not self.active and self.within is not None and self.waited + ahead >= self.within
 
-    def consume(self, token: int) -> None:
+    def consume(self, token: int) -> bool:
+        """Take a token; False if the grammar refuses it (the mask allows none such: a defect, which ends that
+        one sequence rather than the engine)."""
         if not self.active:
             self.active, self.waited = token == self.after, self.waited + 1
-        elif not self.matcher.consume_token(token):
-            raise RuntimeError(f"structured output: token {token} outside the mask ({self.matcher.get_error()})")
+            return True
+        return self.matcher.consume_token(token)
 
     @property
     def complete(self) -> bool:
@@ -121,18 +123,23 @@ class Grammars:
             raise EngineError(f"SamplingParams.structured: {messages[0]}", "structured")
         return grammar
 
-    def constraint(self, structured: StructuredOutput) -> Constraint:
-        return Constraint(LLMatcher(self.tokenizer, self.check(structured), log_level=0), structured.after,
-                          structured.after_within)
+    def constraints(self, structured: StructuredOutput, count: int) -> list[Constraint]:
+        """`count` matchers of one grammar, compiled once (a request's n completions)."""
+        first = LLMatcher(self.tokenizer, self.check(structured), log_level=0)
+        matchers = [first] + [first.deep_copy() for _ in range(count - 1)]
+        return [Constraint(m, structured.after, structured.after_within) for m in matchers]
 
     def allowed(self, rows: list[tuple[LLMatcher, int]], batch: int, device: torch.device) -> Tensor:
-        """[batch, vocab] bool: the tokens each listed matcher allows next, in its row; other rows allow all."""
+        """[batch, vocab] bool: the tokens each listed matcher allows next, in its row; other rows allow all.
+        Only the listed rows' masks are computed and unpacked."""
         start = time.perf_counter()
-        bitmask = allocate_token_bitmask(batch, self.vocab_size)  # -1: every bit set
+        allowed = torch.ones(batch, self.vocab_size, dtype=torch.bool)
         if rows:
             if self._executor is None:
                 self._executor = LLExecutor()
-            fill_next_token_bitmask_par(self._executor, rows, bitmask)
-        bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+            bitmask = allocate_token_bitmask(len(rows), self.vocab_size)
+            fill_next_token_bitmask_par(self._executor, [(m, i) for i, (m, _) in enumerate(rows)], bitmask)
+            bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+            allowed[[row for _, row in rows]] = bits.view(len(rows), -1)[:, : self.vocab_size].bool()
         self.mask_seconds += time.perf_counter() - start
-        return bits.view(batch, -1)[:, : self.vocab_size].bool().to(device)
+        return allowed.to(device)

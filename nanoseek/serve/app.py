@@ -28,9 +28,10 @@ pricing, the reasoning model, multi-round conversation; OpenAI's API reference):
 * Tools (`tools.py`): listed by the template when it renders `tools`, else in a system message; the reply's
   calls are parsed in the family's syntax (DeepSeek-V3's tokens or Hermes's tags). `tool_choice` `required`
   or a named function is a grammar over the functions' schemas; under `auto` only strict functions are held to
-  their schemas, once the model writes DeepSeek's call opener (a single token). Arguments are the JSON as the
-  model wrote it (a call whose arguments do not parse is left in `content`), streamed piece by piece; a reply
-  with calls has `content` null unless text came first.
+  their schemas (the others to any object), once the model writes DeepSeek's call opener (a single token).
+  Arguments are the text the model wrote, streamed piece by piece (unchecked without a grammar, as OpenAI's
+  are); a reply with calls has `content` null unless text came first. A call cut off by the token limit is
+  content in a whole reply, while a stream has sent its fragments so far (finish_reason `length` either way).
 * The front door: a body over `--max-request-bytes` gets 413 and one that is not UTF-8 a 400 (`BodyCheck`),
   a lone surrogate or NUL anywhere in the body a 400 naming its place (`protocol.check_text`); prompts are
   tokenised on a worker thread; a stream with no event for `--sse-ping-interval` seconds gets an SSE comment.
@@ -127,8 +128,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 class BodyCheck:
     """ASGI middleware before the routes: a request body over `max_bytes` gets 413 and one that is not UTF-8
-    (RFC 8259 §8.1) a 400 naming the offset, before anything parses it. The body is read to its end either way,
-    the excess discarded, so that a client still sending sees the answer rather than a reset connection."""
+    (RFC 8259 §8.1) a 400 naming the offset, before anything parses it. An oversized body is read on (up to 4x
+    the limit) and discarded, so that a client still sending sees the answer rather than a reset connection."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -137,7 +138,7 @@ class BodyCheck:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         parts, size, more = [], 0, True
-        while more:
+        while more and size <= 4 * self.max_bytes:  # past that, answer and let the connection close
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
@@ -149,8 +150,8 @@ class BodyCheck:
         body = b"".join(parts)
         error = None
         if size > self.max_bytes:
-            error = APIError(413, f"body: {size} bytes exceed the server's limit of {self.max_bytes} "
-                             "(--max-request-bytes)", "body", "request_too_large")
+            error = APIError(413, f"body: {'over ' if more else ''}{size} bytes exceed the server's limit of "
+                             f"{self.max_bytes} (--max-request-bytes)", "body", "request_too_large")
         else:
             try:
                 body.decode("utf-8")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -34,9 +34,10 @@ async def chat_completion(server: Server, body: ChatRequest, http: Request) -> d
     thinking = max(1, min(min(caps) if caps else room, room) // 2) if in_reasoning else None
     plan = _tool_plan(server, body, offered, thinking)
     structured = plan.structured if plan is not None else _structured(server, body, thinking)
-    params = server.sampling(body, ids, min(caps) if caps else None, top, reasoner_rules=in_reasoning,
-                             structured=structured, keep_special=plan is not None and plan.syntax is DEEPSEEK,
-                             structured_param="tools" if plan is not None else "response_format")
+    params = await asyncio.to_thread(  # off the event loop too: it compiles the grammar
+        server.sampling, body, ids, min(caps) if caps else None, top, reasoner_rules=in_reasoning,
+        structured=structured, keep_special=plan is not None and plan.syntax is DEEPSEEK,
+        structured_param="tools" if plan is not None else "response_format")
     request = server.engine.submit(ids, params)
     meta = server.response_meta("chatcmpl")
     if body.stream:
@@ -90,7 +91,8 @@ def _tool_plan(server: Server, body: ChatRequest, offered: list[Function], think
         opener = server.tokenizer.token_id(syntax.block_open) if syntax.block_open else None
         if opener is None or not any(f.strict for f in offered):
             return ToolPlan(syntax, parallel, None)
-        grammar = calls_grammar(syntax, offered, parallel, server.tokenizer, opened=True)
+        held = [f if f.strict else replace(f, parameters={"type": "object"}) for f in offered]  # only strict ones
+        grammar = calls_grammar(syntax, held, parallel, server.tokenizer, opened=True)
         return ToolPlan(syntax, parallel, StructuredOutput(grammar=grammar, after=opener))
     grammar = calls_grammar(syntax, forced, parallel, server.tokenizer)
     return ToolPlan(syntax, parallel, StructuredOutput(grammar=grammar, **_after_thinking(server, thinking,
@@ -142,11 +144,16 @@ def strict_violation(schema: Any, path: str = "") -> str | None:
         return next((p for i, item in enumerate(schema) if (p := strict_violation(item, f"{path}.{i}"))), None)
     if not isinstance(schema, dict):
         return None
+    for key in ("properties", "$defs", "definitions"):
+        if not isinstance(schema.get(key, {}), dict):
+            return f"{path}.{key}: must be an object"
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        return f"{path}.required: must be a list of property names"
     if schema.get("type") == "object" or "properties" in schema:
-        properties = schema.get("properties", {})
         if schema.get("additionalProperties") is not False:
             return f"{path}: strict mode needs additionalProperties: false on every object"
-        missing = sorted(set(properties) - set(schema.get("required", [])))
+        missing = sorted(set(schema.get("properties", {})) - set(required))
         if missing:
             return f"{path}: strict mode needs every property required; not required: {', '.join(missing)}"
     for key in ("properties", "$defs", "definitions"):
@@ -168,7 +175,7 @@ def _choice(server: Server, completion: CompletionOutput, in_reasoning: bool, to
     parsed = None if plan is None or message["content"] is None else plan.syntax.parse(message["content"])
     if parsed is not None:
         before, calls = parsed
-        message["content"] = before.strip() or None
+        message["content"] = before if before.strip() else None  # as a stream sends it
         message["tool_calls"] = openai_calls(calls if plan.parallel else calls[:1])
         finish = "tool_calls"
     return {"index": completion.index, "message": message, "logprobs": logprobs, "finish_reason": finish}

@@ -32,6 +32,7 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
     # max_tokens 0 (echo only): the engine makes one token, which the response leaves out
     scored = body.logprobs if body.echo else None  # echo with logprobs: the prompt tokens' log-probabilities
     params = [server.sampling(body, p, max(max_tokens, 1), body.logprobs, prompt_logprobs=scored) for p in prompts]
+    echo_scored = body.echo and body.logprobs is not None
     if body.n * len(prompts) > server.llm.max_num_seqs + server.config.max_queue:
         raise APIError(400, f"prompt: {len(prompts)} prompts x n = {body.n} exceed the server's capacity", "prompt")
     requests = _submit_all(server, prompts, params)
@@ -51,7 +52,7 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
             logprobs = None
             if body.logprobs is not None:
                 logprobs = _logprobs(server, completion.token_ids, completion.logprobs or [], body.logprobs, echo,
-                                     event.output)
+                                     event.output if echo_scored else None)
             choices.append({"index": p * body.n + completion.index, "text": echo + completion.text,
                             "logprobs": logprobs, "finish_reason": completion.finish_reason})
     return {**meta, "object": "text_completion", "choices": choices,
@@ -65,9 +66,10 @@ def _without_output(completion: CompletionOutput) -> CompletionOutput:
 
 def _logprobs(server: Server, token_ids: list[int], logprobs: list[dict[int, float]], top: int, echo: str,
               output: RequestOutput | None) -> dict[str, list]:
-    """The legacy logprobs of generated tokens; after an echoed prompt, its tokens' entries first (the first
-    token's null), as OpenAI's legacy API and vLLM give them (what lm-eval's log-likelihoods read)."""
-    if not echo:
+    """The legacy logprobs of generated tokens; after an echoed prompt (`output` given), its tokens' entries
+    first (the first token's null), as OpenAI's legacy API and vLLM give them (what lm-eval's log-likelihoods
+    read)."""
+    if output is None:
         return server.completion_logprobs(token_ids, logprobs, top, 0)
     prompt = server.completion_logprobs(output.prompt_token_ids, output.prompt_logprobs, top, 0)
     generated = server.completion_logprobs(token_ids, logprobs, top, len(echo))
@@ -144,7 +146,7 @@ async def _completion_stream(server: Server, requests: list[EngineRequest], meta
                 cached += event.output.num_cached_tokens
                 continue
             index = p * n + event.index
-            if event.prompt_logprobs is not None and echoes[p]:
+            if event.prompt_logprobs is not None and body.echo:
                 yield chunk(index, echoes[p], server.completion_logprobs(prompts[p], event.prompt_logprobs, top, 0))
             if body.max_tokens == 0:  # echo only: the engine's one token stays out
                 event = replace(event, text="", token_ids=[], logprobs=[], finish_reason=event.finish_reason and

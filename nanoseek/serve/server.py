@@ -6,6 +6,7 @@ The engine's own refusals (`EngineError`) become 400s in one place, `engine_refu
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import time
@@ -216,17 +217,19 @@ class Server:
 
     def completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float] | None], top: int,
                             offset: int) -> dict[str, Any]:
-        """The legacy API's shape; an entry of None (a prompt's first token, which nothing predicts) is null."""
+        """The legacy API's shape; an entry of None (a prompt's first token, which nothing predicts) is null.
+        Offsets count characters of the decoded text: a character split over tokens counts once, at its first."""
         tokens, values, tops, offsets = [], [], [], []
+        characters = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token, options in zip(token_ids, logprobs, strict=False):
-            text = self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
-            tokens.append(text)
+            raw = self.tokenizer.token_bytes(token)
+            tokens.append(raw.decode("utf-8", errors="replace"))
             values.append(None if options is None else _finite(options[token]))
             ranked = [] if options is None else sorted(options.items(), key=lambda item: -item[1])[:top]
             tops.append(None if options is None else {
                 self.tokenizer.token_bytes(t).decode("utf-8", errors="replace"): _finite(lp) for t, lp in ranked})
             offsets.append(offset)
-            offset += 0 if token in self.special_ids else len(text)
+            offset += 0 if token in self.special_ids else len(characters.decode(raw))
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 

@@ -49,26 +49,28 @@ class CallSyntax:
         name = r'"((?:[^"\\]|\\.)+)"' if self.name_quoted else r"([^\s<]+?)"
         return re.compile(re.escape(self.call_open) + name + re.escape(self.between))
 
-    def called(self, match: re.Match) -> str:
-        return json.loads(f'"{match.group(1)}"') if self.name_quoted else match.group(1)
+    def called(self, match: re.Match) -> str | None:
+        """The name a head match calls; None if it is not a name (a bad JSON string)."""
+        if not self.name_quoted:
+            return match.group(1)
+        try:
+            return json.loads(f'"{match.group(1)}"')
+        except json.JSONDecodeError:
+            return None
 
     def parse(self, text: str) -> tuple[str, list[tuple[str, str]]] | None:
-        """(content before the calls, [(name, arguments as written)]) when `text` holds calls whose arguments
-        are JSON; else None."""
+        """(content before the calls, [(name, arguments as written)]) when `text` holds complete calls; else
+        None. The arguments are not checked: without a grammar a model may write bad JSON, which OpenAI's
+        API returns as it is too, and a stream has sent them before they end."""
         at = text.find(self.opener)
         if at < 0:
             return None
         calls, head = [], self.head()
         for match in head.finditer(text, at):
-            close = text.find(self.call_close, match.end())
-            if close < 0:
+            close, name = text.find(self.call_close, match.end()), self.called(match)
+            if close < 0 or name is None:
                 break
-            arguments = text[match.end(): close]
-            try:
-                json.loads(arguments)
-            except json.JSONDecodeError:
-                return None
-            calls.append((self.called(match), arguments))
+            calls.append((name, text[match.end(): close]))
         return (text[:at], calls) if calls else None
 
 
@@ -179,7 +181,7 @@ class ToolStream:
                 if self.sent and not self.parallel:
                     break  # one call only: the rest is dropped
                 match = self.pattern.search(self.buffer, self.position)
-                if match is None:
+                if match is None or self.syntax.called(match) is None:
                     break
                 call = openai_calls([(self.syntax.called(match), "")])[0]
                 fragments.append({"index": self.sent, **call})
