@@ -165,3 +165,27 @@ def test_tool_choice_none_offers_no_tools(server):
     declined = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=2)
     plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
     assert declined.usage.prompt_tokens == plain.usage.prompt_tokens < offered.usage.prompt_tokens
+
+
+def test_a_template_that_renders_calls_but_not_results_gets_results_as_user_text(tmp_path):
+    """An early DeepSeek-V3 template renders assistant tool_calls and has no 'tool' role: results go in a user
+    message's <tool_response> block rather than vanish; the calls are the template's to render."""
+    from nanoseek.engine import LLM
+    from nanoseek.serve.protocol import ChatRequest
+    from nanoseek.serve.server import Server as AppServer
+    from nanoseek.serve.server import ServerConfig
+
+    path = write_checkpoint(tmp_path / "early")
+    tokenizer = Tokenizer.from_dir(path)
+    tokenizer.config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% elif m['role'] == "
+        "'assistant' %}<|assistant|>{% for c in m.get('tool_calls', []) %}[call {{ c['function']['name'] }} "
+        "{{ c['function']['arguments'] }}]{% endfor %}{{ m['content'] }}{% endif %}{% endfor %}<|assistant|>")
+    tokenizer.save(path)
+    server = AppServer(LLM(path, max_model_len=512), ServerConfig(MODEL))
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    body = ChatRequest(model=MODEL, messages=[*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                              {"role": "tool", "tool_call_id": "call_1", "content": "rain"}])
+    ids, _ = server.chat_prompt(body)
+    text = server.tokenizer.decode(ids, skip_special_tokens=False)
+    assert '[call get_weather {"city": "Oslo"}]' in text and "<tool_response>\nrain\n</tool_response>" in text

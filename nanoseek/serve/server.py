@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -66,8 +67,10 @@ class Server:
         self.call_syntax = call_syntax(self.tokenizer)
         template = self.tokenizer.chat_template
         source = template if isinstance(template, str) else json.dumps(template)
-        # what the template renders itself (DeepSeek-V3's renders calls and results, not the list of tools)
+        # what the template renders itself (DeepSeek-V3's renders calls and results, not the list of tools; an
+        # early version of it has no 'tool' role, and would drop results)
         self.template_lists_tools, self.template_renders_calls = "tools" in source, "tool_calls" in source
+        self.template_renders_results = re.search(r"""['"]tool['"]""", source) is not None
         self.special_ids = {i for i, t in self.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
         identity = json.dumps([model_path, llm.model.config.to_dict(), str(llm.model.dtype),
                                llm.model.weight_format, llm.max_model_len, config.compat], sort_keys=True, default=str)
@@ -147,7 +150,7 @@ class Server:
                     {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]}
             return {"role": role, "content": message.text() + self.call_syntax.render(calls)}
         if role == "tool":
-            if self.template_renders_calls:
+            if self.template_renders_results:
                 return {"role": "tool", "content": message.text(), "tool_call_id": message.tool_call_id}
             return {"role": "user", "content": f"<tool_response>\n{message.text()}\n</tool_response>"}
         return {"role": role, "content": message.text()}
