@@ -366,6 +366,25 @@ def test_pretrain_converts_a_v3_checkpoint_into_v32_that_transformers_loads(tmp_
         assert run.returncode != 0 and flag in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
+def test_dsa_stages_under_ddp_follow_the_single_process_run(tmp_path):
+    """The warm-up (only the indexer learns) and sparse training on two DDP ranks of batch 4 give the losses of
+    one process at batch 8: the frozen model's unused gradients do not trip DDP's reducer."""
+    from test_train import SMALL_RUN, _torchrun, pretrain
+
+    pretrain(*SMALL_RUN, "--out", str(tmp_path / "v3"), "--max-steps", "2")
+    common = ["--corpus-docs", "600", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1", "--init",
+              str(tmp_path / "v3" / "latest"), "--index-topk", "8", "--index-n-heads", "8", "--index-head-dim", "16",
+              "--dsa-warmup-steps", "2", "--dsa-steps", "2"]
+    pretrain(*common, "--batch-size", "8", "--out", str(tmp_path / "one"))
+    result = _torchrun(*common, "--batch-size", "4", "--parallel", "ddp", "--out", str(tmp_path / "ddp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, ddp = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "ddp"))
+    assert len(one) == len(ddp) == 4
+    for a, b in zip(one, ddp, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 and a["index_loss"] == pytest.approx(b["index_loss"], rel=1e-3)
+
+
 # ---- the engine over the caches --------------------------------------------------------------------------------
 def _greedy(tokens: int = 40):
     from nanoseek import SamplingParams
