@@ -96,6 +96,20 @@ def test_regex_choice_and_a_grammar_that_starts_after_a_token(checkpoint):
     assert after in ids[:7] and re.fullmatch("[a-z]{3}", llm.tokenizer.decode(ids[ids.index(after) + 1:]))
 
 
+@pytest.mark.parametrize("extra_tokens, model_vocab", [(5, 320), (0, 400)])
+def test_a_vocabulary_larger_on_either_side(checkpoint, extra_tokens, model_vocab):
+    """Tokens past the model's rows (never sampled), or model rows past the tokenizer's (padding, as DeepSeek's
+    129,280 rows over its 128,815 tokens): the masks still cover the model's rows."""
+    from tokenizers import AddedToken
+
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    tokenizer.backend.add_tokens([AddedToken(f"<extra{i}>", special=True) for i in range(extra_tokens)])
+    model = nanoseek_model(seed=3, vocab_size=model_vocab, max_position_embeddings=4096)
+    llm = LLM(model, tokenizer=tokenizer, max_num_seqs=2, max_model_len=256)
+    params = SamplingParams(max_tokens=50, temperature=1.0, seed=0, structured=StructuredOutput(regex="[a-z]{4}"))
+    assert re.fullmatch("[a-z]{4}", llm.generate("hi", params)[0].outputs[0].text)
+
+
 @pytest.mark.parametrize(("structured", "message"), [
     (StructuredOutput(json={"type": "objectx"}), "objectx"),
     (StructuredOutput(regex="(unclosed"), "structured"),

@@ -111,8 +111,14 @@ class Grammars:
         if self._source is None:
             raise EngineError("SamplingParams.structured: needs a tokenizer and this model has none", "structured")
         if self._tokenizer is None:
-            self._tokenizer = LLTokenizer(self._source.backend.to_str(), n_vocab=self.vocab_size,
-                                          eos_token=self.eos_ids)
+            # the larger of the two: a tokenizer may have tokens past the model's rows (never sampled) or
+            # the model rows past the tokenizer's tokens (padding); masks are cut to the model's rows
+            size = max(self.vocab_size, self._source.vocab_size)
+            try:
+                self._tokenizer = LLTokenizer(self._source.backend.to_str(), n_vocab=size, eos_token=self.eos_ids)
+            except ValueError as exc:
+                raise EngineError(f"SamplingParams.structured: cannot read the tokenizer ({exc})",
+                                  "structured") from exc
         return self._tokenizer
 
     def check(self, structured: StructuredOutput) -> str:
@@ -137,7 +143,7 @@ class Grammars:
         if rows:
             if self._executor is None:
                 self._executor = LLExecutor()
-            bitmask = allocate_token_bitmask(len(rows), self.vocab_size)
+            bitmask = allocate_token_bitmask(len(rows), self.tokenizer.vocab_size)
             fill_next_token_bitmask_par(self._executor, [(m, i) for i, (m, _) in enumerate(rows)], bitmask)
             bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
             allowed[[row for _, row in rows]] = bits.view(len(rows), -1)[:, : self.vocab_size].bool()
