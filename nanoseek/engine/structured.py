@@ -124,7 +124,10 @@ class Grammars:
     def check(self, structured: StructuredOutput) -> str:
         """The grammar, validated against the vocabulary."""
         grammar = structured.grammar_text()
-        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        try:
+            is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        except (ValueError, RuntimeError) as exc:  # what llguidance raises for a grammar it cannot take
+            raise EngineError(f"SamplingParams.structured: {exc}", "structured") from exc
         if is_error:
             raise EngineError(f"SamplingParams.structured: {messages[0]}", "structured")
         return grammar
