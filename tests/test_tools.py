@@ -146,6 +146,9 @@ def test_calls_parse_back_whole_and_streamed_a_character_at_a_time(syntax):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": False}}}]},
+     "tools.0.function.parameters"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}],
       "tool_choice": "required"}, "tools"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),

@@ -19,7 +19,7 @@ from .bridge import Request as EngineRequest
 from .protocol import APIError, ChatRequest
 from .server import Server
 from .streaming import KEEP_ALIVE, collect, sse, stream_response
-from .tools import DEEPSEEK, CallSyntax, Function, ToolStream, calls_grammar, functions, openai_calls
+from .tools import DEEPSEEK, CallSyntax, Function, ToolStream, calls_grammar, functions, openai_calls, strict_violation
 
 
 async def chat_completion(server: Server, body: ChatRequest, http: Request) -> dict[str, Any] | StreamingResponse:
@@ -134,36 +134,6 @@ def _structured(server: Server, body: ChatRequest, thinking: int | None) -> Stru
         if problem:
             raise APIError(400, f"response_format.json_schema.schema{problem}", "response_format.json_schema.schema")
     return StructuredOutput(json=schema, **_after_thinking(server, thinking, "response_format"))
-
-
-def strict_violation(schema: Any, path: str = "") -> str | None:
-    """Where `schema` breaks strict mode, as '.properties.x: why'; None if it keeps it. Strict: every object
-    lists all its properties as required and sets additionalProperties false (OpenAI's structured outputs;
-    DeepSeek's strict function calling)."""
-    if isinstance(schema, list):
-        return next((p for i, item in enumerate(schema) if (p := strict_violation(item, f"{path}.{i}"))), None)
-    if not isinstance(schema, dict):
-        return None
-    for key in ("properties", "$defs", "definitions"):
-        if not isinstance(schema.get(key, {}), dict):
-            return f"{path}.{key}: must be an object"
-    required = schema.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
-        return f"{path}.required: must be a list of property names"
-    if schema.get("type") == "object" or "properties" in schema:
-        if schema.get("additionalProperties") is not False:
-            return f"{path}: strict mode needs additionalProperties: false on every object"
-        missing = sorted(set(schema.get("properties", {})) - set(required))
-        if missing:
-            return f"{path}: strict mode needs every property required; not required: {', '.join(missing)}"
-    for key in ("properties", "$defs", "definitions"):
-        for name, sub in schema.get(key, {}).items():
-            if (problem := strict_violation(sub, f"{path}.{key}.{name}")):
-                return problem
-    for key in ("items", "anyOf", "allOf", "oneOf"):
-        if key in schema and (problem := strict_violation(schema[key], f"{path}.{key}")):
-            return problem
-    return None
 
 
 def _choice(server: Server, completion: CompletionOutput, in_reasoning: bool, top: int | None,

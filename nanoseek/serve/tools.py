@@ -102,14 +102,48 @@ def functions(tools: list[dict[str, Any]] | None) -> list[Function]:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise APIError(400, f"tools.{i}.function.name: 1 to 64 letters, digits, _ . or -",
                            f"tools.{i}.function.name")
-        parameters = spec.get("parameters", {"type": "object", "properties": {}})
+        parameters = spec.get("parameters", {"type": "object", "properties": {}, "additionalProperties": False})
         if not isinstance(parameters, dict):
             raise APIError(400, f"tools.{i}.function.parameters: must be a JSON schema object",
                            f"tools.{i}.function.parameters")
-        found.append(Function(name, str(spec.get("description", "")), parameters, spec.get("strict") is True))
+        strict = spec.get("strict") is True
+        problem = strict_violation(parameters) if strict else None
+        if problem:  # DeepSeek's strict mode (beta) and OpenAI's refuse such a schema too
+            raise APIError(400, f"tools.{i}.function.parameters{problem}", f"tools.{i}.function.parameters")
+        found.append(Function(name, str(spec.get("description", "")), parameters, strict))
     if len({f.name for f in found}) != len(found):
         raise APIError(400, "tools: function names must be unique", "tools")
     return found
+
+
+def strict_violation(schema: Any, path: str = "") -> str | None:
+    """Where `schema` breaks strict mode, as '.properties.x: why'; None if it keeps it. Strict: every object
+    lists all its properties as required and sets additionalProperties false (OpenAI's structured outputs;
+    DeepSeek's strict function calling)."""
+    if isinstance(schema, list):
+        return next((p for i, item in enumerate(schema) if (p := strict_violation(item, f"{path}.{i}"))), None)
+    if not isinstance(schema, dict):
+        return None
+    for key in ("properties", "$defs", "definitions"):
+        if not isinstance(schema.get(key, {}), dict):
+            return f"{path}.{key}: must be an object"
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        return f"{path}.required: must be a list of property names"
+    if schema.get("type") == "object" or "properties" in schema:
+        if schema.get("additionalProperties") is not False:
+            return f"{path}: strict mode needs additionalProperties: false on every object"
+        missing = sorted(set(schema.get("properties", {})) - set(required))
+        if missing:
+            return f"{path}: strict mode needs every property required; not required: {', '.join(missing)}"
+    for key in ("properties", "$defs", "definitions"):
+        for name, sub in schema.get(key, {}).items():
+            if (problem := strict_violation(sub, f"{path}.{key}.{name}")):
+                return problem
+    for key in ("items", "anyOf", "allOf", "oneOf"):
+        if key in schema and (problem := strict_violation(schema[key], f"{path}.{key}")):
+            return problem
+    return None
 
 
 def calls_grammar(syntax: CallSyntax, chosen: list[Function], parallel: bool, tokenizer: Tokenizer,
