@@ -94,6 +94,10 @@ def test_regex_choice_and_a_grammar_that_starts_after_a_token(checkpoint):
                             structured=StructuredOutput(regex="[a-z]{3}", after=after, after_within=6))
     ids = llm.generate("hi", budget)[0].outputs[0].token_ids
     assert after in ids[:7] and re.fullmatch("[a-z]{3}", llm.tokenizer.decode(ids[ids.index(after) + 1:]))
+    # the free text cannot end the reply: with EOS favoured it is still the budget, then `after`, then the grammar
+    eager = SamplingParams(**{**budget.__dict__, "logit_bias": {llm.tokenizer.eos_token_id: 100}})
+    ids = llm.generate("hi", eager)[0].outputs[0].token_ids
+    assert ids.index(after) == 6 and re.fullmatch("[a-z]{3}", llm.tokenizer.decode(ids[7:]))
 
 
 @pytest.mark.parametrize("extra_tokens, model_vocab", [(5, 320), (0, 400)])

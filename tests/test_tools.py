@@ -25,6 +25,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
              "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
              "required": ["a", "b"], "additionalProperties": False}}}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+DEEP: dict = {"type": "string"}
+for _ in range(400):  # nested past what a recursive check of it could take
+    DEEP = {"anyOf": [DEEP]}
 DIRECT = {"thinking": {"type": "disabled"}}  # no think block first: random weights might never close it
 
 
@@ -122,11 +125,16 @@ def test_calls_parse_back_whole_and_streamed_a_character_at_a_time(syntax):
     text = "Let me look. " + syntax.render(calls)
     assert syntax.parse(text) == ("Let me look. ", calls)
     assert syntax.parse("no call here") is None and syntax.parse(syntax.opener + "garbage") is None
+    nested = syntax.render([("a", "{}")])  # a call's head inside another's arguments is text, whole and streamed
+    inner = syntax.render([("outer", '{"x": ' + json.dumps(nested) + "}")])
+    assert [n for n, _ in syntax.parse(inner)[1]] == ["outer"]
     if syntax is HERMES:  # a name that is not a JSON string: no call, whole or streamed
         bad = '<tool_call>\n{"name": "a\\u12", "arguments": {}}\n</tool_call>'
         assert syntax.parse(bad) is None
         broken = ToolStream(syntax, parallel=True)
         assert broken.feed(bad)[1] == [] and broken.finish() == bad
+        surrogate = '<tool_call>\n{"name": "\\ud83d", "arguments": {}}\n</tool_call>'
+        assert syntax.parse(surrogate) is None
     stream, content, fragments = ToolStream(syntax, parallel=True), "", []
     for character in text:
         plain, new = stream.feed(character)
@@ -154,6 +162,8 @@ def test_calls_parse_back_whole_and_streamed_a_character_at_a_time(syntax):
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]},
      "messages[1].tool_calls[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "deep", "strict": True, "parameters": DEEP}}]},
+     "tools.0.function.parameters"),
 ])
 def test_bad_tool_requests_are_400(server, body, param):
     response = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},

@@ -169,7 +169,7 @@ class ModelRunner:
         if not constrained or self.grammars is None:
             return logits
         drafts = None if draft is None else draft.tolist()
-        matchers, taken, starting = [], [], []
+        matchers, taken, starting, free = [], [], [], []
         try:
             for row, constraint in constrained:
                 if drafts is not None and constraint.active:
@@ -177,19 +177,20 @@ class ModelRunner:
                         continue
                     taken.append(constraint.matcher)
                 elif not constraint.active and (drafts is None or drafts[row] != constraint.after):
-                    if constraint.must_start(ahead=0 if drafts is None else 1):
-                        starting.append((row, constraint.after))  # free text used up: `after` comes now
-                    continue  # free text still (the grammar starts after the `after` token)
+                    # free text still (the grammar starts after the `after` token), which must not end the
+                    # reply, and when it is used up, `after` comes now
+                    (starting if constraint.must_start(ahead=0 if drafts is None else 1) else free).append(row)
+                    continue
                 matchers.append((constraint.matcher, row))
-            if not matchers and not starting:
-                return logits
             allowed = self.grammars.allowed(matchers, len(seqs), logits.device)
         finally:
             for matcher in taken:
                 matcher.rollback(1)
-        for row, token in starting:
+        for row in starting:
             allowed[row] = False
-            allowed[row, token] = True
+            allowed[row, seqs[row].constraint.after] = True
+        if free:
+            allowed[self._tensor(free)[:, None], self._tensor(self.grammars.eos_ids)] = False
         return logits.masked_fill(~allowed, float("-inf"))
 
     # ---- sampling state ----------------------------------------------------------------------

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..tokenizer import Tokenizer
 from .errors import EngineError
 
+VALIDATED_GRAMMARS = 256  # grammars remembered as valid (a set, cleared when full; shared by threads)
 # JSON without free whitespace: a random or weak model could otherwise pad forever between two tokens
 JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -104,6 +105,7 @@ class Grammars:
         self._source, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
         self._tokenizer: LLTokenizer | None = None
         self._executor: LLExecutor | None = None  # its threads fill the masks of a batch's rows in parallel
+        self._valid: set[str] = set()  # grammars validated lately
         self.mask_seconds = 0.0  # time spent computing masks, for the server's metrics
 
     @property
@@ -122,14 +124,20 @@ class Grammars:
         return self._tokenizer
 
     def check(self, structured: StructuredOutput) -> str:
-        """The grammar, validated against the vocabulary."""
+        """The grammar, validated against the vocabulary (once: a request is checked by the server, then by
+        the engine, before its matchers are built)."""
         grammar = structured.grammar_text()
+        if grammar in self._valid:
+            return grammar
         try:
             is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         except (ValueError, RuntimeError) as exc:  # what llguidance raises for a grammar it cannot take
             raise EngineError(f"SamplingParams.structured: {exc}", "structured") from exc
         if is_error:
             raise EngineError(f"SamplingParams.structured: {messages[0]}", "structured")
+        if len(self._valid) >= VALIDATED_GRAMMARS:
+            self._valid.clear()
+        self._valid.add(grammar)
         return grammar
 
     def constraints(self, structured: StructuredOutput, count: int) -> list[Constraint]:

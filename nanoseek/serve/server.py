@@ -63,6 +63,8 @@ class Server:
         self.created = int(time.time())
         self.model_path = model_path
         self.think_close_id = self.tokenizer.token_id(THINK_CLOSE)
+        if self.think_close_id is not None and self.think_close_id >= llm.model.config.vocab_size:
+            self.think_close_id = None  # a token the model cannot write
         # the tokens decoding leaves out of text (skip_special_tokens): they take no room in a text offset
         self.call_syntax = call_syntax(self.tokenizer)
         template = self.tokenizer.chat_template

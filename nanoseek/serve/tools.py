@@ -46,17 +46,18 @@ class CallSyntax:
 
     def head(self) -> re.Pattern:
         """A call's start up to its arguments; group 1 is the name (a JSON string's inside for Hermes)."""
-        name = r'"((?:[^"\\]|\\.)+)"' if self.name_quoted else r"([^\s<]+?)"
+        # bounded, on one line: an unclosed name is not re-scanned to the end of a long reply at every token
+        name = r'"((?:[^"\\\n]|\\.){1,256})"' if self.name_quoted else r"([^\s<]{1,256}?)"
         return re.compile(re.escape(self.call_open) + name + re.escape(self.between))
 
     def called(self, match: re.Match) -> str | None:
         """The name a head match calls; None if it is not a name (a bad JSON string)."""
-        if not self.name_quoted:
-            return match.group(1)
         try:
-            return json.loads(f'"{match.group(1)}"')
-        except json.JSONDecodeError:
+            name = json.loads(f'"{match.group(1)}"') if self.name_quoted else match.group(1)
+            name.encode("utf-8")  # a lone surrogate ("\ud83d") is no name, and no JSON response could hold it
+        except (json.JSONDecodeError, UnicodeEncodeError):
             return None
+        return name
 
     def parse(self, text: str) -> tuple[str, list[tuple[str, str]]] | None:
         """(content before the calls, [(name, arguments as written)]) when `text` holds complete calls; else
@@ -65,12 +66,13 @@ class CallSyntax:
         at = text.find(self.opener)
         if at < 0:
             return None
-        calls, head = [], self.head()
-        for match in head.finditer(text, at):
+        calls, head, position = [], self.head(), at
+        while (match := head.search(text, position)) is not None:
             close, name = text.find(self.call_close, match.end()), self.called(match)
             if close < 0 or name is None:
                 break
             calls.append((name, text[match.end(): close]))
+            position = close + len(self.call_close)  # the next call starts after this one's end
         return (text[:at], calls) if calls else None
 
 
@@ -116,12 +118,20 @@ def functions(tools: list[dict[str, Any]] | None) -> list[Function]:
     return found
 
 
-def strict_violation(schema: Any, path: str = "") -> str | None:
+def strict_violation(schema: Any) -> str | None:
+    """Where `schema` breaks strict mode, as '.properties.x: why'; None if it keeps it."""
+    try:
+        return _strict_violation(schema)
+    except RecursionError:
+        return ": nested too deeply"
+
+
+def _strict_violation(schema: Any, path: str = "") -> str | None:
     """Where `schema` breaks strict mode, as '.properties.x: why'; None if it keeps it. Strict: every object
     lists all its properties as required and sets additionalProperties false (OpenAI's structured outputs;
     DeepSeek's strict function calling)."""
     if isinstance(schema, list):
-        return next((p for i, item in enumerate(schema) if (p := strict_violation(item, f"{path}.{i}"))), None)
+        return next((p for i, item in enumerate(schema) if (p := _strict_violation(item, f"{path}.{i}"))), None)
     if not isinstance(schema, dict):
         return None
     for key in ("properties", "$defs", "definitions"):
@@ -138,10 +148,10 @@ def strict_violation(schema: Any, path: str = "") -> str | None:
             return f"{path}: strict mode needs every property required; not required: {', '.join(missing)}"
     for key in ("properties", "$defs", "definitions"):
         for name, sub in schema.get(key, {}).items():
-            if (problem := strict_violation(sub, f"{path}.{key}.{name}")):
+            if (problem := _strict_violation(sub, f"{path}.{key}.{name}")):
                 return problem
     for key in ("items", "anyOf", "allOf", "oneOf"):
-        if key in schema and (problem := strict_violation(schema[key], f"{path}.{key}")):
+        if key in schema and (problem := _strict_violation(schema[key], f"{path}.{key}")):
             return problem
     return None
 
@@ -216,6 +226,10 @@ class ToolStream:
                     break  # one call only: the rest is dropped
                 match = self.pattern.search(self.buffer, self.position)
                 if match is None or self.syntax.called(match) is None:
+                    if match is None:  # the next search starts where a call could still begin
+                        found = self.buffer.find(self.syntax.call_open, self.position)
+                        self.position = found if found >= 0 else max(
+                            self.position, len(self.buffer) - len(self.syntax.call_open) + 1)
                     break
                 call = openai_calls([(self.syntax.called(match), "")])[0]
                 fragments.append({"index": self.sent, **call})
