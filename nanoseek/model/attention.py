@@ -133,12 +133,19 @@ class CacheContext:
             raise ValueError("CacheContext.store_index: this cache holds no indexer keys")
         return self._write(self.index, key)
 
-    def _write(self, layer_cache: Tensor, values: Tensor) -> Tensor:
+    def store_rows(self, latent: Tensor, key: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """`store` and `store_index` for rows in scattered slots, returning each row's keys [key_len, D] as a
+        view of its own slot: what sparse attention reads of them is k rows, not worth a copy of all."""
+        return self._write(self.data, latent, views=True), self._write(self.index, key, views=True)
+
+    def _write(self, layer_cache: Tensor, values: Tensor, views: bool = False) -> Tensor | list[Tensor]:
         if layer_cache.dim() != 3:
             raise ValueError("CacheContext.store: this context spans every layer; store through .layer(i)")
         batch = values.shape[0]
         rows = torch.arange(batch, device=values.device) if self.slots is None else self.slots
         layer_cache[rows[:, None], self.positions] = values.to(layer_cache.dtype)
+        if views:
+            return [layer_cache[slot, : self.key_len] for slot in rows.tolist()]
         if self.slots is None:
             return layer_cache[:batch, : self.key_len]
         return layer_cache[self.slots, : self.key_len]
@@ -176,12 +183,15 @@ class MultiHeadLatentAttention(nn.Module):
         latents, mask = self.latent(x, cos, sin), None
         # detached: the indexer never sends gradients into the model
         index_keys = None if self.indexer is None else self.indexer.key(x.detach(), cos, sin).to(latents.dtype)
+        if cache is not None and cache.slots is not None and self._sparse_inference(cache.key_len, probe):
+            return self.o_proj(self._sparse_by_row(x, q_compressed, cos, sin, q_nope, q_pe, latents, index_keys,
+                                                   cache).flatten(2))
         if cache is not None:
             latents, mask = cache.store(latents), cache.mask
             index_keys = None if index_keys is None else cache.store_index(index_keys)
         latents, causal = latents.to(x.dtype), cache is None
         sparse = self.indexer is not None and latents.shape[1] > self.indexer.topk
-        if sparse and probe is None and not torch.is_grad_enabled():
+        if self._sparse_inference(latents.shape[1], probe):
             out = self._sparse(x, q_compressed, cos, sin, q_nope, q_pe, latents, index_keys, mask)
             return self.o_proj(out.flatten(2))
         if sparse or probe is not None:  # training: the selection as a mask over every key, gradients through it
@@ -196,6 +206,24 @@ class MultiHeadLatentAttention(nn.Module):
                 mask, causal = selected, False
         attend = self._absorbed if absorbed else self._expanded
         return self.o_proj(attend(q_nope, q_pe, latents, mask, causal).flatten(2))
+
+    def _sparse_inference(self, key_len: int, probe: IndexerProbe | None) -> bool:
+        """Whether attention over `key_len` keys is DSA's gathered form: past k keys, not in training."""
+        return self.indexer is not None and key_len > self.indexer.topk and probe is None and \
+            not torch.is_grad_enabled()
+
+    def _sparse_by_row(self, x: Tensor, q_compressed: Tensor, cos: Tensor, sin: Tensor, q_nope: Tensor,
+                       q_pe: Tensor, latents: Tensor, index_keys: Tensor, cache: CacheContext) -> Tensor:
+        """`_sparse` for rows in scattered slots, a row at a time over views of its own slot (a batch over
+        them would first copy every key of every row)."""
+        latent_rows, key_rows = cache.store_rows(latents, index_keys)
+        out = []
+        for b in range(x.shape[0]):
+            row, angle = slice(b, b + 1), slice(b, b + 1) if cos.shape[0] > 1 else slice(None)
+            mask = None if cache.mask is None else cache.mask[row]
+            out.append(self._sparse(x[row], q_compressed[row], cos[angle], sin[angle], q_nope[row], q_pe[row],
+                                    latent_rows[b][None].to(x.dtype), key_rows[b][None], mask))
+        return torch.cat(out)
 
     def queries(self, q_input: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head query parts q_nope [B, T, H, d_n] and roped q_pe [B, T, H, d_r] of x, or of the normalised
