@@ -119,6 +119,23 @@ def test_chunked_prefill_in_other_slots_then_decode():
             assert (step[:, 0] - full[:, t]).abs().max() <= TOL
 
 
+def test_rows_at_different_lengths_in_scattered_slots_decode_as_each_alone():
+    """Sparse decode of rows in scattered slots (a row at a time over views of each slot) at other lengths,
+    each past index_topk: every row's logits are its own sequence's."""
+    model = ours_v32()
+    a, b = _ids(batch=1, steps=30, seed=2), _ids(batch=1, steps=16, seed=3)
+    cache = model.new_cache(num_slots=4, max_len=32)
+    with torch.no_grad():
+        full_a, full_b = model(a), model(b)
+        model(a[:, :20], cache=cache, slots=torch.tensor([3]))
+        model(b[:, :9], cache=cache, slots=torch.tensor([0]))
+        for step in range(7):
+            ids = torch.tensor([[a[0, 20 + step]], [b[0, 9 + step]]])
+            logits = model(ids, torch.tensor([[20 + step], [9 + step]]), cache, slots=torch.tensor([3, 0]))
+            assert (logits[0, 0] - full_a[0, 20 + step]).abs().max() <= TOL
+            assert (logits[1, 0] - full_b[0, 9 + step]).abs().max() <= TOL
+
+
 def test_dense_attention_within_index_topk_is_deepseek_v3():
     """While no query sees more than index_topk keys, V3.2 is V3 with the same weights."""
     v32 = ours_v32(index_topk=64)
