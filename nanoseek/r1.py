@@ -244,7 +244,7 @@ class ReasoningParser:
                 pieces.append((REASONING, self.buffer[:at]))
                 self.buffer, self.state = self.buffer[at + len(THINK_CLOSE):], CONTENT
                 continue
-            keep = _partial_tag_length(self.buffer, THINK_CLOSE)
+            keep = partial_tag_length(self.buffer, THINK_CLOSE)
             pieces.append((REASONING, self.buffer[: len(self.buffer) - keep]))
             self.buffer = self.buffer[len(self.buffer) - keep:]
             break
@@ -267,7 +267,7 @@ def split_reply(text: str, in_reasoning: bool) -> tuple[str | None, str]:
     return "".join(piece for kind, piece in pieces if kind != CONTENT), content
 
 
-def _partial_tag_length(text: str, tag: str) -> int:
+def partial_tag_length(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `tag`."""
     for length in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-length:]):

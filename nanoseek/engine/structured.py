@@ -148,15 +148,15 @@ class Grammars:
 
     def allowed(self, rows: list[tuple[LLMatcher, int]], batch: int, device: torch.device) -> Tensor:
         """[batch, vocab] bool: the tokens each listed matcher allows next, in its row; other rows allow all.
-        Only the listed rows' masks are computed and unpacked."""
+        Only the listed rows' masks are computed, unpacked and sent to the device."""
         start = time.perf_counter()
-        allowed = torch.ones(batch, self.vocab_size, dtype=torch.bool)
+        allowed = torch.ones(batch, self.vocab_size, dtype=torch.bool, device=device)
         if rows:
             if self._executor is None:
                 self._executor = LLExecutor()
             bitmask = allocate_token_bitmask(len(rows), self.tokenizer.vocab_size)
             fill_next_token_bitmask_par(self._executor, [(m, i) for i, (m, _) in enumerate(rows)], bitmask)
             bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
-            allowed[[row for _, row in rows]] = bits.view(len(rows), -1)[:, : self.vocab_size].bool()
+            allowed[[row for _, row in rows]] = bits.view(len(rows), -1)[:, : self.vocab_size].bool().to(device)
         self.mask_seconds += time.perf_counter() - start
-        return allowed.to(device)
+        return allowed

@@ -29,10 +29,8 @@ async def chat_completion(server: Server, body: ChatRequest, http: Request) -> d
     await asyncio.to_thread(server.check_prompt, ids, "messages")
     caps = [c for c in (body.max_tokens, body.max_completion_tokens) if c is not None]
     top = (body.top_logprobs or 0) if body.logprobs else None  # alternatives per token; None: no logprobs
-    room = server.llm.max_model_len - len(ids)
-    limit = min(min(caps) if caps else server.llm.sampling_defaults.get("max_tokens") or room, room)  # as sampling
     # an R1 reply that must be JSON or a call thinks for at most half its tokens, then closes the block
-    thinking = max(1, limit // 2) if in_reasoning else None
+    thinking = max(1, server.reply_limit(ids, min(caps) if caps else None) // 2) if in_reasoning else None
     plan = _tool_plan(server, body, offered, thinking)
     structured = plan.structured if plan is not None else _structured(server, body, thinking)
     params = await asyncio.to_thread(  # off the event loop too: it compiles the grammar

@@ -65,7 +65,6 @@ class Server:
         self.think_close_id = self.tokenizer.token_id(THINK_CLOSE)
         if self.think_close_id is not None and self.think_close_id >= llm.model.config.vocab_size:
             self.think_close_id = None  # a token the model cannot write
-        # the tokens decoding leaves out of text (skip_special_tokens): they take no room in a text offset
         self.call_syntax = call_syntax(self.tokenizer)
         template = self.tokenizer.chat_template
         source = template if isinstance(template, str) else json.dumps(template)
@@ -73,6 +72,7 @@ class Server:
         # early version of it has no 'tool' role, and would drop results)
         self.template_lists_tools, self.template_renders_calls = "tools" in source, "tool_calls" in source
         self.template_renders_results = re.search(r"""['"]tool['"]""", source) is not None
+        # the tokens decoding leaves out of text (skip_special_tokens): they take no room in a text offset
         self.special_ids = {i for i, t in self.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
         identity = json.dumps([model_path, llm.model.config.to_dict(), str(llm.model.dtype),
                                llm.model.weight_format, llm.max_model_len, config.compat], sort_keys=True, default=str)
@@ -164,21 +164,29 @@ class Server:
             self.llm.encode(ids)
 
     # ---- sampling -----------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                           f"{self.config.served_model_name!r}", "model", "model_not_found")
+
+    def reply_limit(self, ids: list[int], max_tokens: int | None) -> int:
+        """The most tokens a reply to `ids` gets: the request's cap, else the checkpoint's default, within the
+        room the context leaves."""
+        room = self.llm.max_model_len - len(ids)
+        return min(max_tokens or self.llm.sampling_defaults.get("max_tokens") or room, room)
+
     def sampling(self, body: SamplingFields, ids: list[int], max_tokens: int | None, logprobs: int | None,
                  reasoner_rules: bool = False, prompt_logprobs: int | None = None,
                  structured: StructuredOutput | None = None, keep_special: bool = False,
                  structured_param: str = "response_format") -> SamplingParams:
         """The engine's parameters for a checked prompt `ids`, refused here if the engine would refuse them."""
-        if body.model != self.config.served_model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves "
-                           f"{self.config.served_model_name!r}", "model", "model_not_found")
+        self.check_model(body.model)
         ignored = reasoner_rules and self.config.compat == "deepseek-r1"
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        room = self.llm.max_model_len - len(ids)
         default = {**SamplingParams().__dict__, **self.llm.sampling_defaults}  # generation_config.json's first
         with engine_refusals(structured_param=structured_param):
             params = SamplingParams(
-                n=body.n, max_tokens=min(max_tokens or self.llm.sampling_defaults.get("max_tokens") or room, room),
+                n=body.n, max_tokens=self.reply_limit(ids, max_tokens),
                 temperature=R1_SAMPLING["temperature"] if ignored else _default(body.temperature,
                                                                                 default["temperature"]),
                 top_p=R1_SAMPLING["top_p"] if ignored else _default(body.top_p, default["top_p"]),

@@ -10,14 +10,8 @@ from .protocol import APIError, ChatRequest, DetokenizeRequest, TokenizeRequest
 from .server import Server
 
 
-def _check_model(server: Server, model: str | None) -> None:
-    if model is not None and model != server.config.served_model_name:
-        raise APIError(404, f"model {model!r} does not exist; this server serves "
-                       f"{server.config.served_model_name!r}", "model", "model_not_found")
-
-
 async def tokenize(server: Server, body: TokenizeRequest) -> dict[str, Any]:
-    _check_model(server, body.model)
+    server.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "prompt: send either prompt or messages", "prompt")
     if body.prompt is not None:
@@ -29,7 +23,7 @@ async def tokenize(server: Server, body: TokenizeRequest) -> dict[str, Any]:
 
 
 async def detokenize(server: Server, body: DetokenizeRequest) -> dict[str, Any]:
-    _check_model(server, body.model)
+    server.check_model(body.model)
     vocab = server.llm.model.config.vocab_size
     outside = [(i, t) for i, t in enumerate(body.tokens) if t >= vocab]
     if outside:

@@ -18,13 +18,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..r1 import partial_tag_length
 from ..tokenizer import Tokenizer
 from .protocol import APIError
 
 
 @dataclass(frozen=True)
 class CallSyntax:
-    name: str
     block_open: str  # before the first call ("" if none)
     call_open: str  # before a call's name
     name_quoted: bool  # the name as a JSON string (Hermes) or bare (DeepSeek)
@@ -76,9 +76,9 @@ class CallSyntax:
         return (text[:at], calls) if calls else None
 
 
-DEEPSEEK = CallSyntax("deepseek", "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>function<｜tool▁sep｜>", False,
+DEEPSEEK = CallSyntax("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>function<｜tool▁sep｜>", False,
                       "\n```json\n", "\n```<｜tool▁call▁end｜>", "\n", "<｜tool▁calls▁end｜>")
-HERMES = CallSyntax("hermes", "", '<tool_call>\n{"name": ', True, ', "arguments": ', "}\n</tool_call>", "\n", "")
+HERMES = CallSyntax("", '<tool_call>\n{"name": ', True, ', "arguments": ', "}\n</tool_call>", "\n", "")
 
 
 def call_syntax(tokenizer: Tokenizer) -> CallSyntax:
@@ -211,7 +211,7 @@ class ToolStream:
         if not self.calling:
             at = self.buffer.find(self.syntax.opener)
             if at < 0:
-                keep = _partial_suffix(self.buffer, self.syntax.opener)
+                keep = partial_tag_length(self.buffer, self.syntax.opener)
                 out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
                 return out, []
             out, self.buffer, self.calling = self.buffer[:at], self.buffer[at:], True
@@ -225,18 +225,19 @@ class ToolStream:
                 if self.sent and not self.parallel:
                     break  # one call only: the rest is dropped
                 match = self.pattern.search(self.buffer, self.position)
-                if match is None or self.syntax.called(match) is None:
+                name = None if match is None else self.syntax.called(match)
+                if name is None:
                     if match is None:  # the next search starts where a call could still begin
                         found = self.buffer.find(self.syntax.call_open, self.position)
                         self.position = found if found >= 0 else max(
                             self.position, len(self.buffer) - len(self.syntax.call_open) + 1)
                     break
-                call = openai_calls([(self.syntax.called(match), "")])[0]
+                call = openai_calls([(name, "")])[0]
                 fragments.append({"index": self.sent, **call})
                 self.open = (self.sent, match.end())
             index, sent = self.open
             close = self.buffer.find(self.syntax.call_close, sent)
-            end = close if close >= 0 else len(self.buffer) - _partial_suffix(self.buffer, self.syntax.call_close)
+            end = close if close >= 0 else len(self.buffer) - partial_tag_length(self.buffer, self.syntax.call_close)
             if end > sent:
                 fragments.append({"index": index, "function": {"arguments": self.buffer[sent:end]}})
             self.open = (index, max(end, sent))
@@ -251,10 +252,3 @@ class ToolStream:
         rest, self.buffer = ("" if started else self.buffer), ""
         return rest
 
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that begins `marker`."""
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
