@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoseek  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.model import CausalLM, LatentCache, add_indexer  # noqa: E402
+from nanoseek.model.indexer import quantize_int8  # noqa: E402
 from nanoseek.sizing import parameter_counts  # noqa: E402
 
 
@@ -85,18 +86,23 @@ def models(max_len: int) -> tuple[CausalLM, CausalLM]:
     return add_indexer(dense).eval(), dense
 
 
-def filled_cache(model: CausalLM, context: int, extra: int) -> LatentCache:
+def filled_cache(model: CausalLM, context: int, extra: int, index_dtype: torch.dtype | None) -> LatentCache:
     """A one-slot cache whose first `context` positions hold unit-variance random latents and indexer keys
     (the scale of the normalised c_kv and of the LayerNorm'd keys): what decoding at that context reads."""
-    cache = model.new_cache(1, context + extra)
-    for tensor in cache.tensors():
-        tensor[:, :, :context].normal_()
+    cache = model.new_cache(1, context + extra, index_dtype=index_dtype if model.config.index_cache_dim else None)
+    cache.data[:, :, :context].normal_()
+    if cache.index is not None:
+        keys = torch.randn(*cache.index.shape[:2], context, cache.index.shape[-1])
+        if cache.index_scale is None:
+            cache.index[:, :, :context] = keys
+        else:
+            cache.index[:, :, :context], cache.index_scale[:, :, :context] = quantize_int8(keys)
     return cache
 
 
-def decode_steps(model: CausalLM, context: int, new: int) -> Callable[[], None]:
+def decode_steps(model: CausalLM, context: int, new: int, index_dtype: torch.dtype | None) -> Callable[[], None]:
     """`new` batch-1 decode steps at positions context, context + 1, ...; the first run warms up."""
-    cache = filled_cache(model, context, new)
+    cache = filled_cache(model, context, new, index_dtype)
     ids = torch.randint(2, model.config.vocab_size, (1, 1))
 
     @torch.no_grad()
@@ -108,11 +114,11 @@ def decode_steps(model: CausalLM, context: int, new: int) -> Callable[[], None]:
     return run
 
 
-def prefill(model: CausalLM, context: int, chunk: int) -> Callable[[], None]:
+def prefill(model: CausalLM, context: int, chunk: int, index_dtype: torch.dtype | None) -> Callable[[], None]:
     """`context` tokens into a cache, `chunk` at a time (as the engine's scheduler splits a long prompt), logits
     at each chunk's last position only."""
     ids = torch.randint(2, model.config.vocab_size, (1, context))
-    cache = model.new_cache(1, context)
+    cache = model.new_cache(1, context, index_dtype=index_dtype if model.config.index_cache_dim else None)
 
     @torch.no_grad()
     def run() -> None:
@@ -124,12 +130,14 @@ def prefill(model: CausalLM, context: int, chunk: int) -> Callable[[], None]:
     return run
 
 
-def decode_parts(sparse: CausalLM, context: int, repeats: int) -> dict[str, float]:
+def decode_parts(sparse: CausalLM, context: int, repeats: int, index_dtype: torch.dtype | None) -> dict[str, float]:
     """Milliseconds of one decode step's indexer, sparse attention and dense attention in layer 0."""
     attn, c = sparse.model.layers[0].self_attn, sparse.config
     x, q_compressed = torch.randn(1, 1, c.hidden_size), torch.randn(1, 1, c.q_lora_rank)
     cos, sin = sparse.rotary(torch.tensor([[context]]), x.dtype)
     latents, index_keys = torch.randn(1, context, c.kv_cache_dim), torch.randn(1, context, c.index_head_dim)
+    if index_dtype is not None:
+        index_keys = quantize_int8(index_keys)
     q_nope = torch.randn(1, 1, c.num_attention_heads, c.qk_nope_head_dim)
     q_pe = torch.randn(1, 1, c.num_attention_heads, c.qk_rope_head_dim)
 
@@ -145,13 +153,16 @@ def decode_parts(sparse: CausalLM, context: int, repeats: int) -> dict[str, floa
         return {name: 1e3 * seconds(fn, repeats * 10) for name, fn in parts.items()}
 
 
-def decode_bytes(config: ModelConfig, context: int) -> int:
-    """What one batch-1 decode step must read, fp32: activated weights, the latents attended, indexer keys."""
+def decode_bytes(config: ModelConfig, context: int, index_dtype: torch.dtype | None) -> int:
+    """What one batch-1 decode step must read, fp32: activated weights, the latents attended, indexer keys
+    (int8: a byte per value and a 4-byte scale per key)."""
     weights = 4 * parameter_counts(config).activated
-    if not config.index_cache_dim or context <= config.index_topk:
-        return weights + 4 * config.num_hidden_layers * (context * (config.kv_cache_dim + config.index_cache_dim))
-    attended = min(context, config.index_topk) * config.kv_cache_dim
-    return weights + 4 * config.num_hidden_layers * (attended + context * config.index_head_dim)
+    if not config.index_cache_dim:
+        return weights + 4 * config.num_hidden_layers * context * config.kv_cache_dim
+    index = config.index_head_dim + 4 if index_dtype is not None else 4 * config.index_head_dim
+    attended = min(context, config.index_topk) if context > config.index_topk else context
+    return weights + config.num_hidden_layers * context * index + 4 * config.num_hidden_layers * attended * \
+        config.kv_cache_dim
 
 
 def prefill_macs(config: ModelConfig, context: int) -> float:
@@ -178,9 +189,13 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill forward")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (prefill past 8K: one)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--index-dtype", choices=["float32", "int8"], default="float32", help="the sparse "
+                        "model's indexer keys in the cache (int8: one scale per key, int8 dot products; V3.2 "
+                        "deploys them in FP8)")
     parser.add_argument("--compile", action="store_true", help="decode with the compiled steps "
                         "(`LanguageModel.compile_decode`, as `LLM(compile=True)`): less time outside attention")
     args = parser.parse_args()
+    index_dtype = torch.int8 if args.index_dtype == "int8" else None
     torch.set_num_threads(args.threads)
     sparse, dense = models(max(args.contexts) + args.new_tokens)
     if args.compile:
@@ -190,25 +205,26 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
           f"{stream / 1e9:.1f} GB/s streamed, {2 * rate / 1e9:.0f} GFLOP/s fp32 matmul")
     print(f"model: small config, {parameter_counts(c).activated / 1e6:.1f}M activated; indexer {c.index_n_heads} "
-          f"heads x {c.index_head_dim}, top-{c.index_topk}; fp32, batch 1, {args.new_tokens} decode steps"
+          f"heads x {c.index_head_dim}, top-{c.index_topk}, {args.index_dtype} keys; fp32, batch 1, "
+          f"{args.new_tokens} decode steps"
           f"{', compiled' if args.compile else ', eager'}")
     print("| context | decode sparse tok/s (floor) | dense tok/s (floor) | ratio | prefill sparse s (floor) | "
           "dense s (floor) | ratio | layer-0 step: indexer / sparse attn / dense attn ms |")
     print("|---|---|---|---|---|---|---|---|")
     both = {"sparse": sparse, "dense": dense}
-    alternating({name: prefill(m, 4096, args.prefill_chunk) for name, m in both.items()}, 1)  # warm-up
+    alternating({name: prefill(m, 4096, args.prefill_chunk, index_dtype) for name, m in both.items()}, 1)  # warm-up
     for context in args.contexts:
-        steps = alternating({name: decode_steps(m, context, args.new_tokens) for name, m in both.items()},
+        steps = alternating({name: decode_steps(m, context, args.new_tokens, index_dtype) for name, m in both.items()},
                             args.repeats)
         tok_s = {name: args.new_tokens / s for name, s in steps.items()}
-        floors = {name: stream / decode_bytes(m.config, context) for name, m in both.items()}
+        floors = {name: stream / decode_bytes(m.config, context, index_dtype) for name, m in both.items()}
         repeats = args.repeats if context <= 8192 else 1
         timed = args.prefill_contexts is None or context in args.prefill_contexts
-        prefill_s = alternating({name: prefill(m, context, args.prefill_chunk) for name, m in both.items()},
-                                repeats) if timed else \
+        prefill_s = alternating({name: prefill(m, context, args.prefill_chunk, index_dtype)
+                                 for name, m in both.items()}, repeats) if timed else \
             {name: float("nan") for name in both}
         limits = {name: prefill_macs(m.config, context) / rate for name, m in both.items()}
-        parts = decode_parts(sparse, context, args.repeats)
+        parts = decode_parts(sparse, context, args.repeats, index_dtype)
         print(f"| {context:,} | {tok_s['sparse']:.1f} ({100 * tok_s['sparse'] / floors['sparse']:.0f}%) | "
               f"{tok_s['dense']:.1f} ({100 * tok_s['dense'] / floors['dense']:.0f}%) | "
               f"{tok_s['sparse'] / tok_s['dense']:.2f}x | {prefill_s['sparse']:.2f} "

@@ -210,7 +210,7 @@ def _llm(args: argparse.Namespace):
 
     return LLM(args.model, device=args.device, dtype=args.dtype, speculative=args.speculative,
                max_num_seqs=max(1, getattr(args, "n", 1)), quantize=args.quantize,
-               compile=args.compile)
+               compile=args.compile, index_cache_dtype=args.index_cache_dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

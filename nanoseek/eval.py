@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples = {args.samples}: must be >= 1")
     llm = LLM(args.model, device=args.device, dtype=args.dtype,
               max_num_seqs=max(args.samples, min(256, len(problems) * args.samples)),
-              max_model_len=args.max_tokens + 512, quantize=args.quantize, compile=args.compile)
+              max_model_len=args.max_tokens + 512, quantize=args.quantize, compile=args.compile,
+              index_cache_dtype=args.index_cache_dtype)
     report = evaluate(llm, problems, args.samples, args.temperature, args.top_p, args.max_tokens, args.seed,
                       args.template, args.force, args.curve)
     text = json.dumps(report, indent=2)

@@ -94,14 +94,16 @@ DEFAULT_GROUP_SIZE = 64  # inputs per int4 scale and zero
 
 
 def add_weight_flags(parser: argparse.ArgumentParser) -> None:
-    """--dtype, --quantize and --compile of the commands that run a model (the engine's `LLM(dtype=...,
-    quantize=..., compile=...)`)."""
+    """--dtype, --quantize, --compile and --index-cache-dtype of the commands that run a model (the engine's
+    `LLM(dtype=..., quantize=..., compile=..., index_cache_dtype=...)`)."""
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and compute: auto is bfloat16 on "
                         "CUDA, float32 on CPU (where bfloat16 matmuls are far slower)")
     parser.add_argument("--quantize", choices=WEIGHT_FORMATS, help="weight-only int8 (per channel) or int4 "
                         f"(groups of {DEFAULT_GROUP_SIZE}) matrices on PyTorch CPU kernels; the rest stays in --dtype")
     parser.add_argument("--compile", action="store_true", help="compile the decode steps with torch.compile (CPU, "
                         "float or int8 weights): faster decoding after a warm-up of tens of seconds the first time")
+    parser.add_argument("--index-cache-dtype", choices=("int8",), help="a DeepSeek-V3.2 model's indexer keys in "
+                        "int8 (one scale per key, int8 dot products), as V3.2 keeps them in FP8")
 
 
 # ---- run files -------------------------------------------------------------------------------------

@@ -534,3 +534,112 @@ def test_flops_count_the_sparse_attention_absorbed_and_the_indexer():
     assert forward_flops_per_token(c, 2048)[1] == forward_flops_per_token(preset("deepseek-v3"), 2048)[1]
     per_layer = 2 * 128 * (2 * 512 + 64) * 2048 + 2 * 64 * 128 * 65536
     assert forward_flops_per_token(c, 65536)[1] == 61 * per_layer
+
+
+# ---- int8 indexer keys and the selection ------------------------------------------------------------------
+def test_highest_positions_are_topk_in_position_order():
+    """The threshold selection (a few long rows) and the topk one (many rows) give topk's set, ascending, under
+    torch.compile too; keys hidden by -inf never win, and ties still give k distinct positions."""
+    from nanoseek.model.indexer import highest_positions
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, length, k in ((1, 4096, 256), (3, 5000, 512), (20, 3000, 256), (2, 700, 256)):
+        scores = torch.randn(rows, length, generator=gen).relu_() * torch.rand(rows, length, generator=gen)
+        scores[:, : length // 3] = float("-inf")
+        expected = scores.topk(k, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(highest_positions(scores, k), expected), (rows, length, k)
+    compiled = torch.compile(lambda s: highest_positions(s, 256), fullgraph=True)
+    assert torch.equal(compiled(scores[:1]), highest_positions(scores[:1], 256))
+    ties = torch.zeros(1, 4096)
+    ties[0, [5, 3000]] = 1.0
+    chosen = highest_positions(ties, 256)[0]
+    assert chosen.unique().numel() == 256 and bool((chosen.diff() > 0).all()) and {5, 3000} <= set(chosen.tolist())
+
+
+def _indexer_inputs(model: nanoseek.CausalLM, steps: int, keys: int):
+    c, gen = model.config, torch.Generator().manual_seed(4)
+    x, q_compressed = torch.randn(1, steps, c.hidden_size, generator=gen), torch.randn(
+        1, steps, c.q_lora_rank, generator=gen)
+    cos, sin = model.rotary(torch.arange(keys, keys + steps)[None], x.dtype)
+    return x, q_compressed, cos, sin, torch.randn(1, keys, c.index_head_dim, generator=gen)
+
+
+@pytest.mark.parametrize("steps", [1, 6])  # 8 heads: one query's 8 rows take torch._int_mm, 48 the float product
+def test_int8_index_scores_are_eq1_over_the_quantised_queries_and_keys(steps):
+    from nanoseek.model.indexer import quantize_int8
+
+    model = ours_v32()
+    indexer = model.model.layers[1].self_attn.indexer
+    x, q_compressed, cos, sin, keys = _indexer_inputs(model, steps, 300)
+    with torch.no_grad():
+        got = indexer.scores(x, q_compressed, cos, sin, quantize_int8(keys))
+        q = indexer._rope(indexer.wq_b(q_compressed).view(1, steps, indexer.num_heads, -1), cos[..., None, :],
+                          sin[..., None, :])
+        q8, k8 = quantize_int8(q), quantize_int8(keys)
+        logits = torch.einsum("bthd,bkd->bthk", (q8.values * q8.scales).double(),
+                              (k8.values * k8.scales).double()) / indexer.head_dim ** 0.5
+        weights = indexer.weights_proj(x).double() / indexer.num_heads ** 0.5
+        expected = torch.einsum("bth,bthk->btk", weights, logits.relu())
+        float_scores = indexer.scores(x, q_compressed, cos, sin, keys)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (got - float_scores).norm() <= 0.05 * float_scores.norm()  # int8's rounding, a few per cent at most
+
+
+def test_decode_over_int8_indexer_keys_equals_prefill_over_them():
+    """Decode (int8 dot products) and chunked prefill (the float product of the same int8 values) compute the
+    same integers, so select the same keys: equal logits, past index_topk; the int8 cache takes a quarter of
+    the float keys' bytes, plus a scale per key."""
+    model = ours_v32()
+    ids = _ids(steps=40)
+    c = model.config
+    decode, prefill = (model.new_cache(num_slots=2, max_len=40, index_dtype=torch.int8) for _ in range(2))
+    per_layer = 4 * (c.kv_lora_rank + c.qk_rope_head_dim) + c.index_head_dim + 4
+    assert decode.bytes_per_token() == per_layer * c.num_hidden_layers
+    with torch.no_grad():
+        model(ids[:, :12], cache=decode)
+        steps = [model(ids[:, t:t + 1], torch.full((2, 1), t), decode)[:, 0] for t in range(12, 40)]
+        model(ids[:, :12], cache=prefill)
+        whole = model(ids[:, 12:], torch.arange(12, 40).expand(2, -1), prefill)
+    assert (torch.stack(steps, 1) - whole).abs().max() <= TOL
+
+
+def test_int8_indexer_cache_in_the_engine(v32_checkpoint):
+    """LLM(index_cache_dtype="int8"): prefix reuse copies the int8 keys and their scales (greedy tokens as
+    without it), MTP speculation drafts over an int8 cache of its own; a wrong dtype is named."""
+    from nanoseek import LLM
+
+    shared = [3 + (i * 7) % 120 for i in range(40)]
+    batch = [shared + [5 + i] * extra for i, extra in enumerate((3, 9, 20))]
+    plain = LLM(v32_checkpoint, max_num_seqs=3, index_cache_dtype="int8")
+    assert plain.runner.cache.index.dtype == torch.int8
+    expected = [o.outputs[0].token_ids for o in plain.generate(batch, _greedy())]
+    cached = LLM(plain.model, max_num_seqs=3, prefix_cache_tokens=256, index_cache_dtype="int8")
+    cached.generate(batch[:1], _greedy())
+    outputs = cached.generate(batch, _greedy())
+    assert [o.outputs[0].token_ids for o in outputs] == expected and outputs[1].num_cached_tokens == 32
+    speculative = LLM(v32_checkpoint, max_num_seqs=3, speculative=True, index_cache_dtype="int8")
+    assert [o.outputs[0].token_ids for o in speculative.generate(batch, _greedy())] == expected
+    with pytest.raises(ValueError, match="index_cache_dtype = 'fp8'"):
+        LLM(v32_checkpoint, index_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="index_dtype.*no sparse-attention indexer"):
+        nanoseek.CausalLM(ModelConfig(**tiny_config())).new_cache(1, 8, index_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("index_dtype", [None, torch.int8])
+def test_compiled_sparse_decode_compiles_once_for_every_length(index_dtype):
+    """The compiled decode step over 40 growing lengths past index_topk, with dynamo told to fail rather than
+    fall back to eager at its recompile limit: it equals the eager step at every length."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = ours_v32(), ours_v32().compile_decode()
+    ids = _ids(batch=1, steps=56)
+    caches = [m.new_cache(num_slots=1, max_len=56, index_dtype=index_dtype) for m in (eager, compiled)]
+    counters.clear()
+    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for model, cache in zip((eager, compiled), caches, strict=True):
+            model(ids[:, :16], cache=cache)
+        for t in range(16, 56):
+            steps = [m(ids[:, t:t + 1], torch.tensor([[t]]), cache) for m, cache in zip((eager, compiled), caches,
+                                                                                          strict=True)]
+            assert (steps[0] - steps[1]).abs().max() <= TOL, f"position {t}"
+    assert counters["stats"]["unique_graphs"] >= 2

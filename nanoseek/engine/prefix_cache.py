@@ -22,12 +22,12 @@ class PrefixCache:
         if block_size < 1 or max_tokens < block_size:
             raise ValueError(f"prefix cache: block_size = {block_size}, max_tokens = {max_tokens}: need "
                              "block_size >= 1 and max_tokens >= block_size")
-        layers, dim = cache.data.shape[0], cache.width
-        self.block_size = block_size
-        self.pool = torch.zeros(max_tokens // block_size, layers, block_size, dim, dtype=cache.data.dtype,
-                                device=cache.data.device)
+        self.block_size, rows = block_size, max_tokens // block_size
+        # one pool per cache tensor (latents; indexer keys and their scales), each in that tensor's dtype
+        self.pools = [torch.zeros(rows, t.shape[0], block_size, t.shape[3], dtype=t.dtype, device=t.device)
+                      for t in cache.tensors()]
         self.index: OrderedDict[bytes, int] = OrderedDict()  # block key -> pool row, least recently used first
-        self.free = list(range(self.pool.shape[0] - 1, -1, -1))
+        self.free = list(range(rows - 1, -1, -1))
         self.hit_tokens = self.queried_tokens = 0
 
     def _keys(self, ids: list[int], blocks: int) -> list[bytes]:
@@ -50,7 +50,7 @@ class PrefixCache:
                 break
             self.index.move_to_end(key)
             start = hits * self.block_size
-            cache.write(slot, start, self.pool[row])
+            cache.write(slot, start, [pool[row] for pool in self.pools])
             hits += 1
         self.queried_tokens += len(ids)
         self.hit_tokens += hits * self.block_size
@@ -66,7 +66,9 @@ class PrefixCache:
                 _, row = self.index.popitem(last=False)
                 self.free.append(row)
             row = self.free.pop()
-            self.pool[row] = cache.read(slot, b * self.block_size, (b + 1) * self.block_size)
+            blocks = cache.read(slot, b * self.block_size, (b + 1) * self.block_size)
+            for pool, block in zip(self.pools, blocks, strict=True):
+                pool[row] = block
             self.index[key] = row
 
     @property

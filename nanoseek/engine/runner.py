@@ -22,16 +22,17 @@ PROMPT_LOGIT_ROWS = 256  # positions whose logits are held at once when scoring 
 
 class ModelRunner:
     def __init__(self, model: LanguageModel, num_slots: int, max_model_len: int, speculative: bool = False,
-                 prefix_cache_tokens: int = 0):
+                 prefix_cache_tokens: int = 0, index_dtype: torch.dtype | None = None):
         self.model = model
         self.device = model.device
         self.vocab = model.config.vocab_size
         # +2: a speculative step writes up to two positions past the newest token
-        self.cache = model.new_cache(num_slots, max_model_len + 2)
+        self.cache = model.new_cache(num_slots, max_model_len + 2, index_dtype=index_dtype)
         self.speculative = speculative
         # the MTP draft after prefill needs every prompt position's hidden state, so no prefix reuse with it
         self.prefix_cache = PrefixCache(self.cache, max_tokens=prefix_cache_tokens) if prefix_cache_tokens else None
-        self.mtp_cache = model.new_cache(num_slots, max_model_len + 2, mtp=True) if speculative else None
+        self.mtp_cache = model.new_cache(num_slots, max_model_len + 2, mtp=True, index_dtype=index_dtype) \
+            if speculative else None
         self.drafts = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.draft_probs: Tensor | None = None  # [slots, V] the draft distribution, for sampled speculation
         self.counts: Tensor | None = None  # [slots, V] generated-token counts, for penalties

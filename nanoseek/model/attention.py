@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .indexer import IndexerProbe, IndexerStats, LightningIndexer, indexer_loss
+from .indexer import IndexerProbe, IndexerStats, LightningIndexer, QuantizedKeys, indexer_loss, quantize_int8
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -36,7 +36,9 @@ SPARSE_GATHER_ELEMENTS = 1 << 21
 
 class LatentCache:
     """Preallocated latent KV cache: `data[layer]` is [num_slots, max_len, kv_lora_rank + qk_rope_head_dim];
-    for DeepSeek-V3.2, `index[layer]` beside it is [num_slots, max_len, index_head_dim], the indexer keys.
+    for DeepSeek-V3.2, `index[layer]` beside it is [num_slots, max_len, index_head_dim], the indexer keys, in
+    the cache's dtype or, with `index_dtype=torch.int8`, as int8 with one fp32 scale per key in `index_scale`
+    (`QuantizedKeys`).
 
     A slot holds one sequence; position p of a slot holds the latent of that sequence's token at position p.
     The indexer keys have a tensor of their own because the indexer reads them for every token at every step,
@@ -44,36 +46,38 @@ class LatentCache:
     """
 
     def __init__(self, config: ModelConfig, num_layers: int, num_slots: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 index_dtype: torch.dtype | None = None):
+        if index_dtype not in (None, torch.int8):
+            raise ValueError(f"index_dtype = {index_dtype}: the indexer keys are kept in the cache's dtype (None) "
+                             "or as torch.int8")
         self.max_len = max_len
-        self.data = torch.zeros(num_layers, num_slots, max_len, config.kv_cache_dim, device=device, dtype=dtype)
-        self.index = None if not config.index_cache_dim else torch.zeros(
-            num_layers, num_slots, max_len, config.index_cache_dim, device=device, dtype=dtype)
+        shape = (num_layers, num_slots, max_len)
+        self.data = torch.zeros(*shape, config.kv_cache_dim, device=device, dtype=dtype)
+        self.index = self.index_scale = None
+        if config.index_cache_dim:
+            self.index = torch.zeros(*shape, config.index_cache_dim, device=device, dtype=index_dtype or dtype)
+        if config.index_cache_dim and index_dtype is not None:
+            self.index_scale = torch.zeros(*shape, 1, device=device, dtype=torch.float32)
 
     @property
     def num_slots(self) -> int:
         return self.data.shape[1]
 
     def tensors(self) -> list[Tensor]:
-        return [self.data] if self.index is None else [self.data, self.index]
-
-    @property
-    def width(self) -> int:
-        """Values per token per layer, every tensor's together."""
-        return sum(t.shape[3] for t in self.tensors())
+        return [t for t in (self.data, self.index, self.index_scale) if t is not None]
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies across all layers."""
-        return self.data.shape[0] * self.width * self.data.element_size()
+        return sum(t.shape[0] * t.shape[3] * t.element_size() for t in self.tensors())
 
-    def read(self, slot: int, start: int, stop: int) -> Tensor:
-        """Positions start..stop-1 of `slot`, every layer: [num_layers, stop - start, width]."""
-        return torch.cat([t[:, slot, start:stop] for t in self.tensors()], dim=-1)
+    def read(self, slot: int, start: int, stop: int) -> list[Tensor]:
+        """Positions start..stop-1 of `slot`, every layer: a view [num_layers, stop - start, width] per tensor."""
+        return [t[:, slot, start:stop] for t in self.tensors()]
 
-    def write(self, slot: int, start: int, rows: Tensor) -> None:
-        """Put `read`'s rows [num_layers, n, width] at positions start.. of `slot`."""
-        parts = rows.split([t.shape[3] for t in self.tensors()], dim=-1)
-        for tensor, part in zip(self.tensors(), parts, strict=True):
+    def write(self, slot: int, start: int, rows: list[Tensor]) -> None:
+        """Put `read`'s rows at positions start.. of `slot`."""
+        for tensor, part in zip(self.tensors(), rows, strict=True):
             tensor[:, slot, start: start + part.shape[1]] = part
 
     def copy(self, target: int, source: int, length: int) -> None:
@@ -94,6 +98,7 @@ class CacheContext:
     key_len: int  # keys 0..key_len-1 of each slot are read
     mask: Tensor | None  # [B, T, key_len] bool, True where a query may attend; None when all keys are visible
     index: Tensor | None = None  # the indexer keys beside `data` (DeepSeek-V3.2), shaped alike
+    index_scale: Tensor | None = None  # their scales [..., 1] where they are int8
 
     @classmethod
     def build(cls, cache: LatentCache, positions: Tensor, slots: Tensor | None, first_key: int = 0) -> CacheContext:
@@ -109,34 +114,42 @@ class CacheContext:
             mask = keys <= positions[..., None]
             if first_key:
                 mask &= keys >= first_key
-        data, index = cache.data, cache.index
+        tensors = (cache.data, cache.index, cache.index_scale)
         if slots is not None and _consecutive(slots):
             # rows in slots s..s+B-1 (any batch of one, and most batches): a view of those slots, so that each
             # layer reads its keys in place; indexing by `slots` would copy every key of every row per layer
             first, count = int(slots[0]), slots.shape[0]
-            data, slots = data[:, first: first + count], None
-            index = None if index is None else index[:, first: first + count]
-        return cls(data, slots, positions, key_len, mask, index)
+            tensors, slots = [None if t is None else t[:, first: first + count] for t in tensors], None
+        return cls(tensors[0], slots, positions, key_len, mask, *tensors[1:])
 
     def layer(self, index: int) -> CacheContext:
         """This context over layer `index`'s part of the cache."""
-        return replace(self, data=self.data[index], index=None if self.index is None else self.index[index])
+        index_scale = None if self.index_scale is None else self.index_scale[index]
+        return replace(self, data=self.data[index], index=None if self.index is None else self.index[index],
+                       index_scale=index_scale)
 
     def store(self, latent: Tensor) -> Tensor:
         """Write latent [B, T, D] at (slot, position) of this layer's cache and return the keys [B, key_len, D]
         of each row."""
         return self._write(self.data, latent)
 
-    def store_index(self, key: Tensor) -> Tensor:
-        """`store` for the indexer keys [B, T, index_head_dim]."""
+    def store_index(self, key: Tensor, views: bool = False) -> Tensor | QuantizedKeys | list[Tensor | QuantizedKeys]:
+        """`store` for the indexer keys [B, T, index_head_dim], quantised first where the cache is int8."""
         if self.index is None:
             raise ValueError("CacheContext.store_index: this cache holds no indexer keys")
-        return self._write(self.index, key)
+        if self.index_scale is None:
+            return self._write(self.index, key, views)
+        quantized = quantize_int8(key)
+        values, scales = self._write(self.index, quantized.values, views), self._write(
+            self.index_scale, quantized.scales, views)
+        if not views:
+            return QuantizedKeys(values, scales)
+        return [QuantizedKeys(*row) for row in zip(values, scales, strict=True)]
 
-    def store_rows(self, latent: Tensor, key: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """`store` and `store_index` for rows in scattered slots, returning each row's keys [key_len, D] as a
-        view of its own slot: what sparse attention reads of them is k rows, not worth a copy of all."""
-        return self._write(self.data, latent, views=True), self._write(self.index, key, views=True)
+    def store_rows(self, latent: Tensor, key: Tensor) -> tuple[list[Tensor], list[Tensor | QuantizedKeys]]:
+        """`store` and `store_index` for rows in scattered slots, returning each row's keys [1, key_len, D] as
+        a view of its own slot: what sparse attention reads of them is k rows, not worth a copy of all."""
+        return self._write(self.data, latent, views=True), self.store_index(key, views=True)
 
     def _write(self, layer_cache: Tensor, values: Tensor, views: bool = False) -> Tensor | list[Tensor]:
         if layer_cache.dim() != 3:
@@ -145,7 +158,7 @@ class CacheContext:
         rows = torch.arange(batch, device=values.device) if self.slots is None else self.slots
         layer_cache[rows[:, None], self.positions] = values.to(layer_cache.dtype)
         if views:
-            return [layer_cache[slot, : self.key_len] for slot in rows.tolist()]
+            return [layer_cache[slot: slot + 1, : self.key_len] for slot in rows.tolist()]
         if self.slots is None:
             return layer_cache[:batch, : self.key_len]
         return layer_cache[self.slots, : self.key_len]
@@ -222,7 +235,7 @@ class MultiHeadLatentAttention(nn.Module):
             row, angle = slice(b, b + 1), slice(b, b + 1) if cos.shape[0] > 1 else slice(None)
             mask = None if cache.mask is None else cache.mask[row]
             out.append(self._sparse(x[row], q_compressed[row], cos[angle], sin[angle], q_nope[row], q_pe[row],
-                                    latent_rows[b][None].to(x.dtype), key_rows[b][None], mask))
+                                    latent_rows[b].to(x.dtype), key_rows[b], mask))
         return torch.cat(out)
 
     def queries(self, q_input: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,7 +288,7 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output
 
     def _sparse(self, x: Tensor, q_compressed: Tensor, cos: Tensor, sin: Tensor, q_nope: Tensor, q_pe: Tensor,
-                latents: Tensor, index_keys: Tensor, mask: Tensor | None) -> Tensor:
+                latents: Tensor, index_keys: Tensor | QuantizedKeys, mask: Tensor | None) -> Tensor:
         """DeepSeek Sparse Attention as deployed (V3.2-Exp report eq. 2): each query attends, in the absorbed
         form, over only the `index_topk` latents its indexer scores highest, gathered: O(k) work per query
         beside the indexer's O(L). Queries are scored in chunks that keep the index scores small, and attend in
@@ -283,9 +296,13 @@ class MultiHeadLatentAttention(nn.Module):
         Returns [B, T, H, d_v]."""
         batch, steps = x.shape[:2]
         key_len, topk = latents.shape[1], self.indexer.topk
-        scored = max(1, SPARSE_SCORES_ELEMENTS // (batch * self.indexer.num_heads * key_len))
+        per_query = batch * self.indexer.num_heads * key_len
+        # all queries at once when they fit: a chunk size computed from key_len would make a compiled decode
+        # step guard on it, and so recompile at nearly every new length
+        scored = steps if steps * per_query <= SPARSE_SCORES_ELEMENTS else max(1, SPARSE_SCORES_ELEMENTS // per_query)
         attended = max(1, SPARSE_GATHER_ELEMENTS // (batch * topk * latents.shape[-1]))
-        index_keys = index_keys.float()  # once, not per chunk, when the cache is bf16
+        if isinstance(index_keys, Tensor):
+            index_keys = index_keys.float()  # once, not per chunk, when the cache is bf16
         out = []
         for start in range(0, steps, scored):
             part = slice(start, start + scored)

@@ -105,9 +105,11 @@ class LanguageModel(nn.Module):
         `router_stats` each MoE layer's routing; families without them return empty lists."""
         raise NotImplementedError
 
-    def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
+    def new_cache(self, num_slots: int, max_len: int, mtp: bool = False,
+                  index_dtype: torch.dtype | None = None) -> LatentCache:
         """A cache of `num_slots` sequences of up to `max_len` tokens on the model's device (with `mtp`, for
-        the MTP modules' speculative drafting)."""
+        the MTP modules' speculative drafting; `index_dtype` torch.int8 keeps a V3.2 model's indexer keys in
+        int8)."""
         raise NotImplementedError
 
     def mtp_step(self, input_ids: Tensor, previous: Tensor, positions: Tensor, cache: LatentCache,

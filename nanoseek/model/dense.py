@@ -145,10 +145,13 @@ class DenseLM(LanguageModel):
         hidden, logits = self.final(h, logits_index, context is not None)
         return ModelOutput(logits, hidden)
 
-    def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
+    def new_cache(self, num_slots: int, max_len: int, mtp: bool = False,
+                  index_dtype: torch.dtype | None = None) -> LatentCache:
         """A key/value cache: per layer, slot and position the token's keys and values."""
         if mtp:
             raise ValueError("this dense model has no MTP module to draft with")
+        if index_dtype is not None:
+            raise ValueError(f"index_dtype = {index_dtype}: this dense model has no sparse-attention indexer")
         return LatentCache(self.config, self.config.num_hidden_layers, num_slots, max_len, self.device, self.dtype)
 
     def checkpoint_slots(self) -> dict[str, TensorSlot]:

@@ -181,10 +181,14 @@ class CausalLM(LanguageModel):
         module.experts.w_gate_up.normal_(0.0, std)
         module.experts.w_down.normal_(0.0, std)
 
-    def new_cache(self, num_slots: int, max_len: int, mtp: bool = False) -> LatentCache:
+    def new_cache(self, num_slots: int, max_len: int, mtp: bool = False,
+                  index_dtype: torch.dtype | None = None) -> LatentCache:
         """A latent cache for the main layers (or, with `mtp`, for the MTP modules) on the model's device."""
+        if index_dtype is not None and not self.config.index_cache_dim:
+            raise ValueError(f"index_dtype = {index_dtype}: this model has no sparse-attention indexer "
+                             f"(model_type {self.config.MODEL_TYPES[0]}, not deepseek_v32)")
         layers = len(self.mtp) if mtp else self.config.num_hidden_layers
-        return LatentCache(self.config, layers, num_slots, max_len, self.device, self.dtype)
+        return LatentCache(self.config, layers, num_slots, max_len, self.device, self.dtype, index_dtype)
 
     # ---- the checkpoint --------------------------------------------------------------------
     def checkpoint_slots(self) -> dict[str, TensorSlot]:

@@ -232,7 +232,7 @@ def build_server(args: argparse.Namespace) -> Server:
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, speculative=args.speculative,
               prefix_cache_tokens=0 if args.speculative else args.prefix_cache_tokens, quantize=args.quantize,
-              compile=args.compile)
+              compile=args.compile, index_cache_dtype=args.index_cache_dtype)
     config = ServerConfig(args.served_model_name or str(args.model), args.api_key, args.compat, args.max_queue,
                           args.max_request_bytes, args.sse_ping_interval)
     return Server(llm, config, str(args.model))
