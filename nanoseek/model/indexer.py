@@ -72,7 +72,8 @@ def highest_positions(scores: Tensor, k: int) -> Tensor:
     cores). An operator of its own so that a compiled decode step calls it without breaking its graph."""
     rows = scores.reshape(-1, scores.shape[-1])
     sampled = int(k * (1 + SAMPLE_MARGIN)) // SAMPLE_STRIDE
-    if rows.shape[0] > THRESHOLD_ROWS or rows.shape[-1] < 4 * k or sampled < 8:  # a sample too small to trust
+    # the threshold's candidates are found by nonzero, a host sync on a GPU; a small sample is not to be trusted
+    if rows.shape[0] > THRESHOLD_ROWS or rows.shape[-1] < 4 * k or sampled < 8 or scores.device.type != "cpu":
         return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     return torch.stack([_highest_in_row(row, k, sampled) for row in rows]).view(*scores.shape[:-1], k)
 
