@@ -221,19 +221,22 @@ def main() -> None:
         repeats = args.repeats if context <= 8192 else 1
         timed = args.prefill_contexts is None or context in args.prefill_contexts
         prefill_s = alternating({name: prefill(m, context, args.prefill_chunk, index_dtype)
-                                 for name, m in both.items()}, repeats) if timed else \
-            {name: float("nan") for name in both}
+                                 for name, m in both.items()}, repeats) if timed else None
         limits = {name: prefill_macs(m.config, context) / rate for name, m in both.items()}
         parts = decode_parts(sparse, context, args.repeats, index_dtype)
         print(f"| {context:,} | {tok_s['sparse']:.1f} ({100 * tok_s['sparse'] / floors['sparse']:.0f}%) | "
               f"{tok_s['dense']:.1f} ({100 * tok_s['dense'] / floors['dense']:.0f}%) | "
-              f"{tok_s['sparse'] / tok_s['dense']:.2f}x | {prefill_s['sparse']:.2f} "
-              f"({100 * limits['sparse'] / prefill_s['sparse']:.0f}%) | {prefill_s['dense']:.2f} "
-              f"({100 * limits['dense'] / prefill_s['dense']:.0f}%) | "
-              f"{prefill_s['dense'] / prefill_s['sparse']:.2f}x | "
+              f"{tok_s['sparse'] / tok_s['dense']:.2f}x | {prefill_cells(prefill_s, limits)} | "
               f"{parts['indexer']:.2f} / {parts['sparse attention']:.2f} / {parts['dense attention']:.2f} |",
               flush=True)
 
+
+def prefill_cells(seconds: dict[str, float] | None, limits: dict[str, float]) -> str:
+    """The table's three prefill cells: sparse and dense seconds (with their fraction of the floor), ratio."""
+    if seconds is None:
+        return "not run | not run | "
+    return (f"{seconds['sparse']:.2f} ({100 * limits['sparse'] / seconds['sparse']:.0f}%) | {seconds['dense']:.2f} "
+            f"({100 * limits['dense'] / seconds['dense']:.0f}%) | {seconds['dense'] / seconds['sparse']:.2f}x")
 
 if __name__ == "__main__":
     main()
