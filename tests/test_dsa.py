@@ -554,6 +554,15 @@ def test_highest_positions_are_topk_in_position_order():
     ties[0, [5, 3000]] = 1.0
     chosen = highest_positions(ties, 256)[0]
     assert chosen.unique().numel() == 256 and bool((chosen.diff() > 0).all()) and {5, 3000} <= set(chosen.tolist())
+    # a few rows: one tied, one seeing fewer than k keys, one whose sample misleads
+    scores = torch.randn(3, 4096, generator=gen)
+    scores[0] = 0.0
+    scores[1, 100:] = float("-inf")
+    scores[2, ::16] = -10.0
+    scores[2, : 20 * 16 : 16] = 10.0
+    chosen = highest_positions(scores, 256)
+    assert bool((chosen.diff(dim=-1) > 0).all())
+    assert torch.equal(scores.gather(-1, chosen).sort(dim=-1).values, scores.topk(256).values.sort(dim=-1).values)
 
 
 def _indexer_inputs(model: nanoseek.CausalLM, steps: int, keys: int):
@@ -643,3 +652,19 @@ def test_compiled_sparse_decode_compiles_once_for_every_length(index_dtype):
                                                                                           strict=True)]
             assert (steps[0] - steps[1]).abs().max() <= TOL, f"position {t}"
     assert counters["stats"]["unique_graphs"] >= 2
+
+
+def test_cache_context_marks_only_the_causal_mask_causal():
+    """Sparse prefill applies a causal mask itself (on the last T keys only), so `causal` must hold exactly when
+    every row's new tokens are the last T positions, and never for MTP's shifted keys or rows at other lengths."""
+    from nanoseek.model.attention import CacheContext
+
+    cache = nanoseek.CausalLM(DeepSeekV32Config(**v32_kwargs())).new_cache(2, 64)
+    cases = {(((5, 6, 7),), 0): True, (((5, 6, 7), (5, 6, 7)), 0): True, (((5, 6, 7), (2, 3, 4)), 0): False,
+             (((5, 6, 7),), 1): False, (((7,),), 0): False, (((5, 7, 6),), 0): False}
+    for (positions, first_key), causal in cases.items():
+        context = CacheContext.build(cache, torch.tensor(positions), None, first_key)
+        assert context.causal == causal, (positions, first_key)
+        if causal:
+            assert torch.equal(context.mask, torch.ones(8, 8, dtype=torch.bool).tril()[None, -3:].expand(
+                len(positions), -1, -1))

@@ -99,6 +99,7 @@ class CacheContext:
     mask: Tensor | None  # [B, T, key_len] bool, True where a query may attend; None when all keys are visible
     index: Tensor | None = None  # the indexer keys beside `data` (DeepSeek-V3.2), shaped alike
     index_scale: Tensor | None = None  # their scales [..., 1] where they are int8
+    causal: bool = False  # every row's new tokens are the last T positions: `mask` is the causal mask
 
     @classmethod
     def build(cls, cache: LatentCache, positions: Tensor, slots: Tensor | None, first_key: int = 0) -> CacheContext:
@@ -107,20 +108,21 @@ class CacheContext:
         key_len = highest + 1
         if key_len > cache.max_len:
             raise ValueError(f"position {key_len - 1} is beyond the cache length {cache.max_len}")
-        if positions.shape[1] == 1 and lowest == highest and not first_key:
-            mask = None  # one token per row, all at one position
-        else:
+        mask, causal = None, False
+        if positions.shape[1] > 1 or lowest != highest or first_key:  # else one token per row, all at one position
             keys = torch.arange(key_len, device=positions.device)
             mask = keys <= positions[..., None]
             if first_key:
                 mask &= keys >= first_key
+            steps = positions.shape[1]
+            causal = not first_key and steps <= key_len and bool((positions == keys[key_len - steps:]).all())
         tensors = (cache.data, cache.index, cache.index_scale)
         if slots is not None and _consecutive(slots):
             # rows in slots s..s+B-1 (any batch of one, and most batches): a view of those slots, so that each
             # layer reads its keys in place; indexing by `slots` would copy every key of every row per layer
             first, count = int(slots[0]), slots.shape[0]
             tensors, slots = [None if t is None else t[:, first: first + count] for t in tensors], None
-        return cls(tensors[0], slots, positions, key_len, mask, *tensors[1:])
+        return cls(tensors[0], slots, positions, key_len, mask, *tensors[1:], causal=causal)
 
     def layer(self, index: int) -> CacheContext:
         """This context over layer `index`'s part of the cache."""
@@ -204,12 +206,13 @@ class MultiHeadLatentAttention(nn.Module):
             index_keys = None if index_keys is None else cache.store_index(index_keys)
         latents, causal = latents.to(x.dtype), cache is None
         sparse = self.indexer is not None and latents.shape[1] > self.indexer.topk
-        if self._sparse_inference(latents.shape[1], probe):
-            out = self._sparse(x, q_compressed, cos, sin, q_nope, q_pe, latents, index_keys, mask)
+        if self._sparse_inference(latents.shape[1], probe):  # a causal mask is left to `_sparse` to apply
+            out = self._sparse(x, q_compressed, cos, sin, q_nope, q_pe, latents, index_keys,
+                               None if cache is None or cache.causal else mask)
             return self.o_proj(out.flatten(2))
         if sparse or probe is not None:  # training: the selection as a mask over every key, gradients through it
             visible = mask if mask is not None else _causal_rows(
-                latents.shape[1], x.shape[1], slice(None), x.device).expand(x.shape[0], -1, -1)
+                latents.shape[1], x.shape[1], x.device).expand(x.shape[0], -1, -1)
             with torch.set_grad_enabled(probe is not None and torch.is_grad_enabled()):
                 scores = self.indexer.scores(x.detach(), q_compressed.detach(), cos, sin, index_keys)
             selected = self.indexer.select(scores.detach(), visible)
@@ -233,7 +236,7 @@ class MultiHeadLatentAttention(nn.Module):
         out = []
         for b in range(x.shape[0]):
             row, angle = slice(b, b + 1), slice(b, b + 1) if cos.shape[0] > 1 else slice(None)
-            mask = None if cache.mask is None else cache.mask[row]
+            mask = None if cache.mask is None or cache.causal else cache.mask[row]
             out.append(self._sparse(x[row], q_compressed[row], cos[angle], sin[angle], q_nope[row], q_pe[row],
                                     latent_rows[b].to(x.dtype), key_rows[b], mask))
         return torch.cat(out)
@@ -307,16 +310,30 @@ class MultiHeadLatentAttention(nn.Module):
         for start in range(0, steps, scored):
             part = slice(start, start + scored)
             scores = self.indexer.scores(x[:, part], q_compressed[:, part], cos[:, part], sin[:, part], index_keys)
-            visible = None  # a decode step: every key is visible
-            if mask is not None or steps > 1:
-                visible = mask[:, part] if mask is not None else _causal_rows(key_len, steps, part, x.device)[None]
-            chosen, valid = self.indexer.top_keys(scores, visible)  # [B, c, k]
+            if mask is not None:
+                chosen, valid = self.indexer.top_keys(scores, mask[:, part])  # [B, c, k]
+            elif steps > 1:
+                chosen, valid = self._causal_top_keys(scores, key_len, steps, part)
+            else:  # a decode step: every key is visible
+                chosen, valid = self.indexer.top_keys(scores, None)
             for first in range(0, chosen.shape[1], attended):
                 last = min(first + attended, chosen.shape[1])
                 rows, queries = slice(first, last), slice(start + first, start + last)
                 out.append(self._attend_chosen(q_nope[:, queries], q_pe[:, queries], latents, chosen[:, rows],
                                                None if valid is None else valid[:, rows]))
         return torch.cat(out, dim=1)
+
+    def _causal_top_keys(self, scores: Tensor, key_len: int, steps: int, part: slice) -> tuple[Tensor, Tensor | None]:
+        """`top_keys` for the queries `part` of the last `steps` under the causal mask. Only the last `steps`
+        keys can be later than a query, so only their scores are masked (in place, not a [c, key_len] mask), and
+        which chosen keys a query sees follows from its position (None when every query sees at least k)."""
+        first = key_len - steps
+        positions = torch.arange(first, key_len, device=scores.device)[part]
+        later = torch.arange(first, key_len, device=scores.device) > positions[:, None]
+        scores[..., first:].masked_fill_(later, float("-inf"))
+        chosen, _ = self.indexer.top_keys(scores, None)
+        fewest_seen = first + part.start + 1  # by the part's first query
+        return chosen, None if fewest_seen >= self.indexer.topk else chosen <= positions[:, None]
 
     def _attend_chosen(self, q_nope: Tensor, q_pe: Tensor, latents: Tensor, chosen: Tensor,
                        valid: Tensor | None) -> Tensor:
@@ -327,8 +344,8 @@ class MultiHeadLatentAttention(nn.Module):
         picked = (rows[0][None] if batch == 1 else torch.stack(rows)).view(batch, steps, chosen.shape[-1], -1)
         w_kv_b = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_kv_b[:, : self.nope_dim])
-        q = torch.cat((q_latent, q_pe), dim=-1)
-        scores = torch.einsum("bthd,btkd->bthk", q, picked).float() * self.scale
+        q = torch.cat((q_latent, q_pe), dim=-1) * self.scale  # scaled here: [c, H, d], not [c, H, k] after
+        scores = torch.einsum("bthd,btkd->bthk", q, picked).float()
         if valid is not None:
             scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(latents.dtype)
@@ -362,8 +379,8 @@ def _consecutive(slots: Tensor) -> bool:
     return bool((slots.diff() == 1).all()) if slots.shape[0] > 1 else True
 
 
-def _causal_rows(key_len: int, steps: int, rows: slice, device: torch.device) -> Tensor:
-    """Rows `rows` [r, key_len] of the causal mask of the last `steps` of `key_len` positions (True = may
-    attend): row i is the query at position key_len - steps + i."""
-    queries = torch.arange(key_len - steps, key_len, device=device)[rows]
+def _causal_rows(key_len: int, steps: int, device: torch.device) -> Tensor:
+    """The causal mask [steps, key_len] of the last `steps` of `key_len` positions (True = may attend): row i is
+    the query at position key_len - steps + i."""
+    queries = torch.arange(key_len - steps, key_len, device=device)
     return torch.arange(key_len, device=device) <= queries[:, None]

@@ -142,7 +142,7 @@ class LightningIndexer(nn.Module):
         else:
             logits = torch.einsum("bthd,bkd->bthk", q, keys.float())
         scores = torch.einsum("bth,bthk->btk", weights, logits.relu_())
-        return scores if isinstance(keys, Tensor) else scores * keys.scales[..., 0][:, None]
+        return scores if isinstance(keys, Tensor) else scores.mul_(keys.scales[..., 0][:, None])
 
     def top_keys(self, scores: Tensor, visible: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """(the k keys [B, T, k] of each query's highest scores among its `visible` ones (None: every key), in
