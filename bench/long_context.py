@@ -18,8 +18,9 @@ the same weights without the indexer. At each context L:
   the sparse attention stays flat.
 
 Medians of --repeats runs (prefill past 8K: one), sparse and dense alternating, after one untimed run of
-each at 4K. Run: `python bench/long_context.py [--contexts 2048
-8192 32768 65536] [--new-tokens 16]`.
+each at 4K. `--index-dtype int8` keeps the sparse model's indexer keys as the engine's `--index-cache-dtype
+int8` does; `--compile` decodes with the compiled steps. Run: `python bench/long_context.py [--contexts 2048
+8192 32768 65536] [--new-tokens 16] [--index-dtype int8] [--compile]`.
 """
 
 from __future__ import annotations
@@ -86,10 +87,15 @@ def models(max_len: int) -> tuple[CausalLM, CausalLM]:
     return add_indexer(dense).eval(), dense
 
 
+def one_slot_cache(model: CausalLM, length: int, index_dtype: torch.dtype | None) -> LatentCache:
+    """A one-sequence cache; `index_dtype` applies to the sparse model's indexer keys (the dense one has none)."""
+    return model.new_cache(1, length, index_dtype=index_dtype if model.config.index_cache_dim else None)
+
+
 def filled_cache(model: CausalLM, context: int, extra: int, index_dtype: torch.dtype | None) -> LatentCache:
     """A one-slot cache whose first `context` positions hold unit-variance random latents and indexer keys
     (the scale of the normalised c_kv and of the LayerNorm'd keys): what decoding at that context reads."""
-    cache = model.new_cache(1, context + extra, index_dtype=index_dtype if model.config.index_cache_dim else None)
+    cache = one_slot_cache(model, context + extra, index_dtype)
     cache.data[:, :, :context].normal_()
     if cache.index is not None:
         keys = torch.randn(*cache.index.shape[:2], context, cache.index.shape[-1])
@@ -118,7 +124,7 @@ def prefill(model: CausalLM, context: int, chunk: int, index_dtype: torch.dtype 
     """`context` tokens into a cache, `chunk` at a time (as the engine's scheduler splits a long prompt), logits
     at each chunk's last position only."""
     ids = torch.randint(2, model.config.vocab_size, (1, context))
-    cache = model.new_cache(1, context, index_dtype=index_dtype if model.config.index_cache_dim else None)
+    cache = one_slot_cache(model, context, index_dtype)
 
     @torch.no_grad()
     def run() -> None:
@@ -159,8 +165,8 @@ def decode_bytes(config: ModelConfig, context: int, index_dtype: torch.dtype | N
     weights = 4 * parameter_counts(config).activated
     if not config.index_cache_dim:
         return weights + 4 * config.num_hidden_layers * context * config.kv_cache_dim
-    index = config.index_head_dim + 4 if index_dtype is not None else 4 * config.index_head_dim
-    attended = min(context, config.index_topk) if context > config.index_topk else context
+    index = config.index_head_dim + 4 if index_dtype is not None else 4 * config.index_head_dim  # per key
+    attended = min(context, config.index_topk)
     return weights + config.num_hidden_layers * context * index + 4 * config.num_hidden_layers * attended * \
         config.kv_cache_dim
 
@@ -234,9 +240,10 @@ def main() -> None:
 def prefill_cells(seconds: dict[str, float] | None, limits: dict[str, float]) -> str:
     """The table's three prefill cells: sparse and dense seconds (with their fraction of the floor), ratio."""
     if seconds is None:
-        return "not run | not run | "
+        return "not run | not run | not run"
     return (f"{seconds['sparse']:.2f} ({100 * limits['sparse'] / seconds['sparse']:.0f}%) | {seconds['dense']:.2f} "
             f"({100 * limits['dense'] / seconds['dense']:.0f}%) | {seconds['dense'] / seconds['sparse']:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -136,6 +136,26 @@ def test_rows_at_different_lengths_in_scattered_slots_decode_as_each_alone():
             assert (logits[1, 0] - full_b[0, 9 + step]).abs().max() <= TOL
 
 
+def test_int8_index_keys_of_rows_in_scattered_slots_are_each_rows_own():
+    """The same over int8 indexer keys (views of each slot's int8 keys and scales): every row decodes as it does
+    alone in a cache of its own."""
+    model = ours_v32()
+    rows, prefixes, slots = (_ids(batch=1, steps=30, seed=2), _ids(batch=1, steps=16, seed=3)), (20, 9), (3, 0)
+    shared = model.new_cache(num_slots=4, max_len=32, index_dtype=torch.int8)
+    alone = [model.new_cache(num_slots=1, max_len=32, index_dtype=torch.int8) for _ in rows]
+    with torch.no_grad():
+        for ids, prefix, slot, own in zip(rows, prefixes, slots, alone, strict=True):
+            model(ids[:, :prefix], cache=shared, slots=torch.tensor([slot]))
+            model(ids[:, :prefix], cache=own)
+        for step in range(7):
+            ids = torch.tensor([[row[0, prefix + step]] for row, prefix in zip(rows, prefixes, strict=True)])
+            positions = torch.tensor([[prefix + step] for prefix in prefixes])
+            logits = model(ids, positions, shared, slots=torch.tensor(slots))
+            for b, own in enumerate(alone):
+                expected = model(ids[b:b + 1], positions[b:b + 1], own)
+                assert (logits[b] - expected[0]).abs().max() <= TOL, (step, b)
+
+
 def test_dense_attention_within_index_topk_is_deepseek_v3():
     """While no query sees more than index_topk keys, V3.2 is V3 with the same weights."""
     v32 = ours_v32(index_topk=64)
@@ -548,8 +568,9 @@ def test_highest_positions_are_topk_in_position_order():
         scores[:, : length // 3] = float("-inf")
         expected = scores.topk(k, dim=-1).indices.sort(dim=-1).values
         assert torch.equal(highest_positions(scores, k), expected), (rows, length, k)
+    row = torch.randn(1, 4096, generator=gen)  # long enough for the threshold
     compiled = torch.compile(lambda s: highest_positions(s, 256), fullgraph=True)
-    assert torch.equal(compiled(scores[:1]), highest_positions(scores[:1], 256))
+    assert torch.equal(compiled(row), row.topk(256).indices.sort().values)
     ties = torch.zeros(1, 4096)
     ties[0, [5, 3000]] = 1.0
     chosen = highest_positions(ties, 256)[0]
@@ -594,10 +615,16 @@ def test_int8_index_scores_are_eq1_over_the_quantised_queries_and_keys(steps):
     assert (got - float_scores).norm() <= 0.05 * float_scores.norm()  # int8's rounding, a few per cent at most
 
 
-def test_decode_over_int8_indexer_keys_equals_prefill_over_them():
-    """Decode (int8 dot products) and chunked prefill (the float product of the same int8 values) compute the
-    same integers, so select the same keys: equal logits, past index_topk; the int8 cache takes a quarter of
-    the float keys' bytes, plus a scale per key."""
+@pytest.mark.parametrize("in_chunks", [False, True])  # True: the prefill's queries scored 3 at a time
+def test_decode_over_int8_indexer_keys_equals_prefill_over_them(in_chunks, monkeypatch):
+    """Decode (int8 dot products) and chunked prefill (the float product of the int8 values) compute the same
+    integers from the same int8 queries and keys (queries from GEMMs of other shapes could round otherwise at a
+    near-tie; here they do not), so select the same keys: equal logits, past index_topk; the int8 cache takes a
+    quarter of the float keys' bytes, plus a scale per key."""
+    from nanoseek.model import attention
+
+    if in_chunks:  # the keys of the chunks' float products are then converted once
+        monkeypatch.setattr(attention, "SPARSE_SCORES_ELEMENTS", 3 * 2 * 8 * 40)  # 2 rows, 8 heads, 40 keys
     model = ours_v32()
     ids = _ids(steps=40)
     c = model.config
@@ -630,6 +657,8 @@ def test_int8_indexer_cache_in_the_engine(v32_checkpoint):
     assert [o.outputs[0].token_ids for o in speculative.generate(batch, _greedy())] == expected
     with pytest.raises(ValueError, match="index_cache_dtype = 'fp8'"):
         LLM(v32_checkpoint, index_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="index_cache_dtype = 'int8': this ModelConfig model has no sparse"):
+        LLM(nanoseek.CausalLM(ModelConfig(**tiny_config())), index_cache_dtype="int8")
     with pytest.raises(ValueError, match="index_dtype.*no sparse-attention indexer"):
         nanoseek.CausalLM(ModelConfig(**tiny_config())).new_cache(1, 8, index_dtype=torch.int8)
 
@@ -651,7 +680,8 @@ def test_compiled_sparse_decode_compiles_once_for_every_length(index_dtype):
             steps = [m(ids[:, t:t + 1], torch.tensor([[t]]), cache) for m, cache in zip((eager, compiled), caches,
                                                                                           strict=True)]
             assert (steps[0] - steps[1]).abs().max() <= TOL, f"position {t}"
-    assert counters["stats"]["unique_graphs"] >= 2
+    # a few graphs (3 over fp32 keys, 4 over int8 ones with torch 2.13), not one per length: 40 here
+    assert 2 <= counters["stats"]["unique_graphs"] <= 5
 
 
 def test_cache_context_marks_only_the_causal_mask_causal():

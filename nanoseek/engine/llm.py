@@ -54,9 +54,9 @@ class LLM:
     (`LanguageModel.quantize`; a model passed in is quantised in place); `dtype` is then the rest's.
     `compile=True` (CPU, float or int8 weights) compiles the decode steps (`LanguageModel.compile_decode`; a
     model passed in is compiled in place): faster decoding after a warm-up of tens of seconds the first time.
-    `index_cache_dtype="int8"` keeps a DeepSeek-V3.2 model's indexer keys in int8 (one scale per key, scored by
-    int8 dot products), as V3.2 deploys them in FP8: a quarter of the bytes, a selection that can differ from
-    the float one's at near-ties.
+    `index_cache_dtype="int8"` keeps a DeepSeek-V3.2 model's indexer keys in int8 with one fp32 scale per key
+    (decode steps on the CPU score them by int8 dot products), as V3.2 deploys them in FP8: about a quarter of
+    an fp32 cache's bytes, half of a bf16 one's; the selection can differ from the float one's at near-ties.
     """
 
     def __init__(self, model: str | Path | LanguageModel, device: str | torch.device | None = None,
@@ -95,6 +95,9 @@ class LLM:
             self.model.compile_decode()
         self.tokenizer = tokenizer
         config = self.model.config
+        if index_cache_dtype and not config.index_cache_dim:
+            raise ValueError(f"index_cache_dtype = {index_cache_dtype!r}: this {type(config).__name__} model has no "
+                             "sparse-attention indexer (a deepseek_v32 checkpoint's DeepSeekV32Config has)")
         if speculative and not len(self.model.mtp):
             raise ValueError("speculative=True needs a checkpoint with MTP weights (num_nextn_predict_layers >= 1)")
         self.max_model_len = min(max_model_len or 2048, config.max_position_embeddings)

@@ -24,7 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .indexer import IndexerProbe, IndexerStats, LightningIndexer, QuantizedKeys, indexer_loss, quantize_int8
+from .indexer import (
+    INT8_EXACT_DIM,
+    IndexerProbe,
+    IndexerStats,
+    IndexKeys,
+    LightningIndexer,
+    QuantizedKeys,
+    indexer_loss,
+    quantize_int8,
+)
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -51,6 +60,9 @@ class LatentCache:
         if index_dtype not in (None, torch.int8):
             raise ValueError(f"index_dtype = {index_dtype}: the indexer keys are kept in the cache's dtype (None) "
                              "or as torch.int8")
+        if index_dtype is not None and config.index_cache_dim > INT8_EXACT_DIM:
+            raise ValueError(f"index_dtype = torch.int8: index_head_dim {config.index_cache_dim} is wider than the "
+                             f"{INT8_EXACT_DIM} values whose int8 dot products fp32 holds exactly")
         self.max_len = max_len
         shape = (num_layers, num_slots, max_len)
         self.data = torch.zeros(*shape, config.kv_cache_dim, device=device, dtype=dtype)
@@ -135,7 +147,7 @@ class CacheContext:
         of each row."""
         return self._write(self.data, latent)
 
-    def store_index(self, key: Tensor, views: bool = False) -> Tensor | QuantizedKeys | list[Tensor | QuantizedKeys]:
+    def store_index(self, key: Tensor, views: bool = False) -> IndexKeys | list[IndexKeys]:
         """`store` for the indexer keys [B, T, index_head_dim], quantised first where the cache is int8."""
         if self.index is None:
             raise ValueError("CacheContext.store_index: this cache holds no indexer keys")
@@ -148,7 +160,7 @@ class CacheContext:
             return QuantizedKeys(values, scales)
         return [QuantizedKeys(*row) for row in zip(values, scales, strict=True)]
 
-    def store_rows(self, latent: Tensor, key: Tensor) -> tuple[list[Tensor], list[Tensor | QuantizedKeys]]:
+    def store_rows(self, latent: Tensor, key: Tensor) -> tuple[list[Tensor], list[IndexKeys]]:
         """`store` and `store_index` for rows in scattered slots, returning each row's keys [1, key_len, D] as
         a view of its own slot: what sparse attention reads of them is k rows, not worth a copy of all."""
         return self._write(self.data, latent, views=True), self.store_index(key, views=True)
@@ -291,12 +303,12 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # absorb W^UV into the output
 
     def _sparse(self, x: Tensor, q_compressed: Tensor, cos: Tensor, sin: Tensor, q_nope: Tensor, q_pe: Tensor,
-                latents: Tensor, index_keys: Tensor | QuantizedKeys, mask: Tensor | None) -> Tensor:
+                latents: Tensor, index_keys: IndexKeys, mask: Tensor | None) -> Tensor:
         """DeepSeek Sparse Attention as deployed (V3.2-Exp report eq. 2): each query attends, in the absorbed
         form, over only the `index_topk` latents its indexer scores highest, gathered: O(k) work per query
         beside the indexer's O(L). Queries are scored in chunks that keep the index scores small, and attend in
-        smaller ones whose gathered latents stay in cache (`mask` None: causal, built a chunk at a time).
-        Returns [B, T, H, d_v]."""
+        smaller ones whose gathered latents stay in cache. `mask` None: causal (a decode step sees every key;
+        several queries mask the last T keys' scores themselves). Returns [B, T, H, d_v]."""
         batch, steps = x.shape[:2]
         key_len, topk = latents.shape[1], self.indexer.topk
         per_query = batch * self.indexer.num_heads * key_len
@@ -306,6 +318,8 @@ class MultiHeadLatentAttention(nn.Module):
         attended = max(1, SPARSE_GATHER_ELEMENTS // (batch * topk * latents.shape[-1]))
         if isinstance(index_keys, Tensor):
             index_keys = index_keys.float()  # once, not per chunk, when the cache is bf16
+        elif scored < steps:  # chunks of a prefill: the keys of their (exact) float products converted once
+            index_keys = QuantizedKeys(index_keys.values.float(), index_keys.scales)
         out = []
         for start in range(0, steps, scored):
             part = slice(start, start + scored)

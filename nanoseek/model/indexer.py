@@ -28,27 +28,27 @@ from .rope import apply_rope
 class QuantizedKeys(NamedTuple):
     """Indexer keys as int8 values and one fp32 scale per key: key = values * scales."""
 
-    values: Tensor  # [B, L, D] int8
+    values: Tensor  # [B, L, D] int8, or the same integers as fp32 (converted once for a prefill's chunks)
     scales: Tensor  # [B, L, 1] fp32
-
-    def row(self, b: int) -> QuantizedKeys:
-        return QuantizedKeys(self.values[b: b + 1], self.scales[b: b + 1])
 
 
 IndexKeys = Tensor | QuantizedKeys
+INT8_EXACT_DIM = 1040  # the widest int8 vectors whose dot products fp32 holds exactly: 1040 * 127^2 < 2^24
 
 
 def quantize_int8(x: Tensor) -> QuantizedKeys:
     """Symmetric int8 over the last dimension, one scale per vector (absmax / 127)."""
-    scales = x.abs().amax(-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
+    # the floor after the division: a subnormal scale would flush to zero where denormals do, and 0 / 0 is NaN
+    scales = (x.abs().amax(-1, keepdim=True).float() / 127).clamp_min(torch.finfo(torch.float32).tiny)
     return QuantizedKeys((x / scales).round_().clamp_(-127, 127).to(torch.int8), scales)
 
 
 def int8_logits(q: Tensor, keys: Tensor) -> Tensor:
-    """q [B, T, H, D] . keys [B, L, D], both int8, as [B, T, H, L] fp32. Exact: |q . k| <= D * 127^2 stays
-    within fp32's integers for D <= 1040, so a float product of the int8 values gives the same numbers."""
+    """q [B, T, H, D] . keys [B, L, D], int8 (the keys possibly as fp32 copies of int8 values), as [B, T, H, L]
+    fp32. Exact: |q . k| <= D * 127^2 stays within fp32's integers for D <= INT8_EXACT_DIM, so a float product
+    of the int8 values gives the same numbers."""
     batch, steps, heads, dim = q.shape
-    if q.device.type != "cpu" or steps * heads > 32:
+    if q.device.type != "cpu" or steps * heads > 32 or keys.dtype != torch.int8:
         # many query rows (prefill) or not the CPU: fp32 GEMMs are as fast, without an int32 result to convert
         return torch.einsum("bthd,bkd->bthk", q.float(), keys.float())
     # torch._int_mm: int8 x int8 -> int32 on oneDNN's VNNI/AMX kernels, with the keys as the left operand:
