@@ -342,9 +342,8 @@ class MultiHeadLatentAttention(nn.Module):
         keys can be later than a query, so only their scores are masked (in place, not a [c, key_len] mask), and
         which chosen keys a query sees follows from its position (None when every query sees at least k)."""
         first = key_len - steps
+        scores[..., first:].masked_fill_(~_causal_rows(steps, steps, scores.device)[part], float("-inf"))
         positions = torch.arange(first, key_len, device=scores.device)[part]
-        later = torch.arange(first, key_len, device=scores.device) > positions[:, None]
-        scores[..., first:].masked_fill_(later, float("-inf"))
         chosen, _ = self.indexer.top_keys(scores, None)
         fewest_seen = first + part.start + 1  # by the part's first query
         return chosen, None if fewest_seen >= self.indexer.topk else chosen <= positions[:, None]
